@@ -1,0 +1,130 @@
+"""Hydra configuration: composing a pilot, resolving paths, building the territories.
+
+The Hydra config is composed once (by ``scripts/simulate.py`` or by the ServerApp from
+Flower's run config), resolved into a plain dict with absolute paths, and that dict is what
+travels to the territory clients (as JSON in the train/evaluate ConfigRecord). No
+``${hydra:...}`` interpolation ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import unquote, urlparse
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedldt.data.territory import TerritoryDataset
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+
+
+def checkout_root() -> Path:
+    """The fedldt checkout that relative paths in configs refer to.
+
+    For an editable install (``pip install -e .``) this is the source folder recorded by pip
+    (``direct_url.json``), also when the code runs from a copy (a Flower FAB); otherwise the
+    folder above the imported package.
+    """
+    try:
+        info = json.loads(metadata.distribution("fedldt").read_text("direct_url.json") or "{}")
+        url = info.get("url", "")
+        if url.startswith("file://") and info.get("dir_info", {}).get("editable"):
+            return Path(unquote(urlparse(url).path))
+    except metadata.PackageNotFoundError:
+        pass
+    return PACKAGE_DIR.parent
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides (e.g. ``["pilot=los_loop_3"]``).
+
+    Raises:
+        FileNotFoundError: the ``conf/`` folder is not next to the package.
+        hydra.errors.ConfigCompositionException: a bad override (Hydra names it).
+    """
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"fedldt config folder not found at {CONF_DIR}; install fedldt with `pip install -e .`")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=[o for o in overrides if not o.startswith("hydra.")])
+
+
+def resolve_config(cfg: DictConfig | dict) -> dict[str, Any]:
+    """A plain, fully resolved dict with an absolute, existing ``dataset.path``.
+
+    Raises:
+        ValueError: a required value is missing (``???``) or a field is invalid (named).
+        FileNotFoundError: the dataset folder does not exist (the fix is named).
+    """
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ValueError(f"config values required but not set: {missing}")
+        out = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        out = json.loads(json.dumps(cfg))
+    out.pop("hydra", None)
+    path = Path(str(out["dataset"]["path"])).expanduser()
+    if not path.is_absolute():
+        path = (checkout_root() / path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"dataset.path={out['dataset']['path']!r} resolves to {path}, which does not exist. "
+            "Override paths.data_root=/abs/path/to/shared/data (or dataset.path=...)."
+        )
+    out["dataset"]["path"] = str(path)
+    _validate(out)
+    return out
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    t = cfg["task"]
+    for key in ("window", "horizon"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise ValueError(f"task.{key}={t[key]!r} must be a positive integer")
+    bad = [h for h in t["report_steps"] if not 1 <= int(h) <= t["horizon"]]
+    if bad:
+        raise ValueError(f"task.report_steps {bad} must lie in 1..task.horizon={t['horizon']}")
+    tr = cfg["train"]
+    if int(tr["rounds"]) < 1:
+        raise ValueError(f"train.rounds={tr['rounds']} must be >= 1")
+    if int(tr["local_epochs"]) < 1:
+        raise ValueError(f"train.local_epochs={tr['local_epochs']} must be >= 1")
+    if float(tr["lr"]) <= 0:
+        raise ValueError(f"train.lr={tr['lr']} must be > 0")
+
+
+def num_territories(cfg: dict[str, Any]) -> int:
+    """How many territories (federated clients) the config's partition makes."""
+    return int(cfg["partition"]["num_territories"])
+
+
+def load_territories(cfg: dict[str, Any]) -> list[TerritoryDataset]:
+    """Load the dataset and split it into territories, as the config says (cached per config)."""
+    return list(_load_territories_cached(json.dumps({k: cfg[k] for k in ("dataset", "partition")}, sort_keys=True)))
+
+
+@lru_cache(maxsize=4)
+def _load_territories_cached(key: str) -> tuple[TerritoryDataset, ...]:
+    sub = json.loads(key)
+    dataset = instantiate(sub["dataset"], _convert_="all")
+    territories = instantiate(sub["partition"], _partial_=True, _convert_="all")(dataset)
+    return tuple(territories)
+
+
+def parse_overrides(text: str) -> list[str]:
+    """Hydra overrides from Flower's run config: a JSON list (as ``simulate.py`` sends) or a
+    space-separated string (``"pilot=los_loop_3 train.rounds=2"``)."""
+    text = text.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        return [str(o) for o in json.loads(text)]
+    return shlex.split(text)

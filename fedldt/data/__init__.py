@@ -1,0 +1,17 @@
+"""Territory datasets, loaders, partitioning, splits, scaling and windows."""
+
+from fedldt.data.los_loop import load_los_loop
+from fedldt.data.partition import kmeans_node_partition, partition_kmeans
+from fedldt.data.territory import TerritoryDataset
+from fedldt.data.windows import MaskedStandardScaler, WindowDataset, split_bounds, window_starts
+
+__all__ = [
+    "TerritoryDataset",
+    "load_los_loop",
+    "kmeans_node_partition",
+    "partition_kmeans",
+    "MaskedStandardScaler",
+    "WindowDataset",
+    "split_bounds",
+    "window_starts",
+]

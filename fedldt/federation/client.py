@@ -1,0 +1,113 @@
+"""What a territory does when the server asks: describe itself, train, evaluate.
+
+Everything here works on plain Python/torch objects; ``clients/client_app.py`` only unpacks
+and packs Flower messages. Only model parameters and aggregate scalars (counts, losses,
+error sums) leave this module: never values, node ids, coordinates or the adjacency.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Mapping
+
+import torch
+
+from fedldt.config import load_territories
+from fedldt.engine import TerritoryTask, derive_seed, task_from_config
+from fedldt.models import build_model
+
+#: Metric names a territory may send (besides the error-sum lists, see ``fedldt.metrics``).
+SCALAR_METRICS = ("num-examples", "territory", "train_loss")
+
+
+def territory_index(node_config: Mapping[str, Any]) -> int:
+    """The territory a client serves: node config ``territory`` (deployment) or ``partition-id``
+    (simulation).
+
+    Raises:
+        KeyError: neither key is set (the SuperNode's ``--node-config`` must name it).
+    """
+    for key in ("territory", "partition-id"):
+        if key in node_config:
+            return int(node_config[key])
+    raise KeyError(
+        "the SuperNode has no territory: start it with --node-config 'territory=<index>' "
+        f"(node config has {sorted(node_config)})"
+    )
+
+
+@lru_cache(maxsize=8)
+def _task(cfg_json: str, index: int) -> TerritoryTask:
+    cfg = json.loads(cfg_json)
+    territories = load_territories(cfg)
+    if not 0 <= index < len(territories):
+        raise ValueError(f"territory index {index} is outside 0..{len(territories) - 1} for pilot '{cfg['name']}'")
+    return task_from_config(territories[index], cfg["task"], cfg["train"])
+
+
+def get_task(cfg: Mapping[str, Any], index: int) -> TerritoryTask:
+    """The territory's task (data, split, scaler, windows), cached per process."""
+    torch.set_num_threads(int(cfg["train"].get("torch_threads", 1)))
+    return _task(json.dumps(cfg, sort_keys=True), index)
+
+
+def describe(cfg: Mapping[str, Any], index: int) -> dict[str, int | str]:
+    """Sizes the server needs to build the global model and report territories."""
+    task = get_task(cfg, index)
+    return {
+        "territory": index,
+        "territory-id": task.dataset.name,
+        "num-nodes": task.dataset.num_nodes,
+        "num-train": task.num_windows("train"),
+        "num-val": task.num_windows("val"),
+        "num-test": task.num_windows("test"),
+        **{k.replace("_", "-"): v for k, v in task.model_dims().items()},
+    }
+
+
+def _model(cfg: Mapping[str, Any], task: TerritoryTask, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model({**cfg["model"], **task.model_dims()})
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], server_round: int,
+          proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+    """Local epochs on the territory's training windows, starting from the global weights.
+
+    Returns:
+        ``(new_state_dict, metrics)`` with metrics ``num-examples`` (training windows, the
+        FedAvg weight), ``train_loss`` (scaled MAE) and ``territory``.
+    """
+    task = get_task(cfg, index)
+    model = _model(cfg, task, state_dict)
+    tr = cfg["train"]
+    loss = task.fit(
+        model, epochs=tr["local_epochs"], lr=tr["lr"], seed=derive_seed(cfg["seed"], index, server_round),
+        weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"], proximal_mu=proximal_mu,
+    )
+    metrics = {"num-examples": task.num_windows("train"), "train_loss": float(loss), "territory": index}
+    return model.state_dict(), metrics
+
+
+def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], split: str) -> dict[str, Any]:
+    """Masked error sums of the given weights and of persistence on ``split`` ('val' or 'test').
+
+    Returns:
+        Metrics ``num-examples``, ``territory``, ``model.<sum>`` and ``persistence.<sum>`` lists
+        (see :class:`fedldt.metrics.MetricSums`).
+
+    Raises:
+        ValueError: unknown split.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"evaluate split must be 'val' or 'test', got {split!r}")
+    task = get_task(cfg, index)
+    model = _model(cfg, task, state_dict)
+    return {
+        "num-examples": task.num_windows(split),
+        "territory": index,
+        **task.evaluate(model, split).to_dict("model."),
+        **task.persistence(split).to_dict("persistence."),
+    }

@@ -1,0 +1,214 @@
+"""Run a pilot on Flower's simulation engine through the Flower CLI (``flwr run``).
+
+A private simulation SuperLink (``flower-superlink --simulation``) is started on a free
+loopback port with its own ``FLWR_HOME``, runtime dependency installation disabled (so the
+run uses this environment's CPU torch), the app (this checkout) is submitted with
+``flwr run``, its log is streamed, its final status is checked (``flwr run`` alone reports
+success even when a run failed) and every process started here is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedldt.config import checkout_root
+
+
+class RunFailed(RuntimeError):
+    """The Flower run did not finish with status ``finished:completed``."""
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (next to the running Python), else from PATH."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"'{name}' not found: install fedldt's dependencies (flwr) in this environment")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private home, no telemetry, no runtime installs."""
+    env = dict(os.environ)
+    # Flower's processes start further Flower console scripts by name (flower-superexec, ...).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",
+        RAY_DEDUP_LOGS="0",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    return env
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, context: Any = None) -> None:
+    """Wait until ``url`` answers 2xx (or raise ``TimeoutError`` / ``RunFailed`` if ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RunFailed(f"process {proc.args[0]} exited with code {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                if 200 <= r.status < 300:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``proc`` and its process group (SIGTERM, then SIGKILL after ``grace`` s)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=grace)
+
+
+def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` and parse its output.
+
+    Raises:
+        RunFailed: non-zero exit or unparsable output (stderr quoted).
+    """
+    res = subprocess.run([_bin("flwr"), *args, "--format", "json"], env=env, cwd=cwd, capture_output=True, text=True)
+    try:
+        out = json.loads(res.stdout)
+    except json.JSONDecodeError as e:
+        raise RunFailed(f"`flwr {' '.join(args)}` gave no JSON (exit {res.returncode}): {res.stdout[-2000:]} {res.stderr[-2000:]}") from e
+    if res.returncode != 0 or out.get("success") is False:
+        raise RunFailed(f"`flwr {' '.join(args)}` failed (exit {res.returncode}): {json.dumps(out)[-2000:]}")
+    return out
+
+
+def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: dict[str, str],
+                 federation_config: dict[str, Any] | None, log_path: Path, poll_s: float = 2.0,
+                 timeout_s: float = 7200.0) -> int:
+    """Submit this checkout as a Flower app on ``connection``, stream its log, check its status.
+
+    Returns:
+        The Flower run id.
+
+    Raises:
+        RunFailed: the run ended in a status other than ``finished:completed`` (log path named).
+    """
+    rc = " ".join(f"{k}='{v}'" for k, v in run_config.items())
+    args = ["run", str(checkout_root()), connection, "-c", rc]
+    if federation_config:
+        args += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
+    run_id = int(flwr_json(args, env, cwd)["run-id"])
+    print(f"[fedldt] Flower run {run_id} submitted; log: {log_path}", flush=True)
+    streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env, cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t = threading.Thread(target=_tee, args=(streamer.stdout, log_path), daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    status = ""
+    try:
+        while time.monotonic() < deadline:
+            runs = flwr_json(["ls", connection, "--run-id", str(run_id)], env, cwd).get("runs", [])
+            status = str(runs[0].get("status", "")) if runs else ""
+            if status.startswith("finished"):
+                break
+            time.sleep(poll_s)
+        else:
+            raise RunFailed(f"Flower run {run_id} did not finish within {timeout_s:.0f}s (status '{status}')")
+        time.sleep(1.0)  # let the log streamer flush the last lines
+    finally:
+        stop_process(streamer, grace=3.0)
+        t.join(timeout=3.0)
+    if status != "finished:completed":
+        raise RunFailed(f"Flower run {run_id} ended with status '{status}'; see {log_path}")
+    return run_id
+
+
+def _tee(stream, log_path: Path) -> None:
+    with open(log_path, "a") as f:
+        for line in stream:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            f.write(line)
+            f.flush()
+
+
+def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1) -> dict[str, Any]:
+    """Run a pilot on the simulation engine with one SuperNode per territory.
+
+    Args:
+        overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped).
+        run_dir: absolute results folder; logs go to ``run_dir/logs``.
+        num_supernodes: simulated SuperNodes (= territories).
+        client_cpus: CPU cores Ray reserves per client.
+
+    Returns:
+        The run's ``summary.json`` content.
+
+    Raises:
+        RunFailed: the SuperLink did not start or the run failed (log paths named).
+    """
+    run_dir = Path(run_dir).resolve()
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="fedldt-flwr-"))
+    env = flwr_env(home)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    link_log = open(logs / "superlink.log", "w")
+    link = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+         "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
+        env=env, cwd=home, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=link)
+        ov = json.dumps([o for o in overrides if not o.startswith("hydra.")])
+        run_flwr_app(
+            "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)},
+            {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus),
+             "client-resources-num-gpus": 0, "init-args-num-cpus": max(os.cpu_count() or 1, int(client_cpus))},
+            logs / "server.log",
+        )
+    finally:
+        stop_process(link)
+        link_log.close()
+        shutil.rmtree(home, ignore_errors=True)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RunFailed(f"the run finished but wrote no {summary_path}; see {logs}")
+    return json.loads(summary_path.read_text())

@@ -1,0 +1,26 @@
+"""fedldt ServerApp: composes the pilot config and runs :func:`fedldt.federation.server.run_federated`.
+
+Run config keys (``pyproject.toml`` ``[tool.flwr.app.config]``, override with ``flwr run -c``):
+``hydra-overrides`` (a JSON list or space-separated Hydra overrides, e.g. ``pilot=los_loop_3``)
+and ``run-dir`` (absolute results folder; empty = ``<checkout>/outputs/flwr-run/<run id>``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedldt.config import checkout_root, compose_config, parse_overrides, resolve_config
+from fedldt.federation.server import run_federated
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    overrides = parse_overrides(str(context.run_config.get("hydra-overrides", "")))
+    cfg = resolve_config(compose_config(overrides))
+    run_dir = str(context.run_config.get("run-dir", "")) or str(checkout_root() / "outputs" / "flwr-run" / str(context.run_id))
+    run_federated(grid, cfg, Path(run_dir).resolve())
