@@ -92,6 +92,8 @@ def _validate(cfg: dict[str, Any]) -> None:
     bad = [h for h in t["report_steps"] if not 1 <= int(h) <= t["horizon"]]
     if bad:
         raise ValueError(f"task.report_steps {bad} must lie in 1..task.horizon={t['horizon']}")
+    if cfg.get("mode", "federated") not in ("federated", "centralized", "local"):
+        raise ValueError(f"mode={cfg['mode']!r} must be federated, centralized or local")
     tr = cfg["train"]
     if int(tr["rounds"]) < 1:
         raise ValueError(f"train.rounds={tr['rounds']} must be >= 1")

@@ -57,6 +57,10 @@ class TerritoryTask:
         scaler_per_node: z-score statistics per node (True) or per channel over all nodes.
         time_of_day, day_of_week: calendar covariates appended to the inputs.
         batch_size, eval_batch_size: mini-batch sizes.
+        covariates: append the territory-level covariates ``dataset.extra["covariates"]``
+            (``[time, k]``, e.g. weather), z-scored on the training part, to every node.
+        ha_period: seasonal slot of the historical-average forecast: ``"day"`` (time of day)
+            or ``"week"`` (weekday and time of day).
 
     Raises:
         ValueError: a split is too short for one window (see :func:`window_starts`).
@@ -73,6 +77,8 @@ class TerritoryTask:
         day_of_week: bool = False,
         batch_size: int = 32,
         eval_batch_size: int = 256,
+        covariates: bool = False,
+        ha_period: str = "day",
     ) -> None:
         self.dataset = dataset
         self.window, self.horizon = int(window), int(horizon)
@@ -84,12 +90,22 @@ class TerritoryTask:
         )
         scaled = self.scaler.transform(dataset.values) * dataset.mask  # masked entries -> 0
         cal = time_features(dataset.timestamps, time_of_day, day_of_week)  # [T, k]
+        if covariates:
+            if "covariates" not in dataset.extra:
+                raise ValueError(f"task.covariates=true but dataset '{dataset.name}' has no covariates")
+            cov = np.asarray(dataset.extra["covariates"], dtype=np.float32)
+            cov_scaler = MaskedStandardScaler(per_node=False).fit(cov[t0:t1, None, :], np.ones_like(cov[t0:t1, None, :]))
+            cal = np.concatenate([cal, cov_scaler.transform(cov[:, None, :])[:, 0, :]], axis=1)
         cal = np.broadcast_to(cal[:, None, :], (dataset.num_steps, dataset.num_nodes, cal.shape[1]))
         features = np.concatenate([scaled, cal], axis=-1).astype(np.float32)  # [T, N, F]
         self.in_channels = int(features.shape[-1])
         self.out_channels = dataset.num_channels
         self.edge_index = dataset.edge_index
         self.edge_weight = dataset.edge_weight
+        if ha_period not in ("day", "week"):
+            raise ValueError(f"task.ha_period={ha_period!r} must be 'day' or 'week'")
+        self.ha_period = ha_period
+        self._ha_table = self._fit_historical_average()
         self.windows = {
             s: WindowDataset(
                 features, dataset.values, scaled, dataset.mask,
@@ -121,6 +137,48 @@ class TerritoryTask:
         bs = self.batch_size if split == "train" else self.eval_batch_size
         return DataLoader(self.windows[split], batch_size=bs, shuffle=shuffle, generator=gen, collate_fn=collate)
 
+    # ------------------------------------------------------------------ historical average
+    def _slots(self) -> np.ndarray:
+        ts = self.dataset.timestamps
+        slot_len = self.dataset.freq
+        per_day = int(pd.Timedelta(days=1) / slot_len) if slot_len <= pd.Timedelta(days=1) else 1
+        tod = ((ts - ts.normalize()) // slot_len).to_numpy().astype(np.int64) % max(per_day, 1)
+        if self.ha_period == "week":
+            return ts.day_of_week.to_numpy().astype(np.int64) * per_day + tod
+        return tod
+
+    def _fit_historical_average(self) -> np.ndarray:
+        """Masked mean of the training part per seasonal slot, node and channel; a slot never
+        seen in training falls back to the node's training mean."""
+        t0, t1 = self.bounds["train"]
+        slots = self._slots()
+        n_slots = int(slots.max()) + 1
+        v = self.dataset.values[t0:t1].astype(np.float64)
+        m = self.dataset.mask[t0:t1].astype(np.float64)
+        sums = np.zeros((n_slots,) + v.shape[1:])
+        counts = np.zeros_like(sums)
+        np.add.at(sums, slots[t0:t1], v * m)
+        np.add.at(counts, slots[t0:t1], m)
+        node_mean = (v * m).sum(0) / np.maximum(m.sum(0), 1.0)
+        table = np.where(counts > 0, sums / np.maximum(counts, 1.0), node_mean[None])
+        self._slot_of_step = torch.from_numpy(slots)
+        return table.astype(np.float32)
+
+    def historical_average(self, split: str) -> MetricSums:
+        """Error sums of the historical-average forecast (training mean of the target's slot)."""
+        table = torch.from_numpy(self._ha_table)
+        w, h = self.window, self.horizon
+        total = MetricSums.zeros(self.horizon)
+        starts = torch.from_numpy(self.windows[split].starts)
+        offset = 0
+        for batch in self.loader(split):  # unshuffled: batch k holds windows offset..offset+B-1
+            b = batch.y.shape[0]
+            steps = starts[offset : offset + b, None] + w + torch.arange(h)[None, :]  # [B, H]
+            offset += b
+            y_hat = table[self._slot_of_step[steps]]  # [B, H, N, C]
+            total = total + masked_error_sums(y_hat, batch.y, batch.mask)
+        return total
+
     # ------------------------------------------------------------------ train / evaluate
     def fit(
         self,
@@ -146,28 +204,8 @@ class TerritoryTask:
         Returns:
             Mean training loss (scaled MAE) over the last epoch's batches.
         """
-        seed_everything(seed)
-        model.train()
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-        last_loss = float("nan")
-        for epoch in range(int(epochs)):
-            total, batches = 0.0, 0
-            for batch in self.loader("train", shuffle=True, seed=seed + epoch):
-                opt.zero_grad()
-                y_hat = model(batch.x, self.edge_index, self.edge_weight)
-                loss = masked_mae_loss(y_hat, batch.y_scaled, batch.mask)
-                if global_params is not None:
-                    prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
-                    loss = loss + 0.5 * proximal_mu * prox
-                loss.backward()
-                if grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
-                total += float(loss.detach())
-                batches += 1
-            last_loss = total / max(batches, 1)
-        return last_loss
+        return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
@@ -192,6 +230,54 @@ class TerritoryTask:
         return total
 
 
+def train_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    tasks: list[tuple["TerritoryTask", int]],
+    epochs: int,
+    seed: int,
+    grad_clip: float | None = 5.0,
+    proximal_mu: float = 0.0,
+) -> float:
+    """Train ``model`` in place on the training windows of one or more territories.
+
+    Each batch comes from one territory (with its own graph); with several territories the
+    batches of an epoch are interleaved in a seeded random order (centralized training on the
+    union of windows). Loss: masked MAE on scaled targets, plus the FedProx term
+    ``mu/2 * ||w - w_start||^2`` (Li et al., MLSys 2020) when ``proximal_mu > 0``.
+
+    Args:
+        tasks: ``(task, shuffle_seed)`` pairs; epoch ``e`` shuffles with ``shuffle_seed + e``.
+        seed: seeds dropout and the interleaving.
+
+    Returns:
+        Mean loss over the last epoch's batches.
+    """
+    seed_everything(seed)
+    model.train()
+    start_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    last_loss = float("nan")
+    for epoch in range(int(epochs)):
+        batches = [(task, b) for task, s in tasks for b in task.loader("train", shuffle=True, seed=s + epoch)]
+        order = np.random.default_rng(seed + epoch).permutation(len(batches)) if len(tasks) > 1 else range(len(batches))
+        total = 0.0
+        for i in order:
+            task, batch = batches[i]
+            opt.zero_grad()
+            y_hat = model(batch.x, task.edge_index, task.edge_weight)
+            loss = masked_mae_loss(y_hat, batch.y_scaled, batch.mask)
+            if start_params is not None:
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), start_params))
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            total += float(loss.detach())
+        last_loss = total / max(len(batches), 1)
+    return last_loss
+
+
 def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) -> TerritoryTask:
     """Build a :class:`TerritoryTask` from the ``task`` and ``train`` config blocks."""
     return TerritoryTask(
@@ -204,4 +290,6 @@ def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], tra
         day_of_week=task_cfg["day_of_week"],
         batch_size=train_cfg["batch_size"],
         eval_batch_size=train_cfg["eval_batch_size"],
+        covariates=task_cfg.get("covariates", False),
+        ha_period=task_cfg.get("ha_period", "day"),
     )

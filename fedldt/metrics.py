@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 #: Keys of the sums as they travel in a Flower ``MetricRecord`` (after a prefix).
-SUM_KEYS = ("abs_err_sum", "sq_err_sum", "ape_sum", "num_valid", "num_valid_ape")
+SUM_KEYS = ("abs_err_sum", "sq_err_sum", "ape_sum", "abs_target_sum", "num_valid", "num_valid_ape")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class MetricSums:
         abs_err_sum: sum of ``|y_hat - y|`` over valid entries, data units, float64.
         sq_err_sum: sum of ``(y_hat - y)**2`` over valid entries, squared data units, float64.
         ape_sum: sum of ``|y_hat - y| / |y|`` over valid entries with ``y != 0``, float64.
+        abs_target_sum: sum of ``|y|`` over valid entries (for the scale-free WAPE), float64.
         num_valid: number of valid entries (mask == 1), int64.
         num_valid_ape: number of valid entries with ``y != 0``, int64.
     """
@@ -42,6 +43,7 @@ class MetricSums:
     abs_err_sum: np.ndarray
     sq_err_sum: np.ndarray
     ape_sum: np.ndarray
+    abs_target_sum: np.ndarray
     num_valid: np.ndarray
     num_valid_ape: np.ndarray
 
@@ -50,7 +52,7 @@ class MetricSums:
         """Empty sums for ``horizon`` steps (the neutral element of ``+``)."""
         f = np.zeros(horizon, dtype=np.float64)
         i = np.zeros(horizon, dtype=np.int64)
-        return cls(f.copy(), f.copy(), f.copy(), i.copy(), i.copy())
+        return cls(f.copy(), f.copy(), f.copy(), f.copy(), i.copy(), i.copy())
 
     @property
     def horizon(self) -> int:
@@ -132,6 +134,7 @@ def masked_error_sums(
         abs_err_sum=abs_err.sum(axis=red),
         sq_err_sum=(err * err).sum(axis=red),
         ape_sum=np.where(m_ape, abs_err / safe_y, 0.0).sum(axis=red),
+        abs_target_sum=np.where(m, np.abs(np.where(m, y_np, 0.0)), 0.0).sum(axis=red),
         num_valid=m.sum(axis=red).astype(np.int64),
         num_valid_ape=m_ape.sum(axis=red).astype(np.int64),
     )
@@ -166,8 +169,16 @@ def mape(s: MetricSums, step: int | None = None) -> float | None:
     return _safe_div(np.sum(s.ape_sum[sl]), int(np.sum(s.num_valid_ape[sl])))
 
 
+def wape(s: MetricSums, step: int | None = None) -> float | None:
+    """Weighted absolute percentage error ``sum|y_hat - y| / sum|y|`` (a fraction; scale-free,
+    so territories of very different volume compare), at 1-based ``step`` (``None`` = all)."""
+    sl = slice(None) if step is None else step - 1
+    den = float(np.sum(s.abs_target_sum[sl]))
+    return None if den == 0 else float(np.sum(s.abs_err_sum[sl])) / den
+
+
 def report(s: MetricSums, steps: Iterable[int] = (3, 6, 12)) -> dict[str, dict[str, float | None]]:
-    """The ``summary.json`` metric block: ``{"mae"|"rmse"|"mape": {"h3": .., ..., "all": ..}}``.
+    """The ``summary.json`` metric block: ``{"mae"|"rmse"|"mape"|"wape": {"h3": .., "all": ..}}``.
 
     Args:
         s: pooled sums.
@@ -181,7 +192,7 @@ def report(s: MetricSums, steps: Iterable[int] = (3, 6, 12)) -> dict[str, dict[s
     if bad:
         raise ValueError(f"report steps {bad} are outside the horizon 1..{s.horizon}")
     out: dict[str, dict[str, float | None]] = {}
-    for name, fn in (("mae", mae), ("rmse", rmse), ("mape", mape)):
+    for name, fn in (("mae", mae), ("rmse", rmse), ("mape", mape), ("wape", wape)):
         block = {f"h{h}": fn(s, h) for h in steps}
         block["all"] = fn(s)
         out[name] = block

@@ -11,6 +11,44 @@ import torch
 import yaml
 
 import fedldt
+from fedldt.metrics import MetricSums, pool, report
+
+#: Reference forecasts evaluated on the same test windows as the trained model.
+REFERENCES = ("persistence", "historical_average")
+
+
+def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, Any]],
+                  test: dict[str, dict[str, MetricSums]], history: list[dict[str, Any]],
+                  failures: list[dict[str, Any]], model_cfg: dict[str, Any], wall_time_s: float) -> dict[str, Any]:
+    """The ``summary.json`` content, identical in schema for every training mode.
+
+    Args:
+        cfg: resolved config.
+        mode: ``"federated"``, ``"centralized"`` or ``"local"``.
+        territories: ``[{"id", "num_nodes", "num_train_windows", ...}]`` in territory order.
+        test: territory id -> ``{"model": sums, "persistence": sums, "historical_average": sums}``.
+        history: pooled validation metrics per round.
+        failures: failed replies (federated only).
+        model_cfg: the model config (to rebuild the model).
+        wall_time_s: seconds the run took.
+    """
+    steps = list(cfg["task"]["report_steps"])
+    out: dict[str, Any] = {
+        "pilot": cfg["name"],
+        "mode": mode,
+        "dataset": {"name": cfg["dataset"]["name"], "path": cfg["dataset"]["path"]},
+        "territories": territories,
+        "rounds": int(cfg["train"]["rounds"]),
+        "local_epochs": int(cfg["train"]["local_epochs"]),
+        "seed": int(cfg["seed"]),
+        "test": report(pool(t["model"] for t in test.values()), steps),
+        "test_per_territory": {tid: report(t["model"], steps) for tid, t in test.items()},
+    }
+    for ref in REFERENCES:
+        out[ref] = report(pool(t[ref] for t in test.values()), steps)
+        out[f"{ref}_per_territory"] = {tid: report(t[ref], steps) for tid, t in test.items()}
+    out.update({"history": history, "failures": failures, "model": model_cfg, "wall_time_s": round(wall_time_s, 3)})
+    return out
 
 
 def write_run_outputs(run_dir: Path, cfg: dict[str, Any], summary: dict[str, Any], history: list[dict[str, Any]],
@@ -31,7 +69,8 @@ def summary_table(summary: dict[str, Any]) -> str:
     head = f"{'':22s}" + "".join(f"{s:>9s}" for s in steps)
     lines = [f"test metrics of pilot '{summary['pilot']}' ({summary['mode']}, {summary['rounds']} rounds)", head]
     for metric in ("mae", "rmse", "mape"):
-        for label, block in (("model", summary["test"]), ("persistence", summary["persistence"])):
+        for label, block in (("model", summary["test"]), ("persistence", summary["persistence"]),
+                             ("hist. average", summary["historical_average"])):
             vals = "".join(f"{_fmt(block[metric][s]):>9s}" for s in steps)
             lines.append(f"{metric.upper() + ' ' + label:22s}{vals}")
     lines.append("per territory (model MAE):")

@@ -1,6 +1,8 @@
-"""Run a fedldt pilot on Flower's simulation engine: one simulated SuperNode per territory.
+"""Run a fedldt pilot: federated on Flower's simulation engine (one SuperNode per territory),
+or one of the reference modes on the same territory splits.
 
-    python scripts/simulate.py pilot=los_loop_3 [train.rounds=N] [seed=N] [hydra.run.dir=DIR]
+    python scripts/simulate.py pilot=los_loop_3 [mode=federated|centralized|local]
+                               [train.rounds=N] [seed=N] [hydra.run.dir=DIR]
 
 Results (summary.json, history.csv, model.pt, resolved_config.yaml, logs/) go to the Hydra run
 directory (default outputs/<pilot>/<date>_<time>).
@@ -14,9 +16,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedldt.config import CONF_DIR, num_territories, resolve_config
-from fedldt.federation.launch import RunFailed, run_simulation
+from fedldt.config import CONF_DIR, resolve_config
+from fedldt.federation.launch import RunFailed
 from fedldt.results import summary_table
+from fedldt.runner import run_mode
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -24,8 +27,7 @@ def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
     hc = HydraConfig.get()
     try:
-        summary = run_simulation(list(hc.overrides.task), hc.runtime.output_dir, num_territories(resolved),
-                                 client_cpus=int(resolved["federation"]["client_cpus"]))
+        summary = run_mode(resolved, list(hc.overrides.task), hc.runtime.output_dir)
     except RunFailed as e:
         print(f"fedldt: run failed: {e}", file=sys.stderr)
         sys.exit(1)

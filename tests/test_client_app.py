@@ -72,7 +72,7 @@ def test_evaluate_reply_holds_error_sums_only(setup):
     reply = app(_msg(content, MessageType.EVALUATE), ctx)
     assert not reply.has_error(), reply.error
     metrics = dict(reply.content["metrics"])
-    allowed = {"num-examples", "territory"} | {f"{p}.{k}" for p in ("model", "persistence") for k in SUM_KEYS}
+    allowed = {"num-examples", "territory"} | {f"{p}.{k}" for p in ("model", "persistence", "historical_average") for k in SUM_KEYS}
     assert set(metrics) == allowed
     for k in allowed - {"num-examples", "territory"}:
         assert len(metrics[k]) == cfg["task"]["horizon"]  # one sum per horizon step, never per node

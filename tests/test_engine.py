@@ -59,3 +59,21 @@ def test_derive_seed_is_stable_and_distinct():
     assert derive_seed(0, 1, 2) == derive_seed(0, 1, 2)
     assert len({derive_seed(0, i, r) for i in range(3) for r in range(5)}) == 15
     assert 0 <= derive_seed(2**40, 3) < 2**63
+
+
+def test_historical_average_known_answer():
+    # A daily pattern repeated exactly: the historical average forecasts it with zero error,
+    # while a shifted test day gives exactly the shift.
+    t = 24 * 20
+    hours = np.arange(t) % 24
+    values = (10.0 + hours)[:, None, None].astype(np.float32).repeat(2, axis=1)
+    values[int(t * 0.8):] += 3.0  # the test part runs 3 units above its history
+    src = torch.arange(2)
+    ds = TerritoryDataset(
+        name="daily", values=values, mask=np.ones_like(values),
+        timestamps=pd.date_range("2021-01-04", periods=t, freq="h"), node_ids=["a", "b"],
+        edge_index=torch.stack([src, src]), edge_weight=torch.ones(2),
+    )
+    task = TerritoryTask(ds, window=24, horizon=6, split=(0.6, 0.2, 0.2))
+    assert mae(task.historical_average("val")) == pytest.approx(0.0)
+    assert mae(task.historical_average("test")) == pytest.approx(3.0)

@@ -43,7 +43,7 @@ def test_los_loop_3_two_rounds_end_to_end(tmp_path):
     assert [t["id"] for t in s["territories"]] == ["t0", "t1", "t2"]
     assert sum(t["num_nodes"] for t in s["territories"]) == 207
     for block in (s["test"], s["persistence"], *s["test_per_territory"].values()):
-        assert set(block) == {"mae", "rmse", "mape"}
+        assert set(block) == {"mae", "rmse", "mape", "wape"}
         assert all(set(block[m]) == {"h3", "h6", "h12", "all"} for m in block)
     assert s["persistence"]["mae"]["h3"] == pytest.approx(3.58, abs=0.02)  # last-value forecast, same test windows
     for h in ("h3", "h6", "h12"):

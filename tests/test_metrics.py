@@ -92,3 +92,13 @@ def test_pooling_split_batches_equals_whole(n, cut, seed):
     np.testing.assert_array_equal(parts.num_valid, whole.num_valid)
     if whole.num_valid.sum() > 0:
         assert mae(parts) <= rmse(parts) + 1e-12  # MAE never exceeds RMSE
+
+
+def test_wape_is_scale_free_and_pools_exactly():
+    from fedldt.metrics import wape
+
+    small = _sums([1, 2, 3], [2, 3, 4], mask=[1, 1, 1])   # errors 3 over targets 6
+    big = _sums([100, 200, 300], [200, 300, 400], mask=[1, 1, 1])  # errors 300 over 600
+    assert wape(small) == pytest.approx(0.5) and wape(big) == pytest.approx(0.5)
+    assert wape(pool([small, big])) == pytest.approx(303 / 606)
+    assert wape(_sums([0, 0], [1, 1])) is None  # no valid target

@@ -1,13 +1,18 @@
 """Territory datasets, loaders, partitioning, splits, scaling and windows."""
 
+from fedldt.data.charged_ev import distance_graph, load_charged_cities, load_charged_city
 from fedldt.data.los_loop import load_los_loop
-from fedldt.data.partition import kmeans_node_partition, partition_kmeans
+from fedldt.data.partition import as_given, kmeans_node_partition, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import MaskedStandardScaler, WindowDataset, split_bounds, window_starts
 
 __all__ = [
     "TerritoryDataset",
     "load_los_loop",
+    "load_charged_city",
+    "load_charged_cities",
+    "distance_graph",
+    "as_given",
     "kmeans_node_partition",
     "partition_kmeans",
     "MaskedStandardScaler",

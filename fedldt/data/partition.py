@@ -52,3 +52,16 @@ def partition_kmeans(dataset: TerritoryDataset, num_territories: int, seed: int,
         raise ValueError(f"dataset '{dataset.name}' has no node coordinates: k-means partitioning needs them")
     parts = kmeans_node_partition(dataset.coords, num_territories, seed, n_init)
     return [dataset.subset(p, name=f"t{i}") for i, p in enumerate(parts)]
+
+
+def as_given(datasets: list[TerritoryDataset], num_territories: int) -> list[TerritoryDataset]:
+    """Territories that are given by the data itself (e.g. one per city), in the given order.
+
+    Raises:
+        ValueError: the data holds a different number of territories than the config says.
+    """
+    if not isinstance(datasets, (list, tuple)):
+        raise ValueError("partition 'as_given' needs a dataset loader that returns one dataset per territory")
+    if len(datasets) != num_territories:
+        raise ValueError(f"partition.num_territories={num_territories} but the dataset holds {len(datasets)} territories")
+    return list(datasets)

@@ -110,7 +110,7 @@ def time_features(timestamps: pd.DatetimeIndex, time_of_day: bool, day_of_week: 
         frac = (timestamps.hour * 3600 + timestamps.minute * 60 + timestamps.second).to_numpy() / 86400.0
         cols += [np.sin(2 * np.pi * frac), np.cos(2 * np.pi * frac)]
     if day_of_week:
-        dow = timestamps.dayofweek.to_numpy()
+        dow = timestamps.day_of_week.to_numpy()
         cols += [(dow == d).astype(np.float64) for d in range(7)]
     if not cols:
         return np.zeros((len(timestamps), 0), dtype=np.float32)

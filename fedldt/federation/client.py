@@ -92,10 +92,11 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
 
 
 def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], split: str) -> dict[str, Any]:
-    """Masked error sums of the given weights and of persistence on ``split`` ('val' or 'test').
+    """Masked error sums of the given weights and of the reference forecasts on ``split`` ('val' or 'test').
 
     Returns:
-        Metrics ``num-examples``, ``territory``, ``model.<sum>`` and ``persistence.<sum>`` lists
+        Metrics ``num-examples``, ``territory``, ``model.<sum>``, ``persistence.<sum>`` and
+        ``historical_average.<sum>`` lists
         (see :class:`fedldt.metrics.MetricSums`).
 
     Raises:
@@ -110,4 +111,5 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
         "territory": index,
         **task.evaluate(model, split).to_dict("model."),
         **task.persistence(split).to_dict("persistence."),
+        **task.historical_average(split).to_dict("historical_average."),
     }

@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 from fedldt.config import num_territories
 from fedldt.engine import seed_everything
 from fedldt.federation.strategy import FedLDTAvg, failure_reasons, reply_territory
-from fedldt.metrics import MetricSums, pool, report
+from fedldt.metrics import MetricSums
 from fedldt.models import build_model
-from fedldt.results import write_run_outputs
+from fedldt.results import REFERENCES, build_summary, write_run_outputs
 
 CONFIG_KEY = "fedldt-config"
 
@@ -87,7 +87,7 @@ def evaluate_split(grid: Grid, strategy: FedLDTAvg, arrays: ArrayRecord, cfg: di
     out = {}
     for r in replies:
         rec = next(iter(r.content.metric_records.values()))
-        out[reply_territory(r)] = {"model": MetricSums.from_dict(rec, "model."), "persistence": MetricSums.from_dict(rec, "persistence.")}
+        out[reply_territory(r)] = {k: MetricSums.from_dict(rec, f"{k}.") for k in ("model", *REFERENCES)}
     expected = num_territories(cfg)
     if sorted(out) != list(range(expected)):
         raise FederationError(f"final {split} evaluation: territories {sorted(out)} answered, expected 0..{expected - 1}")
@@ -137,27 +137,13 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     if any(sum(1 for f in strategy.failures if f["round"] == r and f["phase"] == "train") >= k for r in trained_rounds):
         raise FederationError(f"every territory failed in a training round: {strategy.failures}")
     test = evaluate_split(grid, strategy, result.arrays, cfg, "test", rounds + 1, timeout)
-    steps = list(cfg["task"]["report_steps"])
-    summary = {
-        "pilot": cfg["name"],
-        "mode": "federated",
-        "dataset": {"name": cfg["dataset"]["name"], "path": cfg["dataset"]["path"]},
-        "territories": [
-            {"id": ids[i], "num_nodes": int(infos[i]["num-nodes"]), "num_train_windows": int(infos[i]["num-train"]),
-             "num_val_windows": int(infos[i]["num-val"]), "num_test_windows": int(infos[i]["num-test"])}
-            for i in infos
-        ],
-        "rounds": rounds,
-        "seed": int(cfg["seed"]),
-        "test": report(pool(t["model"] for t in test.values()), steps),
-        "test_per_territory": {ids[i]: report(t["model"], steps) for i, t in test.items()},
-        "persistence": report(pool(t["persistence"] for t in test.values()), steps),
-        "persistence_per_territory": {ids[i]: report(t["persistence"], steps) for i, t in test.items()},
-        "history": strategy.rounds,
-        "failures": strategy.failures,
-        "model": model_cfg,
-        "wall_time_s": round(time.time() - t_start, 3),
-    }
+    territories = [
+        {"id": ids[i], "num_nodes": int(infos[i]["num-nodes"]), "num_train_windows": int(infos[i]["num-train"]),
+         "num_val_windows": int(infos[i]["num-val"]), "num_test_windows": int(infos[i]["num-test"])}
+        for i in infos
+    ]
+    summary = build_summary(cfg, "federated", territories, {ids[i]: t for i, t in test.items()}, strategy.rounds,
+                            strategy.failures, model_cfg, time.time() - t_start)
     final = build_model(model_cfg)
     final.load_state_dict(result.arrays.to_torch_state_dict())
     write_run_outputs(run_dir, cfg, summary, strategy.history, {"state_dict": final.state_dict(), "model_config": model_cfg})

@@ -1,0 +1,125 @@
+"""Reference training modes on the very same territory splits as the federated run.
+
+* ``centralized``: one model trained on the union of all territories' training windows
+  (each territory still scaled by its own training statistics; each batch comes from one
+  territory and its graph), evaluated per territory and pooled. The privacy-free reference.
+* ``local``: each territory trains its own model on its own data only.
+
+Both train for ``train.rounds * train.local_epochs`` epochs with one Adam optimizer, start
+from the same initial weights as the federated run (``seed``), evaluate on the validation
+windows every ``train.local_epochs`` epochs (one "round") and write the same results folder
+and ``summary.json`` schema as the federated run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedldt.config import load_territories
+from fedldt.engine import TerritoryTask, derive_seed, seed_everything, task_from_config, train_epochs
+from fedldt.metrics import MetricSums, pool, report
+from fedldt.models import build_model
+from fedldt.results import build_summary, write_run_outputs
+
+MODES = ("federated", "centralized", "local")
+
+
+def build_tasks(cfg: dict[str, Any]) -> list[TerritoryTask]:
+    """Every territory's task (split, scaler, windows), exactly as its federated client builds it."""
+    torch.set_num_threads(int(cfg["train"].get("torch_threads", 1)))
+    return [task_from_config(t, cfg["task"], cfg["train"]) for t in load_territories(cfg)]
+
+
+def initial_model(cfg: dict[str, Any], task: TerritoryTask) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model the federated server would start from (same seed, same sizes)."""
+    seed_everything(int(cfg["seed"]))
+    model_cfg = {**cfg["model"], **task.model_dims()}
+    return build_model(model_cfg), model_cfg
+
+
+def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple[int, TerritoryTask]],
+                  history: list[dict[str, Any]], val: dict[int, list], label: str | None) -> None:
+    """Train ``model`` on ``tasks`` (index, task) round by round, appending per-territory history
+    rows and, per round, each territory's ``(train loss, validation sums)`` to ``val``."""
+    tr = cfg["train"]
+    opt = torch.optim.Adam(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
+    steps = list(cfg["task"]["report_steps"])
+    for rnd in range(1, int(tr["rounds"]) + 1):
+        seeds = [(task, derive_seed(cfg["seed"], idx, rnd)) for idx, task in tasks]
+        loss = train_epochs(model, opt, seeds, int(tr["local_epochs"]), seed=derive_seed(cfg["seed"], 10_000, rnd),
+                            grad_clip=tr["grad_clip"])
+        for idx, task in tasks:
+            sums = task.evaluate(model, "val")
+            val.setdefault(rnd, []).append((loss, sums))
+            history.append({"round": rnd, "territory": task.dataset.name, "train_loss": loss,
+                            "num_train": task.num_windows("train"),
+                            **{f"val_{m}_{h}": v for m, b in report(sums, steps).items() for h, v in b.items()}})
+        if label:
+            print(f"[fedldt] {label} round {rnd}/{tr['rounds']}  train loss {loss:.4f}", flush=True)
+
+
+def _pooled_rounds(cfg: dict[str, Any], val: dict[int, list]) -> list[dict[str, Any]]:
+    """Per round: mean train loss and pooled validation metrics (as the federated history)."""
+    steps = list(cfg["task"]["report_steps"])
+    return [{"round": rnd, "train_loss": sum(l for l, _ in items) / len(items), "val": report(pool(s for _, s in items), steps)}
+            for rnd, items in sorted(val.items())]
+
+
+def _test_sums(task: TerritoryTask, model: torch.nn.Module) -> dict[str, MetricSums]:
+    return {"model": task.evaluate(model, "test"), "persistence": task.persistence("test"),
+            "historical_average": task.historical_average("test")}
+
+
+def _territory_rows(tasks: list[TerritoryTask]) -> list[dict[str, Any]]:
+    return [{"id": t.dataset.name, "num_nodes": t.dataset.num_nodes, "num_train_windows": t.num_windows("train"),
+             "num_val_windows": t.num_windows("val"), "num_test_windows": t.num_windows("test")} for t in tasks]
+
+
+def run_centralized(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | None = None) -> dict[str, Any]:
+    """Train one model on all territories' training windows; write the results folder.
+
+    Returns:
+        The ``summary.json`` content (``mode = "centralized"``).
+    """
+    t0 = time.time()
+    tasks = tasks if tasks is not None else build_tasks(cfg)
+    model, model_cfg = initial_model(cfg, tasks[0])
+    history: list[dict[str, Any]] = []
+    val: dict[int, list] = {}
+    _train_rounds(cfg, model, list(enumerate(tasks)), history, val, "centralized")
+    test = {t.dataset.name: _test_sums(t, model) for t in tasks}
+    summary = build_summary(cfg, "centralized", _territory_rows(tasks), test, _pooled_rounds(cfg, val), [],
+                            model_cfg, time.time() - t0)
+    write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dict": model.state_dict(), "model_config": model_cfg})
+    return summary
+
+
+def run_local(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | None = None) -> dict[str, Any]:
+    """Train one model per territory on its own data only; write the results folder.
+
+    ``model.pt`` holds ``{"state_dicts": {territory id: state dict}, "model_config"}``.
+
+    Returns:
+        The ``summary.json`` content (``mode = "local"``).
+    """
+    t0 = time.time()
+    tasks = tasks if tasks is not None else build_tasks(cfg)
+    history: list[dict[str, Any]] = []
+    val: dict[int, list] = {}
+    test, states = {}, {}
+    model_cfg: dict[str, Any] = {}
+    for idx, task in enumerate(tasks):
+        model, model_cfg = initial_model(cfg, task)
+        _train_rounds(cfg, model, [(idx, task)], history, val, f"local {task.dataset.name}")
+        test[task.dataset.name] = _test_sums(task, model)
+        states[task.dataset.name] = model.state_dict()
+    history.sort(key=lambda r: (r["round"], [t.dataset.name for t in tasks].index(r["territory"])))
+    summary = build_summary(cfg, "local", _territory_rows(tasks), test, _pooled_rounds(cfg, val), [],
+                            model_cfg, time.time() - t0)
+    write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dicts": states, "model_config": model_cfg})
+    return summary
+

@@ -1,0 +1,37 @@
+"""One entry point for every training mode (used by ``scripts/simulate.py`` and ``scripts/compare.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from fedldt.baselines import MODES, run_centralized, run_local
+from fedldt.config import num_territories
+
+
+def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path, mode: str | None = None) -> dict[str, Any]:
+    """Run ``mode`` (default ``cfg["mode"]``) and return its ``summary.json`` content.
+
+    Args:
+        cfg: resolved config (see :func:`fedldt.config.resolve_config`).
+        overrides: the Hydra overrides that produced ``cfg`` (the federated run re-composes the
+            config inside the Flower ServerApp from them).
+        run_dir: results folder.
+        mode: ``federated`` (Flower simulation engine), ``centralized`` or ``local``.
+
+    Raises:
+        ValueError: unknown mode (``mode`` named).
+        fedldt.federation.launch.RunFailed: the federated run failed.
+    """
+    mode = mode or cfg["mode"]
+    run_dir = Path(run_dir).resolve()
+    if mode == "federated":
+        from fedldt.federation.launch import run_simulation  # Flower only where it is needed
+
+        ov = [o for o in overrides if not o.startswith("mode=")] + ["mode=federated"]
+        return run_simulation(ov, run_dir, num_territories(cfg), client_cpus=int(cfg["federation"]["client_cpus"]))
+    if mode == "centralized":
+        return run_centralized({**cfg, "mode": mode}, run_dir)
+    if mode == "local":
+        return run_local({**cfg, "mode": mode}, run_dir)
+    raise ValueError(f"mode={mode!r} must be one of {list(MODES)}")

@@ -1,0 +1,41 @@
+"""Compare federated, centralized and local training (plus persistence and historical average)
+on the same territory splits, with one seed.
+
+    python scripts/compare.py pilot=los_loop_3 [compare.publish_dir=docs/results/los_loop_3]
+
+Writes comparison.json, comparison.md and PNG plots to the Hydra run directory (the three runs
+in its federated/, centralized/, local/ subfolders), and copies the artifacts to
+``compare.publish_dir`` when set.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedldt.compare import run_comparison
+from fedldt.config import CONF_DIR, checkout_root, resolve_config
+from fedldt.federation.launch import RunFailed
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    resolved = resolve_config(cfg)
+    hc = HydraConfig.get()
+    publish = resolved.get("compare", {}).get("publish_dir")
+    if publish and not publish.startswith("/"):
+        publish = str(checkout_root() / publish)
+    try:
+        run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
+    except RunFailed as e:
+        print(f"fedldt: run failed: {e}", file=sys.stderr)
+        sys.exit(1)
+    print((__import__("pathlib").Path(hc.runtime.output_dir) / "comparison.md").read_text())
+    print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
+
+
+if __name__ == "__main__":
+    main()
