@@ -61,6 +61,8 @@ class TerritoryTask:
             (``[time, k]``, e.g. weather), z-scored on the training part, to every node.
         ha_period: seasonal slot of the historical-average forecast: ``"day"`` (time of day)
             or ``"week"`` (weekday and time of day).
+        train_stride: use every ``train_stride``-th training window (validation and test
+            always use every window).
 
     Raises:
         ValueError: a split is too short for one window (see :func:`window_starts`).
@@ -79,6 +81,7 @@ class TerritoryTask:
         eval_batch_size: int = 256,
         covariates: bool = False,
         ha_period: str = "day",
+        train_stride: int = 1,
     ) -> None:
         self.dataset = dataset
         self.window, self.horizon = int(window), int(horizon)
@@ -109,7 +112,8 @@ class TerritoryTask:
         self.windows = {
             s: WindowDataset(
                 features, dataset.values, scaled, dataset.mask,
-                window_starts(self.bounds[s], self.window, self.horizon, s), self.window, self.horizon,
+                window_starts(self.bounds[s], self.window, self.horizon, s, train_stride if s == "train" else 1),
+                self.window, self.horizon,
             )
             for s in SPLITS
         }
@@ -292,4 +296,5 @@ def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], tra
         eval_batch_size=train_cfg["eval_batch_size"],
         covariates=task_cfg.get("covariates", False),
         ha_period=task_cfg.get("ha_period", "day"),
+        train_stride=task_cfg.get("train_stride", 1),
     )

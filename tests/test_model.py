@@ -56,3 +56,13 @@ def test_unknown_model_or_hyperparameter_is_named():
         build_model(dict(name="nope"))
     with pytest.raises(ValueError, match="hidden_size"):
         build_model(dict(name="dcrnn", in_channels=1, out_channels=1, horizon=3, hidden_size=3))
+
+
+def test_residual_forecast_starts_from_last_observed_value():
+    model = build_model(dict(name="dcrnn", in_channels=3, out_channels=1, horizon=4, hidden=8, num_layers=1, residual=True))
+    with torch.no_grad():
+        model.readout.weight.zero_(); model.readout.bias.zero_()
+    x = torch.randn(2, 6, 5, 3)
+    ei, ew = _ring(5)
+    y = model(x, ei, ew)
+    assert torch.equal(y, x[:, -1:, :, :1].expand(2, 4, 5, 1))

@@ -102,3 +102,10 @@ def test_no_window_crosses_a_split_boundary(t, r_train, r_val, window, horizon):
             continue
         starts = window_starts((a, b), window, horizon, name)
         assert starts.min() == a and starts.max() + window + horizon == b
+
+
+def test_train_stride_thins_training_windows_only():
+    task = TerritoryTask(_dataset(np.zeros((300, 2, 1))), window=12, horizon=12, train_stride=2)
+    assert task.num_windows("train") == (210 - 24 + 1 + 1) // 2
+    assert task.num_windows("test") == 60 - 24 + 1
+    assert np.diff(task.windows["train"].starts).tolist() == [2] * (task.num_windows("train") - 1)

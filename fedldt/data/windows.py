@@ -37,8 +37,8 @@ def split_bounds(num_steps: int, ratios: tuple[float, float, float] = (0.7, 0.1,
     return {"train": (0, t1), "val": (t1, t2), "test": (t2, num_steps)}
 
 
-def window_starts(bounds: tuple[int, int], window: int, horizon: int, split: str = "?") -> np.ndarray:
-    """First input step of every window lying wholly inside ``bounds``.
+def window_starts(bounds: tuple[int, int], window: int, horizon: int, split: str = "?", stride: int = 1) -> np.ndarray:
+    """First input step of every ``stride``-th window lying wholly inside ``bounds``.
 
     A window starting at ``s`` reads inputs ``s .. s+window-1`` and targets
     ``s+window .. s+window+horizon-1``; all of them lie in ``[start, stop)``.
@@ -53,7 +53,9 @@ def window_starts(bounds: tuple[int, int], window: int, horizon: int, split: str
             f"the {split} part has {stop - start} steps, fewer than window+horizon="
             f"{window + horizon}: lengthen the series, change split.ratios or shorten window/horizon"
         )
-    return np.arange(start, start + n, dtype=np.int64)
+    if stride < 1:
+        raise ValueError(f"window stride must be >= 1, got {stride} (task.train_stride)")
+    return np.arange(start, start + n, stride, dtype=np.int64)
 
 
 class MaskedStandardScaler:

@@ -114,6 +114,9 @@ class DCRNNConfig:
         num_layers: stacked DCGRU layers.
         K: diffusion steps.
         dropout: dropout on the last hidden state before the readout.
+        residual: forecast the change from the last observed value (the readout is added to
+            the last input step's value channels), which suits smooth series where persistence
+            is strong; requires the first ``out_channels`` inputs to be the scaled values.
     """
 
     in_channels: int
@@ -123,6 +126,7 @@ class DCRNNConfig:
     num_layers: int = 2
     K: int = 2
     dropout: float = 0.0
+    residual: bool = False
 
 
 class DCRNNForecaster(nn.Module):
@@ -154,4 +158,7 @@ class DCRNNForecaster(nn.Module):
                 hs[i] = cell(inp, hs[i], p_f, p_b)  # [N, B, H]
                 inp = hs[i]
         out = self.readout(self.dropout(hs[-1]))  # [N, B, horizon*C]
-        return out.view(n, b, self.cfg.horizon, self.cfg.out_channels).permute(1, 2, 0, 3)  # [B, H, N, C]
+        out = out.view(n, b, self.cfg.horizon, self.cfg.out_channels).permute(1, 2, 0, 3)  # [B, H, N, C]
+        if self.cfg.residual:
+            out = out + x[:, -1:, :, : self.cfg.out_channels]  # last observed (scaled) values
+        return out
