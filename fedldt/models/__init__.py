@@ -1,31 +1,104 @@
 """Forecasting models. Each takes ``[batch, window, node, in_channels]`` and returns
-``[batch, horizon, node, out_channels]``; none has a parameter that depends on ``num_nodes``."""
+``[batch, horizon, node, out_channels]`` (scaled units), called as
+``model(x, edge_index, edge_weight)``.
+
+Territories of different sizes share one model. A parameter that depends on a territory's
+nodes (node embeddings) is *local*: each model lists such state-dict keys in
+``local_parameter_names()``, :func:`split_state` separates them, and they must never be sent
+to the server. Only ``gwnet`` with ``adaptive=true`` has local parameters.
+
+Models: ``dcrnn`` (Li et al., ICLR 2018), ``stgcn`` (Yu et al., IJCAI 2018), ``gwnet``
+(Wu et al., IJCAI 2019).
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from fedldt.models.dcrnn import DCRNNConfig, DCRNNForecaster
+from fedldt.models.gwnet import GWNetConfig, GWNetForecaster
+from fedldt.models.stgcn import STGCNConfig, STGCNForecaster
 
-MODELS: dict[str, tuple[type, type]] = {"dcrnn": (DCRNNForecaster, DCRNNConfig)}
+MODELS: dict[str, tuple[type, type]] = {
+    "dcrnn": (DCRNNForecaster, DCRNNConfig),
+    "stgcn": (STGCNForecaster, STGCNConfig),
+    "gwnet": (GWNetForecaster, GWNetConfig),
+}
 
 
-def build_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+def build_model(model_cfg: Mapping[str, Any], num_nodes: int | None = None) -> nn.Module:
     """Build a model from a plain config dict: ``{"name": ..., <hyper-parameters>, in_channels,
-    out_channels, horizon}``.
+    out_channels, horizon}`` (the last three injected from the data).
+
+    Args:
+        model_cfg: the config dict. It may also hold a data-injected ``num_nodes``.
+        num_nodes: the territory's number of nodes (data-injected, like ``in_channels``). Only
+            models whose config has a ``num_nodes`` field use it (``gwnet`` with
+            ``adaptive=true`` requires it); the others ignore it, so callers may always pass it.
 
     Raises:
-        ValueError: unknown model name or unknown hyper-parameter (named).
+        ValueError: unknown model name or unknown hyper-parameter (named); ``num_nodes`` given
+            both in ``model_cfg`` and as argument with different values; a model-specific
+            invalid or missing value (named by the model).
     """
     cfg = dict(model_cfg)
     name = cfg.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not one of {sorted(MODELS)}")
+    n = cfg.pop("num_nodes", None)
+    if num_nodes is not None:
+        if n is not None and int(n) != int(num_nodes):
+            raise ValueError(f"model.num_nodes={n} disagrees with build_model(num_nodes={num_nodes})")
+        n = num_nodes
     cls, cfg_cls = MODELS[name]
     known = set(cfg_cls.__dataclass_fields__)
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"model '{name}' has no hyper-parameter(s) {unknown}; known: {sorted(known)}")
+    if "num_nodes" in known and n is not None:
+        cfg["num_nodes"] = int(n)
     return cls(cfg_cls(**cfg))
+
+
+def split_state(model: nn.Module) -> tuple[OrderedDict[str, Tensor], OrderedDict[str, Tensor]]:
+    """Split a model's state dict into its shared part and its territory-local part.
+
+    Returns:
+        ``(shared, local)``: two state dicts that partition ``model.state_dict()`` (same
+        tensors, same order); ``local`` holds exactly the keys of
+        ``model.local_parameter_names()``. Only ``shared`` may be sent to the server.
+
+    Raises:
+        TypeError: the model has no ``local_parameter_names`` method.
+        ValueError: a local name is not a key of the state dict.
+    """
+    if not callable(getattr(model, "local_parameter_names", None)):
+        raise TypeError(f"{type(model).__name__} has no local_parameter_names(); every fedldt model must define it")
+    state = model.state_dict()
+    local_names = set(model.local_parameter_names())
+    missing = sorted(local_names - set(state))
+    if missing:
+        raise ValueError(f"{type(model).__name__}.local_parameter_names() lists {missing}, not in its state dict")
+    shared = OrderedDict((k, v) for k, v in state.items() if k not in local_names)
+    local = OrderedDict((k, v) for k, v in state.items() if k in local_names)
+    return shared, local
+
+
+def load_shared_state(model: nn.Module, shared: Mapping[str, Tensor]) -> None:
+    """Load a shared state dict (e.g. the server's) into ``model``, keeping its local parameters.
+
+    Raises:
+        ValueError: ``shared`` lacks a shared key of ``model``, or holds a key that the model
+            does not have or that is local (named); a size mismatch (from ``load_state_dict``).
+    """
+    local_names = set(model.local_parameter_names())
+    expected = set(model.state_dict()) - local_names
+    leaked = sorted(local_names & set(shared))
+    missing, unexpected = sorted(expected - set(shared)), sorted(set(shared) - expected - local_names)
+    if leaked or missing or unexpected:
+        raise ValueError(f"shared state does not fit {type(model).__name__}: local keys {leaked}, "
+                         f"missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(shared, strict=False)

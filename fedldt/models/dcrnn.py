@@ -147,6 +147,10 @@ class DCRNNForecaster(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.readout = nn.Linear(cfg.hidden, cfg.horizon * cfg.out_channels)
 
+    def local_parameter_names(self) -> list[str]:
+        """State-dict keys that depend on a territory's nodes: none."""
+        return []
+
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         b, t, n, _ = x.shape
         p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), n)

@@ -1,0 +1,225 @@
+"""Graph WaveNet forecaster: dilated causal gated TCN + diffusion graph convolution over the
+given transitions and an optional adaptive adjacency learnt from node embeddings.
+
+Wu, Pan, Long, Jiang, Zhang, "Graph WaveNet for Deep Spatial-Temporal Graph Modeling",
+IJCAI 2019. Each layer (their Fig. 3) is a gated TCN ``tanh(Θ1 * X) ⊙ σ(Θ2 * X)`` (dilated
+causal convolutions, Sec. 3.3), a skip connection, and a graph convolution (Sec. 3.2)
+
+    ``Z = X W_0 + Σ_{k=1..K} P_f^k X W_{k,1} + P_b^k X W_{k,2} + Ã_apt^k X W_{k,3}``
+
+with the forward/backward random-walk transitions ``P_f``, ``P_b`` of the territory's graph
+(:func:`fedldt.models.dcrnn.transition_matrices`) and, when ``adaptive`` is on, the
+self-adaptive adjacency ``Ã_apt = softmax(relu(E1 E2^T))`` (Sec. 3.2, row-wise softmax)
+from node embeddings ``E1, E2`` of shape ``[num_nodes, emb_dim]``; then a residual connection
+and batch normalisation (as in the authors' code). The skip sum goes through two 1x1
+convolutions that output all ``horizon`` steps.
+
+Sharing across territories: with ``adaptive=false`` no parameter depends on the number of
+nodes. With ``adaptive=true`` the embeddings ``node_emb1``, ``node_emb2`` are a territory's own
+(:meth:`GWNetForecaster.local_parameter_names`); everything else is shared. The
+batch-normalisation running statistics (shape ``[channels]``) are shared buffers.
+
+A window shorter than :attr:`GWNetForecaster.receptive_field` is zero-padded on the left (as
+in the authors' code); with a longer window the forecast reads the last step of the skip sum,
+so only the last ``receptive_field`` steps are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedldt.models.dcrnn import transition_matrices
+
+
+def graph_product(a: Tensor, x: Tensor) -> Tensor:
+    """``out[:, :, i, :] = Σ_j a[i, j] x[:, :, j, :]`` for a sparse (COO) or dense ``a``.
+
+    Shapes: a ``[node, node]``, x ``[batch, channel, node, time]`` -> same as x.
+    """
+    if a.is_sparse:
+        b, c, n, t = x.shape
+        h = torch.sparse.mm(a, x.permute(2, 0, 1, 3).reshape(n, b * c * t))  # [N, B*C*T]
+        return h.view(n, b, c, t).permute(1, 2, 0, 3)
+    return torch.einsum("ij,bcjt->bcit", a, x)
+
+
+class MultiSupportGraphConv(nn.Module):
+    """Graph WaveNet's graph convolution (Wu et al. 2019, Sec. 3.2): powers ``1..order`` of each
+    support matrix, concatenated with the input, mixed by a 1x1 convolution, then dropout.
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        num_supports: how many support matrices ``forward`` receives.
+        order: powers of each support (``K`` in the paper).
+        dropout: dropout on the output.
+
+    Shapes:
+        x ``[batch, c_in, node, time]`` and ``num_supports`` matrices ``[node, node]`` (sparse
+        or dense; ``out_i = Σ_j A[i, j] x_j``) -> ``[batch, c_out, node, time]``.
+
+    Raises:
+        ValueError: the number of supports differs from ``num_supports``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, num_supports: int, order: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_supports, self.order = num_supports, order
+        self.mlp = nn.Conv2d(c_in * (1 + num_supports * order), c_out, kernel_size=1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, supports: list[Tensor]) -> Tensor:
+        if len(supports) != self.num_supports:
+            raise ValueError(f"graph conv built for {self.num_supports} supports, got {len(supports)}")
+        terms = [x]
+        for a in supports:
+            h = x
+            for _ in range(self.order):
+                h = graph_product(a, h)  # [B, C, N, T]
+                terms.append(h)
+        return self.dropout(self.mlp(torch.cat(terms, dim=1)))  # [B, c_out, N, T]
+
+
+def adaptive_adjacency(emb1: Tensor, emb2: Tensor) -> Tensor:
+    """Self-adaptive adjacency ``softmax(relu(E1 E2^T))`` normalised over each row (Wu et al.
+    2019, Sec. 3.2): row ``i`` holds the weights node ``i`` gives to every node.
+
+    Shapes: emb1, emb2 ``[node, emb_dim]`` -> dense ``[node, node]``, rows summing to 1.
+    """
+    return torch.softmax(torch.relu(emb1 @ emb2.T), dim=1)
+
+
+@dataclass
+class GWNetConfig:
+    """Hyper-parameters of :class:`GWNetForecaster` (data sizes are injected at build time).
+
+    Attributes:
+        in_channels: input features per node and step (values + covariates), from the data.
+        out_channels: forecast channels per node, from the data.
+        horizon: forecast steps, from the task.
+        num_nodes: the territory's number of nodes, from the data; required only when
+            ``adaptive`` is true (it sizes the node embeddings), ignored otherwise.
+        adaptive: learn the adaptive adjacency from per-territory node embeddings.
+        emb_dim: node embedding size (paper: 10).
+        residual_channels: channels of the residual stream (paper: 32).
+        dilation_channels: channels of the gated TCN (paper: 32).
+        skip_channels: channels of the skip sum (paper: 256).
+        end_channels: channels of the first output convolution (paper: 512).
+        blocks: blocks of ``layers`` layers with dilations 1, 2, 4, ... (paper: 4).
+        layers: layers per block (paper: 2).
+        kernel_size: TCN kernel size (paper: 2).
+        order: powers of each support in the graph convolution (paper: 2).
+        dropout: dropout after each graph convolution (paper: 0.3).
+    """
+
+    in_channels: int
+    out_channels: int
+    horizon: int
+    num_nodes: int | None = None
+    adaptive: bool = True
+    emb_dim: int = 10
+    residual_channels: int = 32
+    dilation_channels: int = 32
+    skip_channels: int = 256
+    end_channels: int = 512
+    blocks: int = 4
+    layers: int = 2
+    kernel_size: int = 2
+    order: int = 2
+    dropout: float = 0.3
+
+
+class GWNetForecaster(nn.Module):
+    """Graph WaveNet (Wu et al., IJCAI 2019) with a direct multi-step output.
+
+    Args:
+        cfg: hyper-parameters and data-injected sizes.
+
+    Shapes:
+        x ``[batch, window, node, in_channels]`` -> ``[batch, horizon, node, out_channels]``
+        (scaled units). ``edge_index`` ``[2, E]`` int64, ``edge_weight`` ``[E]`` float.
+
+    Raises:
+        ValueError: (at build) ``adaptive`` is true and ``num_nodes`` is missing or < 1, or a
+            hyper-parameter is out of range (named); (in ``forward``) the input's node count
+            differs from the ``num_nodes`` the adaptive embeddings were built for.
+    """
+
+    name = "gwnet"
+
+    def __init__(self, cfg: GWNetConfig) -> None:
+        super().__init__()
+        for field in ("blocks", "layers", "kernel_size", "order", "emb_dim", "residual_channels",
+                      "dilation_channels", "skip_channels", "end_channels"):
+            if int(getattr(cfg, field)) < 1:
+                raise ValueError(f"model.{field}={getattr(cfg, field)!r} must be >= 1")
+        self.cfg = cfg
+        if cfg.adaptive:
+            if cfg.num_nodes is None or int(cfg.num_nodes) < 1:
+                raise ValueError(
+                    f"model.num_nodes={cfg.num_nodes!r}: gwnet with model.adaptive=true needs the territory's "
+                    "number of nodes for its node embeddings; build it with "
+                    "build_model(cfg, num_nodes=<territory's num_nodes>) or set model.adaptive=false"
+                )
+            self.node_emb1 = nn.Parameter(torch.randn(int(cfg.num_nodes), cfg.emb_dim))  # [N, emb]
+            self.node_emb2 = nn.Parameter(torch.randn(int(cfg.num_nodes), cfg.emb_dim))  # [N, emb]
+        r, d, s = cfg.residual_channels, cfg.dilation_channels, cfg.skip_channels
+        num_supports = 2 + int(cfg.adaptive)
+        self.start = nn.Conv2d(cfg.in_channels, r, kernel_size=1)
+        self.filter_convs, self.gate_convs = nn.ModuleList(), nn.ModuleList()
+        self.skip_convs, self.gconvs, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.dilations: list[int] = []
+        for _ in range(cfg.blocks):
+            for layer in range(cfg.layers):
+                dil = 2**layer
+                self.dilations.append(dil)
+                self.filter_convs.append(nn.Conv2d(r, d, kernel_size=(1, cfg.kernel_size), dilation=(1, dil)))
+                self.gate_convs.append(nn.Conv2d(r, d, kernel_size=(1, cfg.kernel_size), dilation=(1, dil)))
+                self.skip_convs.append(nn.Conv2d(d, s, kernel_size=1))
+                self.gconvs.append(MultiSupportGraphConv(d, r, num_supports, cfg.order, cfg.dropout))
+                self.norms.append(nn.BatchNorm2d(r))
+        self.end1 = nn.Conv2d(s, cfg.end_channels, kernel_size=1)
+        self.end2 = nn.Conv2d(cfg.end_channels, cfg.horizon * cfg.out_channels, kernel_size=1)
+
+    @property
+    def receptive_field(self) -> int:
+        """Input steps one forecast sees: ``1 + (kernel_size - 1) * Σ dilations`` (13 with the
+        paper's settings); shorter windows are zero-padded on the left."""
+        return 1 + (self.cfg.kernel_size - 1) * sum(self.dilations)
+
+    def local_parameter_names(self) -> list[str]:
+        """State-dict keys that depend on a territory's nodes: the two node embeddings when
+        ``adaptive`` is on, none otherwise."""
+        return ["node_emb1", "node_emb2"] if self.cfg.adaptive else []
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        b, t, n, _ = x.shape
+        p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), n)
+        supports = [p_f, p_b]
+        if self.cfg.adaptive:
+            if n != self.node_emb1.shape[0]:
+                raise ValueError(
+                    f"input has {n} nodes but this gwnet's adaptive embeddings were built for "
+                    f"model.num_nodes={self.node_emb1.shape[0]}; build one model per territory with its num_nodes"
+                )
+            supports.append(adaptive_adjacency(self.node_emb1, self.node_emb2))  # [N, N]
+        h = x.permute(0, 3, 2, 1)  # [B, F, N, T]
+        if t < self.receptive_field:
+            h = F.pad(h, (self.receptive_field - t, 0))  # left zero-padding to the receptive field
+        h = self.start(h)  # [B, R, N, T]
+        skip: Tensor | None = None
+        for i in range(len(self.dilations)):
+            res = h
+            g = torch.tanh(self.filter_convs[i](res)) * torch.sigmoid(self.gate_convs[i](res))  # [B, D, N, T']
+            s = self.skip_convs[i](g)  # [B, S, N, T']
+            skip = s if skip is None else s + skip[..., -s.shape[-1] :]
+            h = self.gconvs[i](g, supports) + res[..., -g.shape[-1] :]  # [B, R, N, T']
+            h = self.norms[i](h)
+        assert skip is not None
+        out = torch.relu(skip[..., -1:])  # [B, S, N, 1] (last step)
+        out = self.end2(torch.relu(self.end1(out)))  # [B, H*C, N, 1]
+        return out.view(b, self.cfg.horizon, self.cfg.out_channels, n).permute(0, 1, 3, 2)  # [B, H, N, C]
