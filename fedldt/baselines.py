@@ -34,11 +34,12 @@ def build_tasks(cfg: dict[str, Any]) -> list[TerritoryTask]:
     return [task_from_config(t, cfg["task"], cfg["train"]) for t in load_territories(cfg)]
 
 
-def initial_model(cfg: dict[str, Any], task: TerritoryTask) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model the federated server would start from (same seed, same sizes)."""
+def initial_model(cfg: dict[str, Any], task: TerritoryTask, per_territory: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model the federated server would start from (same seed, same sizes); with
+    ``per_territory`` it is built for ``task``'s nodes (node-specific parameters allowed)."""
     seed_everything(int(cfg["seed"]))
     model_cfg = {**cfg["model"], **task.model_dims()}
-    return build_model(model_cfg), model_cfg
+    return build_model(model_cfg, num_nodes=task.dataset.num_nodes if per_territory else None), model_cfg
 
 
 def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple[int, TerritoryTask]],
@@ -113,7 +114,7 @@ def run_local(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | N
     test, states = {}, {}
     model_cfg: dict[str, Any] = {}
     for idx, task in enumerate(tasks):
-        model, model_cfg = initial_model(cfg, task)
+        model, model_cfg = initial_model(cfg, task, per_territory=True)
         _train_rounds(cfg, model, [(idx, task)], history, val, f"local {task.dataset.name}")
         test[task.dataset.name] = _test_sums(task, model)
         states[task.dataset.name] = model.state_dict()

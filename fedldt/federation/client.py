@@ -67,7 +67,7 @@ def describe(cfg: Mapping[str, Any], index: int) -> dict[str, int | str]:
 
 
 def _model(cfg: Mapping[str, Any], task: TerritoryTask, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    model = build_model({**cfg["model"], **task.model_dims()})
+    model = build_model({**cfg["model"], **task.model_dims()}, num_nodes=task.dataset.num_nodes)
     model.load_state_dict(state_dict, strict=True)
     return model
 
