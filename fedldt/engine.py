@@ -21,8 +21,8 @@ from fedldt.data.windows import (
     MaskedStandardScaler,
     WindowDataset,
     collate,
+    model_inputs,
     split_bounds,
-    time_features,
     window_starts,
 )
 from fedldt.metrics import MetricSums, masked_error_sums
@@ -82,10 +82,10 @@ class TerritoryTask:
         self.scaler = MaskedStandardScaler(per_node=scaler_per_node).fit(
             dataset.values[t0:t1], dataset.mask[t0:t1]
         )
-        scaled = self.scaler.transform(dataset.values) * dataset.mask  # masked entries -> 0
-        cal = time_features(dataset.timestamps, time_of_day, day_of_week)  # [T, k]
-        cal = np.broadcast_to(cal[:, None, :], (dataset.num_steps, dataset.num_nodes, cal.shape[1]))
-        features = np.concatenate([scaled, cal], axis=-1).astype(np.float32)  # [T, N, F]
+        self.time_of_day, self.day_of_week = bool(time_of_day), bool(day_of_week)
+        scaled, features = model_inputs(  # [T, N, C], [T, N, F]
+            dataset.values, dataset.mask, dataset.timestamps, self.scaler, self.time_of_day, self.day_of_week
+        )
         self.in_channels = int(features.shape[-1])
         self.out_channels = dataset.num_channels
         self.edge_index = dataset.edge_index
