@@ -147,7 +147,7 @@ def table_from_columns(timestamps: Sequence, sensors: dict[str, Sequence]) -> pd
         InputError: a sensor's list is not as long as ``timestamps``.
     """
     n = len(timestamps)
-    wrong = [f"{s} ({len(v)})" for s, v in sensors.items() if len(v) != n]
+    wrong = [f"{s} has {len(v)}" for s, v in sensors.items() if len(v) != n]
     if wrong:
         raise InputError(f"sensors: {_listing(wrong)} value(s) for {n} timestamps; give one value (or null) per timestamp")
     data = {str(s): [np.nan if v is None else v for v in vals] for s, vals in sensors.items()}

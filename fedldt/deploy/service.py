@@ -89,6 +89,7 @@ def create_app(package: ForecastPackage | str | Path, engine: str = "torch") -> 
     @app.post(
         "/forecast",
         response_model=ForecastResponse,
+        response_model_exclude_none=True,
         summary="Forecast every sensor from the latest observations",
         responses={
             200: {"content": {NGSI_LD_MEDIA_TYPE: {"schema": {"type": "array", "items": {"type": "object"}}}},
