@@ -5,12 +5,13 @@ import shutil
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 
 from fedldt.cli import main
 from fedldt.data.windows import collate
-from fedldt.deploy import ForecastPackage, PackageError
+from fedldt.deploy import ForecastPackage, InputError, PackageError
 from fedldt.deploy.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
 from fedldt.deploy.onnx_export import run_onnx
 from fedldt.deploy.package import graph_hash
@@ -90,6 +91,13 @@ def test_local_parameters_override_the_global_ones(finished_run, package_dir, in
         y_local = local.model(batch.x, local.edge_index, local.edge_weight)
         y_glob = glob.model(batch.x, glob.edge_index, glob.edge_weight)
     assert torch.allclose(y_local - y_glob, torch.ones_like(y_glob), atol=1e-5)  # +1 in scaled units, every output
+    # exported without --timezone: timestamps must be naive local times
+    assert local.timezone is None and any("time zone was not recorded" in x for x in local.card()["limitations"])
+    ds = in_run.task.dataset
+    utc = pd.DataFrame(ds.values[600:612, :, 0], columns=ds.node_ids.tolist(),
+                       index=[t.isoformat() + "Z" for t in ds.timestamps[600:612]])
+    with pytest.raises(InputError, match="carry a UTC offset, but this model package has no time zone"):
+        local.forecast(utc)
 
 
 def test_export_errors_name_the_problem(finished_run, package_dir, tmp_path):

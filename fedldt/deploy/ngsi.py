@@ -249,6 +249,8 @@ def forecast_entities(
         t_from, t_to = _iso(start), _iso(end)
         for j, sensor in enumerate(forecast.node_ids):
             value = mapping.from_package(float(forecast.values[h, j, 0]))
+            missing = forecast.missing_inputs.get(sensor, 0)
+            note = f"; {missing} missing input value(s) fed to the model as masked entries" if missing else ""
             prop: dict[str, Any] = {"type": "Property", "value": value}
             if mapping.wire_code:
                 prop["unitCode"] = mapping.wire_code
@@ -263,7 +265,7 @@ def forecast_entities(
                 "name": {"type": "Property", "value": sensor},
                 "description": {"type": "Property", "value": (
                     f"fedldt forecast, step {h + 1} of {len(forecast.timestamps)} after the observation of "
-                    f"{_iso(forecast.issued_after)}")},
+                    f"{_iso(forecast.issued_after)}{note}")},
                 "dataProvider": {"type": "Property", "value": provider},
             }
             if sensor in refs:

@@ -168,7 +168,10 @@ class ForecastPackage:
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise PackageError(f"{root} is not a fedldt model package: {MANIFEST} not found (create one with `fedldt export`)")
-        manifest = json.loads(mpath.read_text())
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise PackageError(f"{mpath}: not valid JSON ({e}); re-export the package") from None
         if manifest.get("format") != PACKAGE_FORMAT:
             raise PackageError(f"{mpath}: format {manifest.get('format')!r}; this fedldt reads {PACKAGE_FORMAT!r}")
         for rel, digest in manifest["files"].items():
