@@ -67,6 +67,19 @@ def test_forecast_equals_fedldt_predict(client, package_dir, body, tmp_path):
     assert ngsi.status_code == 200 and ngsi.headers["content-type"].startswith("application/ld+json")
     assert ngsi.json() == cli_predict(package_dir, body, tmp_path, ".jsonld")
     assert len(ngsi.json()) == 12 * len(body["sensors"])
+    # the same observations as NGSI-LD entities (mph, unitCode HM; UTC times): a bare list, or a notification
+    utc = pd.DatetimeIndex(body["timestamps"]).tz_localize("America/Los_Angeles").tz_convert("UTC")
+    ents = [{"id": f"urn:ngsi-ld:TrafficFlowObserved:{s}:{i}", "type": "TrafficFlowObserved",
+             "refRoadSegment": {"type": "Relationship", "object": f"urn:ngsi-ld:RoadSegment:{s}"},
+             "dateObserved": {"type": "Property", "value": t.strftime("%Y-%m-%dT%H:%M:%SZ")},
+             "averageVehicleSpeed": {"type": "Property", "value": v, "unitCode": "HM"}}
+            for s, vals in body["sensors"].items() for i, (t, v) in enumerate(zip(utc, vals))]
+    headers = {"content-type": "application/ld+json"}
+    as_list = client.post("/forecast?output=json", content=json.dumps(ents), headers=headers)
+    assert as_list.status_code == 200, as_list.text
+    assert as_list.json() == fc
+    notification = {"id": "urn:ngsi-ld:Notification:1", "type": "Notification", "subscriptionId": "urn:x", "data": ents}
+    assert client.post("/forecast?output=json", json=notification).json() == fc
 
 
 def test_bad_requests_get_422_naming_the_problem(client, body):
