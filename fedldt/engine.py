@@ -21,8 +21,8 @@ from fedldt.data.windows import (
     MaskedStandardScaler,
     WindowDataset,
     collate,
+    model_inputs,
     split_bounds,
-    time_features,
     window_starts,
 )
 from fedldt.metrics import MetricSums, masked_error_sums
@@ -91,16 +91,17 @@ class TerritoryTask:
         self.scaler = MaskedStandardScaler(per_node=scaler_per_node).fit(
             dataset.values[t0:t1], dataset.mask[t0:t1]
         )
-        scaled = self.scaler.transform(dataset.values) * dataset.mask  # masked entries -> 0
-        cal = time_features(dataset.timestamps, time_of_day, day_of_week)  # [T, k]
+        self.time_of_day, self.day_of_week = bool(time_of_day), bool(day_of_week)
+        cov = None
         if covariates:
             if "covariates" not in dataset.extra:
                 raise ValueError(f"task.covariates=true but dataset '{dataset.name}' has no covariates")
-            cov = np.asarray(dataset.extra["covariates"], dtype=np.float32)
-            cov_scaler = MaskedStandardScaler(per_node=False).fit(cov[t0:t1, None, :], np.ones_like(cov[t0:t1, None, :]))
-            cal = np.concatenate([cal, cov_scaler.transform(cov[:, None, :])[:, 0, :]], axis=1)
-        cal = np.broadcast_to(cal[:, None, :], (dataset.num_steps, dataset.num_nodes, cal.shape[1]))
-        features = np.concatenate([scaled, cal], axis=-1).astype(np.float32)  # [T, N, F]
+            raw = np.asarray(dataset.extra["covariates"], dtype=np.float32)[:, None, :]  # [T, 1, k]
+            self.covariate_scaler = MaskedStandardScaler(per_node=False).fit(raw[t0:t1], np.ones_like(raw[t0:t1]))
+            cov = self.covariate_scaler.transform(raw)[:, 0, :]  # [T, k]
+        scaled, features = model_inputs(  # [T, N, C], [T, N, F]
+            dataset.values, dataset.mask, dataset.timestamps, self.scaler, self.time_of_day, self.day_of_week, cov
+        )
         self.in_channels = int(features.shape[-1])
         self.out_channels = dataset.num_channels
         self.edge_index = dataset.edge_index

@@ -1,7 +1,13 @@
-"""Shared fixtures: the real shared datasets and small synthetic territory files."""
+"""Shared fixtures: the real shared datasets, small synthetic territory files, and one real
+federated run of the los_loop_3 pilot (made once per test session) with a model package of it."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +53,88 @@ def write_los_loop_like(folder: Path, num_nodes: int = 12, num_steps: int = 300,
 @pytest.fixture
 def synthetic_dir(tmp_path: Path) -> Path:
     return write_los_loop_like(tmp_path / "synthetic")
+
+
+@dataclass
+class SimulatedRun:
+    """A finished ``scripts/simulate.py`` run: its folder and what the command printed."""
+
+    path: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+#: Developers iterating on tests may point this at an existing los_loop_3 run folder to skip the
+#: simulation (about 2-3 min on 2 cores); CI leaves it unset, so the suite runs the real simulation once.
+REUSE_RUN_ENV = "FEDLDT_TEST_RUN_DIR"
+
+
+@pytest.fixture(scope="session")
+def los_loop_run(tmp_path_factory, data_root) -> SimulatedRun:
+    """``scripts/simulate.py pilot=los_loop_3 train.rounds=2`` on the real data, once per session."""
+    reuse = os.environ.get(REUSE_RUN_ENV)
+    if reuse:
+        run = Path(reuse)
+        if json.loads((run / "summary.json").read_text())["pilot"] != "los_loop_3":
+            pytest.fail(f"{REUSE_RUN_ENV}={reuse} is not a los_loop_3 run")
+        out_file = run / "simulate.stdout"
+        return SimulatedRun(run, 0, out_file.read_text() if out_file.is_file() else "", "")
+    out = tmp_path_factory.mktemp("los_loop_3") / "run"
+    proc = subprocess.run(
+        [sys.executable, str(checkout_root() / "scripts" / "simulate.py"), "pilot=los_loop_3", "train.rounds=2",
+         f"hydra.run.dir={out}"],
+        capture_output=True, text=True, timeout=900,
+    )
+    if out.is_dir():
+        (out / "simulate.stdout").write_text(proc.stdout)
+    return SimulatedRun(out, proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def finished_run(los_loop_run) -> Path:
+    """The los_loop_3 run folder, failing the test if the run did not finish."""
+    if los_loop_run.returncode != 0:
+        pytest.fail("the los_loop_3 run failed:\n" + los_loop_run.stdout[-3000:] + los_loop_run.stderr[-3000:])
+    return los_loop_run.path
+
+
+#: The territory whose model the delivery tests package, and the time zone of Los-loop's timestamps.
+PACKAGED_TERRITORY = "t1"
+LOS_LOOP_TZ = "America/Los_Angeles"
+
+
+@pytest.fixture(scope="session")
+def package_dir(finished_run, tmp_path_factory) -> Path:
+    """``fedldt export RUN --territory t1 --timezone America/Los_Angeles`` of the session's run."""
+    from fedldt.deploy.export import export_package
+
+    out = tmp_path_factory.mktemp("package") / PACKAGED_TERRITORY
+    export_package(finished_run, PACKAGED_TERRITORY, out, timezone=LOS_LOOP_TZ)
+    return out
+
+
+@dataclass
+class InRun:
+    """What the run itself computes for the packaged territory: its task and the run's model."""
+
+    task: object  # fedldt.engine.TerritoryTask
+    model: object  # torch model with the run's final weights
+
+
+@pytest.fixture(scope="session")
+def in_run(finished_run) -> InRun:
+    """The packaged territory rebuilt from the run's resolved config, and the run's model."""
+    import torch
+    import yaml
+
+    from fedldt.config import load_territories
+    from fedldt.engine import task_from_config
+    from fedldt.models import build_model
+
+    cfg = yaml.safe_load((finished_run / "resolved_config.yaml").read_text())
+    territory = {t.name: t for t in load_territories(cfg)}[PACKAGED_TERRITORY]
+    ckpt = torch.load(finished_run / "model.pt", weights_only=True)
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return InRun(task_from_config(territory, cfg["task"], cfg["train"]), model.eval())

@@ -119,6 +119,41 @@ def time_features(timestamps: pd.DatetimeIndex, time_of_day: bool, day_of_week: 
     return np.stack(cols, axis=1).astype(np.float32)
 
 
+def model_inputs(
+    values: np.ndarray,
+    mask: np.ndarray,
+    timestamps: pd.DatetimeIndex,
+    scaler: MaskedStandardScaler,
+    time_of_day: bool,
+    day_of_week: bool,
+    covariates: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's input features built from raw observations (training, evaluation and deployment).
+
+    Args:
+        values: ``[time, node, channel]`` float32 observations in data units; entries with mask 0
+            must hold a finite filler (fedldt uses 0), never NaN.
+        mask: ``[time, node, channel]`` float32, 1 = valid, 0 = missing.
+        timestamps: ``[time]`` local (naive) timestamps of the rows, for the calendar covariates.
+        scaler: the territory's fitted :class:`MaskedStandardScaler`.
+        time_of_day, day_of_week: calendar covariates to append (see :func:`time_features`).
+        covariates: optional ``[time, k']`` float32 territory-level covariates, already scaled
+            (e.g. z-scored weather), appended after the calendar ones.
+
+    Returns:
+        ``(scaled, features)``: ``scaled`` ``[time, node, channel]`` float32 z-scores times the
+        mask (missing entries are 0); ``features`` ``[time, node, channel + k]`` float32, the
+        scaled values followed by the ``k`` calendar covariates repeated on every node.
+    """
+    scaled = scaler.transform(values) * mask  # masked entries -> 0
+    cal = time_features(timestamps, time_of_day, day_of_week)  # [T, k]
+    if covariates is not None:
+        cal = np.concatenate([cal, np.asarray(covariates, dtype=np.float32)], axis=1)
+    cal = np.broadcast_to(cal[:, None, :], (values.shape[0], values.shape[1], cal.shape[1]))
+    features = np.concatenate([scaled, cal], axis=-1).astype(np.float32)  # [T, N, F]
+    return scaled, features
+
+
 @dataclass
 class WindowBatch:
     """One batch: ``x`` ``[batch, window, node, features]`` model input; ``y``, ``y_scaled``,

@@ -55,7 +55,8 @@ class DiffusionConv(nn.Module):
     """Bidirectional K-step diffusion convolution (Li et al. 2018, eq. 2).
 
     ``out = X Θ_0 + Σ_{k=1..K} (P_f^k X) Θ_{f,k} + (P_b^k X) Θ_{b,k} + b``; the graph
-    products are sparse-dense products (``torch.sparse.mm``) over all batch items at once.
+    products are sparse-dense products (``torch.sparse.mm``) over all batch items at once, or
+    dense products when ``p_f``/``p_b`` are dense (the fixed-graph ONNX export path).
 
     Args:
         in_channels: input features per node.
@@ -64,7 +65,8 @@ class DiffusionConv(nn.Module):
 
     Shapes:
         x ``[node, batch, in_channels]`` -> ``[node, batch, out_channels]`` (node-major, so
-        that a graph product is one ``spmm``); ``p_f``, ``p_b`` from :func:`transition_matrices`.
+        that a graph product is one ``spmm``); ``p_f``, ``p_b`` ``[node, node]`` from
+        :func:`transition_matrices`, sparse COO or their ``.to_dense()``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, K: int = 2) -> None:
@@ -78,7 +80,7 @@ class DiffusionConv(nn.Module):
         for d, p in enumerate((p_f, p_b)):
             h = x.reshape(n, b * c)
             for k in range(self.K):
-                h = torch.sparse.mm(p, h)  # [N, B*C]
+                h = torch.sparse.mm(p, h) if p.is_sparse else p @ h  # [N, B*C]
                 out = out + self.lins[1 + d * self.K + k](h.view(n, b, c))
         return out
 
@@ -152,8 +154,13 @@ class DCRNNForecaster(nn.Module):
         return []
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), x.shape[2])
+        return self.forward_transitions(x, p_f, p_b)
+
+    def forward_transitions(self, x: Tensor, p_f: Tensor, p_b: Tensor) -> Tensor:
+        """:meth:`forward` with the transition matrices already built (sparse or dense
+        ``[node, node]``, see :func:`transition_matrices`): the fixed-graph export path."""
         b, t, n, _ = x.shape
-        p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), n)
         xs = x.permute(1, 2, 0, 3)  # [T, N, B, F]
         hs = [x.new_zeros(n, b, self.cfg.hidden) for _ in self.cells]
         for step in range(t):

@@ -1,0 +1,145 @@
+"""The ``fedldt`` command: deliver a trained model to a pilot.
+
+    fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--no-onnx] [--force]
+    fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing]
+    fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx]
+
+Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
+names the file, field or sensor and the fix), 2 for command-line usage errors. See
+``docs/deploy_model.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+FORMATS = ("csv", "json", "ngsi-ld")
+SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonld": "ngsi-ld"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedldt", description="Deliver fedldt models to pilots: export, predict, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="write one territory's model package from a finished run",
+                       description="Write one territory's model package (weights, scaler, sensors, graph, ONNX, "
+                                   "model card) from a finished run. Runs where the territory's data is.")
+    e.add_argument("run_dir", type=Path, help="run folder of scripts/simulate.py (summary.json, model.pt, ...)")
+    e.add_argument("--territory", required=True, help="territory id, e.g. t0 (see the run's summary.json)")
+    e.add_argument("--out", required=True, type=Path, help="package folder to create")
+    e.add_argument("--timezone", default=None,
+                   help="IANA time zone of the data's timestamps (e.g. America/Los_Angeles); default: not recorded")
+    e.add_argument("--dataset-path", type=Path, default=None,
+                   help="this territory's copy of the dataset, if not at the run's dataset.path")
+    e.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    e.add_argument("--force", action="store_true", help="replace an existing package at --out")
+
+    r = sub.add_parser("predict", help="forecast from the latest observations with a model package",
+                       description="Forecast every sensor of the package's territory from the latest observations.")
+    r.add_argument("package", type=Path, help="model package folder (from fedldt export)")
+    r.add_argument("--input", required=True, type=Path,
+                   help="CSV (a timestamp column + one column per sensor id) or JSON (timestamps + sensors, "
+                        "or NGSI-LD TrafficFlowObserved entities)")
+    r.add_argument("--output", type=Path, default=None, help="output file (default: standard output)")
+    r.add_argument("--format", choices=FORMATS, default=None,
+                   help="output format (default: from --output's suffix .csv/.json/.jsonld, else like the input)")
+    r.add_argument("--time-column", default="timestamp", help="time column of a CSV input (default: timestamp)")
+    r.add_argument("--allow-missing", action="store_true",
+                   help="feed missing (empty/NaN) values to the model as masked entries instead of refusing them")
+    r.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+
+    s = sub.add_parser("serve", help="run the forecast HTTP service of a model package",
+                       description="Run the forecast service (POST /forecast, GET /model, GET /health) with uvicorn.")
+    s.add_argument("package", type=Path, help="model package folder (from fedldt export)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedldt.deploy.export import export_package
+
+    pkg = export_package(args.run_dir, args.territory, args.out, dataset_path=args.dataset_path,
+                         timezone=args.timezone, onnx=not args.no_onnx, overwrite=args.force)
+    onnx = pkg.manifest["onnx"]
+    print(f"package of territory {pkg.territory} ({len(pkg.node_ids)} sensors) written to {args.out}")
+    print(f"graph hash {pkg.manifest['graph_hash']}")
+    if onnx:
+        print(f"ONNX parity: max |ONNX Runtime - PyTorch| = {onnx['parity_max_abs_err']:.2e} {pkg.units[0]} "
+              f"on {onnx['parity_windows']} test windows")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fedldt.deploy.observations import InputError, read_csv_table
+    from fedldt.deploy.package import ForecastPackage
+    from fedldt.deploy.schemas import ForecastRequest, answer, forecast_ngsi
+
+    pkg = ForecastPackage.load(args.package)
+    suffix = args.input.suffix.lower()
+    fmt = args.format or SUFFIX_FORMATS.get(args.output.suffix.lower() if args.output else "")
+    if suffix == ".csv":
+        table = read_csv_table(args.input, args.time_column)
+        fc = pkg.forecast(table, allow_missing=args.allow_missing, engine=args.engine)
+        fmt = fmt or "csv"
+        body = forecast_ngsi(pkg, fc) if fmt == "ngsi-ld" else fc.to_json()
+    elif suffix in (".json", ".jsonld"):
+        try:
+            data = json.loads(args.input.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read JSON input {args.input}: {e}") from None
+        req = ForecastRequest.parse(data, where=str(args.input))
+        if args.allow_missing:
+            req.allow_missing = True
+        if fmt is None:
+            fmt = req.output if "output" in req.model_fields_set else ("ngsi-ld" if req.entities is not None else "json")
+        body, fc = answer(pkg, req, engine=args.engine, output="ngsi-ld" if fmt == "ngsi-ld" else "json")
+    else:
+        raise InputError(f"{args.input}: unknown input type {suffix!r}; use a .csv or .json/.jsonld file")
+    if fmt == "csv":
+        text = fc.to_frame().to_csv(index=False)
+    else:
+        text = json.dumps(body, indent=1) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    if fc.missing_inputs:
+        print(f"fedldt predict: warning: {sum(fc.missing_inputs.values())} missing input value(s) of "
+              f"{len(fc.missing_inputs)} sensor(s) were fed to the model as masked entries", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fedldt.deploy.service import create_app
+
+    app = create_app(args.package, engine=args.engine)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"fedldt serve: warning: listening on {args.host}: the service has no authentication", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedldt`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from fedldt.deploy.export import ExportError
+    from fedldt.deploy.observations import InputError
+    from fedldt.deploy.package import PackageError
+
+    try:
+        return {"export": _export, "predict": _predict, "serve": _serve}[args.command](args)
+    except (ExportError, InputError, PackageError) as e:
+        print(f"fedldt {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""ONNX export of a territory's forecaster: fixed graph, dynamic batch, data units in and out.
+
+The DCRNN model multiplies by its random-walk transition matrices with ``torch.sparse.mm``,
+which the ONNX exporters do not support. :class:`FixedGraphForecaster` precomputes the dense
+transition matrices of the territory's (fixed) graph and calls the same model code with dense
+products (:meth:`fedldt.models.dcrnn.DCRNNForecaster.forward_transitions`); it also bakes in the
+territory's scaler, so the ONNX model reads raw observations and returns data units. The
+PyTorch model used for training is unchanged; :func:`parity_error` measures how far ONNX
+Runtime is from it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedldt.data.windows import MaskedStandardScaler
+from fedldt.models.dcrnn import transition_matrices
+
+#: ONNX opset of exported models (ONNX Runtime >= 1.14 runs it).
+OPSET = 17
+INPUT_NAMES = ("values", "mask", "calendar")
+OUTPUT_NAME = "forecast"
+
+
+class FixedGraphForecaster(nn.Module):
+    """A trained forecaster bound to one territory's graph and scaler, for export.
+
+    Args:
+        model: a fedldt model with ``forward_transitions(x, p_f, p_b)`` (DCRNN).
+        edge_index: ``[2, E]`` int64 graph of the territory; edge_weight ``[E]`` float32.
+        num_nodes: N, the territory's number of sensors.
+        scaler: the territory's fitted scaler (``mean``/``std`` ``[1, N or 1, C]``).
+
+    Shapes:
+        values ``[batch, window, N, C]`` float32 observations in data units (missing entries
+        any finite number, e.g. 0); mask ``[batch, window, N, C]`` float32 (1 = observed);
+        calendar ``[batch, window, k]`` float32 covariates of each step
+        (:func:`fedldt.data.windows.time_features`) -> forecast ``[batch, horizon, N, C]``
+        float32 in data units.
+    """
+
+    def __init__(self, model: nn.Module, edge_index: Tensor, edge_weight: Tensor, num_nodes: int,
+                 scaler: MaskedStandardScaler) -> None:
+        super().__init__()
+        self.model = model
+        self.num_nodes = int(num_nodes)
+        p_f, p_b = transition_matrices(edge_index, edge_weight.float(), self.num_nodes)
+        self.register_buffer("p_f", p_f.to_dense())  # [N, N]
+        self.register_buffer("p_b", p_b.to_dense())  # [N, N]
+        self.register_buffer("mean", torch.as_tensor(scaler.mean[0], dtype=torch.float32))  # [N or 1, C]
+        self.register_buffer("std", torch.as_tensor(scaler.std[0], dtype=torch.float32))  # [N or 1, C]
+
+    def forward(self, values: Tensor, mask: Tensor, calendar: Tensor) -> Tensor:
+        scaled = (values - self.mean) / self.std * mask  # [B, W, N, C], as MaskedStandardScaler.transform * mask
+        cal = calendar.unsqueeze(2).expand(-1, -1, self.num_nodes, -1)  # [B, W, N, k]
+        x = torch.cat([scaled, cal], dim=-1)  # [B, W, N, C+k]
+        y = self.model.forward_transitions(x, self.p_f, self.p_b)  # [B, H, N, C] scaled
+        return y * self.std + self.mean  # data units
+
+
+def export_onnx(wrapper: FixedGraphForecaster, example: tuple[Tensor, Tensor, Tensor], path: str | Path) -> Path:
+    """Write ``wrapper`` as an ONNX model with a dynamic batch axis.
+
+    Uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnxscript``.
+
+    Args:
+        wrapper: the module to export (eval mode is set here).
+        example: example ``(values, mask, calendar)`` inputs (any batch size).
+        path: output ``.onnx`` file.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    wrapper.eval()
+    axes = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter announces its deprecation
+        torch.onnx.export(wrapper, example, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def run_onnx(path: str | Path, values: np.ndarray, mask: np.ndarray, calendar: np.ndarray) -> np.ndarray:
+    """Run an exported model with ONNX Runtime (CPU) -> ``[batch, horizon, N, C]`` float32."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT_NAME], {"values": values, "mask": mask, "calendar": calendar})[0]
+
+
+def parity_error(path: str | Path, reference: np.ndarray, values: np.ndarray, mask: np.ndarray,
+                 calendar: np.ndarray) -> float:
+    """Largest absolute difference (data units) between ONNX Runtime and ``reference`` outputs.
+
+    Args:
+        path: the ``.onnx`` file.
+        reference: ``[batch, horizon, N, C]`` forecasts of the PyTorch model on the same inputs.
+        values, mask, calendar: the inputs (see :class:`FixedGraphForecaster`).
+    """
+    out = run_onnx(path, values, mask, calendar)
+    if out.shape != reference.shape:
+        raise ValueError(f"ONNX output shape {out.shape} != PyTorch output shape {reference.shape}")
+    return float(np.abs(out.astype(np.float64) - reference.astype(np.float64)).max())

@@ -1,0 +1,130 @@
+"""`fedldt export`: the model package of one territory of a real los_loop_3 run, its card, its ONNX model."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+
+from fedldt.cli import main
+from fedldt.data.windows import collate
+from fedldt.deploy import ForecastPackage, InputError, PackageError
+from fedldt.deploy.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
+from fedldt.deploy.onnx_export import run_onnx
+from fedldt.deploy.package import graph_hash
+from tests.conftest import LOS_LOOP_TZ, PACKAGED_TERRITORY
+
+pytestmark = pytest.mark.slow  # needs the session's real federated run
+
+
+def test_package_holds_the_territorys_own_graph_scaler_and_weights(package_dir, in_run, finished_run):
+    pkg = ForecastPackage.load(package_dir)
+    ds, task = in_run.task.dataset, in_run.task
+    assert pkg.territory == PACKAGED_TERRITORY and pkg.timezone == LOS_LOOP_TZ
+    assert pkg.node_ids == ds.node_ids.tolist()  # the same sensors in the same order
+    assert torch.equal(pkg.edge_index, ds.edge_index) and torch.equal(pkg.edge_weight, ds.edge_weight)
+    assert pkg.manifest["graph_hash"] == graph_hash(ds.node_ids.tolist(), ds.edge_index, ds.edge_weight)
+    assert np.array_equal(pkg.scaler.mean, task.scaler.mean) and np.array_equal(pkg.scaler.std, task.scaler.std)
+    run_state = torch.load(finished_run / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, run_state[k]) for k, v in pkg.model.state_dict().items())
+    assert pkg.manifest["weights"] == {"global": "weights/global.pt", "local": None}
+    assert (pkg.window, pkg.horizon, pkg.interval.total_seconds()) == (12, 12, 300)
+    assert pkg.coords[pkg.node_ids[0]] == pytest.approx(tuple(ds.coords[0]))
+    # a different graph (one edge weight changed) has a different hash
+    w = ds.edge_weight.clone(); w[0] += 0.5
+    assert graph_hash(ds.node_ids.tolist(), ds.edge_index, w) != pkg.manifest["graph_hash"]
+
+
+def test_model_card_carries_provenance_training_and_metrics(package_dir, finished_run):
+    card = json.loads((package_dir / "model_card.json").read_text())
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert card["pilot"] == "los_loop_3" and card["territory"]["id"] == PACKAGED_TERRITORY
+    tr = card["training"]
+    assert tr["mode"] == "federated" and tr["strategy"] == "fedavg"
+    assert tr["rounds"] == summary["rounds"] and tr["seed"] == summary["seed"] == 0
+    assert [t["id"] for t in tr["territories"]] == ["t0", "t1", "t2"]
+    ev = card["evaluation"]
+    assert ev["this_territory"]["model"] == summary["test_per_territory"][PACKAGED_TERRITORY]
+    assert ev["this_territory"]["persistence"] == summary["persistence_per_territory"][PACKAGED_TERRITORY]
+    assert ev["all_territories"]["model"] == summary["test"]
+    rep = ev["reproduced_at_export"]
+    assert rep["mae_all"] == pytest.approx(rep["reported_mae_all"], abs=1e-4)
+    prov = card["data"]["provenance"]
+    assert prov["recorded"] and "T-GCN" in prov["measures"]
+    assert [s["check"] for s in prov["sources"]] == ["matches"] * 3  # the local files are the README's blobs
+    assert card["fedldt_version"] and card["created"] and card["intended_use"] and card["limitations"]
+    assert any("no missing value" in x for x in card["limitations"])  # Los-loop is interpolated upstream
+    md = (package_dir / "MODEL_CARD.md").read_text()
+    mae_h3 = summary["test_per_territory"][PACKAGED_TERRITORY]["mae"]["h3"]
+    assert f"| MAE model | {mae_h3:.4f}" in md and "lehaifeng/T-GCN" in md and "## Limitations" in md
+
+
+def test_onnx_matches_pytorch_within_1e4_on_other_batch_sizes(package_dir, in_run):
+    pkg = ForecastPackage.load(package_dir)
+    assert pkg.manifest["onnx"]["parity_max_abs_err"] <= 1e-4
+    graph = onnx.load(str(package_dir / "model.onnx")).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 12, len(pkg.node_ids), 1]  # fixed graph, dynamic batch
+    for count in (1, 7, 100):
+        batch, values, mask, calendar = _test_batch(in_run.task, count)
+        reference = in_run.task.predict(in_run.model, batch).numpy()  # the in-run prediction
+        out = run_onnx(package_dir / "model.onnx", values, mask, calendar)
+        assert out.shape == reference.shape == (count, 12, len(pkg.node_ids), 1)
+        assert np.abs(out - reference).max() <= 1e-4
+
+
+def test_local_parameters_override_the_global_ones(finished_run, package_dir, in_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("logs", ".hydra"))
+    bias = torch.load(finished_run / "model.pt", weights_only=True)["state_dict"]["readout.bias"]
+    (run / LOCAL_PARAMS_DIR).mkdir()
+    torch.save({"readout.bias": bias + 1.0}, run / LOCAL_PARAMS_DIR / f"{PACKAGED_TERRITORY}.pt")
+    local = export_package(run, PACKAGED_TERRITORY, tmp_path / "pkg", onnx=False)
+    assert local.manifest["weights"]["local"] == "weights/local.pt" and local.manifest["onnx"] is None
+    assert local.card()["model"]["local_parameters"] == ["readout.bias"]
+    glob = ForecastPackage.load(package_dir)
+    batch = collate([in_run.task.windows["test"][0]])
+    with torch.no_grad():
+        y_local = local.model(batch.x, local.edge_index, local.edge_weight)
+        y_glob = glob.model(batch.x, glob.edge_index, glob.edge_weight)
+    assert torch.allclose(y_local - y_glob, torch.ones_like(y_glob), atol=1e-5)  # +1 in scaled units, every output
+    # exported without --timezone: timestamps must be naive local times
+    assert local.timezone is None and any("time zone was not recorded" in x for x in local.card()["limitations"])
+    ds = in_run.task.dataset
+    utc = pd.DataFrame(ds.values[600:612, :, 0], columns=ds.node_ids.tolist(),
+                       index=[t.isoformat() + "Z" for t in ds.timestamps[600:612]])
+    with pytest.raises(InputError, match="carry a UTC offset, but this model package has no time zone"):
+        local.forecast(utc)
+
+
+def test_export_errors_name_the_problem(finished_run, package_dir, tmp_path):
+    with pytest.raises(ExportError, match=r"territory 't9' is not in run .*\['t0', 't1', 't2'\]"):
+        export_package(finished_run, "t9", tmp_path / "x")
+    with pytest.raises(ExportError, match="exists; choose another --out or pass --force"):
+        export_package(finished_run, PACKAGED_TERRITORY, package_dir)
+    with pytest.raises(ExportError, match="does not exist here; pass --dataset-path"):
+        export_package(finished_run, PACKAGED_TERRITORY, tmp_path / "y", dataset_path=tmp_path / "nowhere")
+    with pytest.raises(ExportError, match="not an IANA time zone"):
+        export_package(finished_run, PACKAGED_TERRITORY, tmp_path / "z", timezone="Mars/Olympus")
+    with pytest.raises(ExportError, match="summary.json not found"):
+        export_package(tmp_path, PACKAGED_TERRITORY, tmp_path / "w")
+    assert main(["export", str(finished_run), "--territory", "t9", "--out", str(tmp_path / "v")]) == 1
+
+
+def test_an_altered_package_is_refused(package_dir, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(package_dir, copy)
+    scaler = json.loads((copy / "scaler.json").read_text())
+    scaler["mean"][0][0][0] += 1.0
+    (copy / "scaler.json").write_text(json.dumps(scaler))
+    with pytest.raises(PackageError, match=r"scaler.json: sha256 differs"):
+        ForecastPackage.load(copy)
+    shutil.copy(package_dir / "scaler.json", copy / "scaler.json")
+    (copy / "weights" / "global.pt").unlink()
+    with pytest.raises(PackageError, match=r"global.pt: missing from the package"):
+        ForecastPackage.load(copy)
+    with pytest.raises(PackageError, match="not a fedldt model package"):
+        ForecastPackage.load(tmp_path)
