@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +49,20 @@ def write_los_loop_like(folder: Path, num_nodes: int = 12, num_steps: int = 300,
 @pytest.fixture
 def synthetic_dir(tmp_path: Path) -> Path:
     return write_los_loop_like(tmp_path / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def los_loop_3_simulation(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """``scripts/simulate.py pilot=los_loop_3 train.rounds=2`` (seed 0), run once per session:
+    the end-to-end simulation test checks it, the deployment test compares against it.
+
+    Returns:
+        ``(results folder, completed process)``.
+    """
+    out = tmp_path_factory.mktemp("los_loop_3_sim") / "run"
+    proc = subprocess.run(
+        [sys.executable, str(checkout_root() / "scripts" / "simulate.py"), "pilot=los_loop_3", "train.rounds=2",
+         f"hydra.run.dir={out}"],
+        capture_output=True, text=True, timeout=900,
+    )
+    return out, proc

@@ -1,14 +1,11 @@
 """Real federated runs through Flower's simulation engine (SuperLink + Ray, `flwr run`)."""
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from fedldt.config import checkout_root
 from fedldt.federation.launch import run_simulation
 from fedldt.models import build_model
 
@@ -29,13 +26,8 @@ def test_synthetic_round_through_flower_is_reproducible(synthetic_dir, tmp_path)
     assert c["test"]["mae"]["all"] != a["test"]["mae"]["all"]
 
 
-def test_los_loop_3_two_rounds_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, str(checkout_root() / "scripts" / "simulate.py"), "pilot=los_loop_3", "train.rounds=2",
-         f"hydra.run.dir={out}"],
-        capture_output=True, text=True, timeout=900,
-    )
+def test_los_loop_3_two_rounds_end_to_end(los_loop_3_simulation):
+    out, proc = los_loop_3_simulation  # shared with tests/test_deploy.py (session fixture)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MAE model" in proc.stdout  # the closing table
     s = json.loads((out / "summary.json").read_text())
