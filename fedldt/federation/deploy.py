@@ -229,32 +229,56 @@ class LocalFederation:
             args += ["--max-retries", str(max_retries)]
         return self._popen(name, args, flwr_env(home), log, self._require_work())
 
-    def start_territory(self, index: int) -> subprocess.Popen:
-        """(Re)start territory ``index``'s SuperNode with its key, port and node config."""
+    def start_territory(self, index: int, wait: bool = False, timeout: float | None = None) -> subprocess.Popen:
+        """(Re)start territory ``index``'s SuperNode with its key, port and node config.
+
+        Args:
+            index: territory index.
+            wait: wait until the SuperLink lists it online. A SuperNode that crashed (SIGKILL)
+                stays *online* on the SuperLink until its heartbeat expires (2 x 30 s), and a
+                new SuperNode with the same key is refused meanwhile (Flower exit code 305,
+                "Failed to activate SuperNode"); with ``wait`` the SuperNode is started again
+                every 5 s until it is admitted, as a service manager would.
+            timeout: seconds for ``wait`` (default ``startup_timeout``).
+
+        Raises:
+            RuntimeError: its SuperNode is still running.
+            RunFailed: ``wait`` and it was not online within ``timeout``.
+        """
         t = self.territories[index]
         if t.proc is not None and t.proc.poll() is None:
             raise RuntimeError(f"territory {index}'s SuperNode is still running (pid {t.proc.pid})")
         t.proc = self.start_supernode(key=t.key, port=t.port, node_config=t.node_config, home=t.home, log=t.log,
                                       name=f"supernode-{index}")
-        return t.proc
+        if not wait:
+            return t.proc
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            if t.proc.poll() is not None:  # refused: try again shortly
+                _stop_all(_processes_with_home(t.home))  # its orphaned helpers (flower-superexec)
+                time.sleep(5.0)
+                t.proc = self.start_supernode(key=t.key, port=t.port, node_config=t.node_config, home=t.home, log=t.log,
+                                              name=f"supernode-{index}")
+            elif self.supernodes().get(int(t.node_id or 0)) == "online":
+                return t.proc
+            time.sleep(1.0)
+        raise RunFailed(f"territory {index}'s SuperNode was not admitted within the timeout; see {t.log}:\n" + _tail(t.log))
 
-    def kill_territory(self, index: int) -> None:
-        """Stop territory ``index``'s SuperNode abruptly (SIGKILL to its process tree), as a crash would."""
+    def kill_territory(self, index: int, hard: bool = False) -> None:
+        """Stop territory ``index``'s SuperNode and its helper processes.
+
+        Args:
+            index: territory index.
+            hard: SIGKILL, as a crash would (the SuperLink then keeps the node online until
+                its heartbeat expires); otherwise SIGTERM, after which the SuperNode tells the
+                SuperLink it is leaving.
+        """
         t = self.territories[index]
         if t.proc is None or t.proc.poll() is not None:
             return
-        try:
-            procs = [psutil.Process(t.proc.pid), *psutil.Process(t.proc.pid).children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        t.proc.wait(timeout=30)
-        psutil.wait_procs(procs, timeout=30)
-
+        if not hard:
+            stop_process(t.proc, grace=10.0)
+            return
     def wait_online(self, node_ids: Sequence[int | None], timeout: float) -> None:
         """Wait until the SuperLink lists every node in ``node_ids`` as online.
 
@@ -303,7 +327,9 @@ class LocalFederation:
 
         Returns:
             The record written to ``processes.json``: ``started`` (name, pid, args, exit code,
-            descendant pids) and ``left_over`` (processes still alive afterwards; should be empty).
+            descendant pids), ``orphans_stopped`` (helpers found by their ``FLWR_HOME`` after
+            their parent had exited) and ``left_over`` (processes still alive afterwards; should
+            be empty).
         """
         if self.stopped is not None:
             return self.stopped
@@ -314,8 +340,13 @@ class LocalFederation:
                             "descendants": desc})
         for f in self._log_files:
             f.close()
+        # Helpers whose parent already exited (e.g. the flower-superexec of a refused SuperNode)
+        # are no longer anyone's descendants; they still carry this federation's FLWR_HOME.
+        orphans = self.leftovers(started)
+        _stop_all(orphans)
         left = self.leftovers(started)
         record = {"work_dir": str(self.work) if self.work else None, "started": started,
+                  "orphans_stopped": [p.pid for p in orphans],
                   "left_over": [{"pid": p.pid, "cmdline": _cmdline(p)} for p in left]}
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.logs / "processes.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -350,6 +381,34 @@ class LocalFederation:
         if self.work is None:
             raise RuntimeError("LocalFederation.start() has not run")
         return self.work
+
+
+def _processes_with_home(home: Path) -> list[psutil.Process]:
+    """Live processes whose ``FLWR_HOME`` is ``home``."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("FLWR_HOME") == str(home) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _stop_all(procs: Sequence[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` s, each of ``procs``."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def _cmdline(p: psutil.Process) -> str:
