@@ -188,6 +188,35 @@ def test_deployment_left_no_process(deployed):
     assert _processes_pointing_into(rec["work_dir"]) == []
 
 
+def test_ctrl_c_mid_run_stops_every_process(tmp_path):
+    """SIGINT (Ctrl-C) while a run is in flight: the script stops the SuperLink, the SuperNodes,
+    the ServerApp and every ClientApp it started, and exits 130."""
+    write_los_loop_like(tmp_path / "data" / "los_loop", num_nodes=8, num_steps=300)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(checkout_root() / "scripts" / "federation_local.py"), "pilot=los_loop_3",
+         f"paths.data_root={tmp_path / 'data'}", "partition.num_territories=2", "model.hidden=8", "train.rounds=1",
+         f"hydra.run.dir={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while not any("submitted" in x for x in lines) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any("submitted" in x for x in lines), "".join(lines)[-3000:]
+    time.sleep(5)  # the ServerApp is up and talking to the territories
+    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    assert proc.wait(timeout=180) == 130, "".join(lines)[-3000:]
+    reader.join(timeout=10)
+    assert "interrupted; every process started was stopped" in "".join(lines)
+    rec = json.loads((out / "logs" / "processes.json").read_text())
+    assert rec["left_over"] == [] and len(rec["started"]) == 3
+    assert not [pid for s in rec["started"] for pid in [s["pid"], *s["descendants"]] if _alive_flower(pid)]
+    assert _processes_pointing_into(rec["work_dir"]) == []
+
+
 # -- a federation of synthetic territories: refusals, failures, restarts ---------------------------
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
