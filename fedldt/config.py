@@ -56,12 +56,18 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=[o for o in overrides if not o.startswith("hydra.")])
 
 
-def resolve_config(cfg: DictConfig | dict) -> dict[str, Any]:
-    """A plain, fully resolved dict with an absolute, existing ``dataset.path``.
+def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[str, Any]:
+    """A plain, fully resolved dict with an absolute ``dataset.path``.
+
+    Args:
+        cfg: composed config.
+        require_data: check that ``dataset.path`` exists here. The ServerApp passes ``False``:
+            in a deployment the data lives on the territories (whose SuperNodes may name
+            their own folder with node config ``data-root``), not on the server.
 
     Raises:
         ValueError: a required value is missing (``???``) or a field is invalid (named).
-        FileNotFoundError: the dataset folder does not exist (the fix is named).
+        FileNotFoundError: ``require_data`` and the dataset folder does not exist (the fix is named).
     """
     if isinstance(cfg, DictConfig):
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -74,7 +80,7 @@ def resolve_config(cfg: DictConfig | dict) -> dict[str, Any]:
     path = Path(str(out["dataset"]["path"])).expanduser()
     if not path.is_absolute():
         path = (checkout_root() / path).resolve()
-    if not path.exists():
+    if require_data and not path.exists():
         raise FileNotFoundError(
             f"dataset.path={out['dataset']['path']!r} resolves to {path}, which does not exist. "
             "Override paths.data_root=/abs/path/to/shared/data (or dataset.path=...)."

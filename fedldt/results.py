@@ -58,7 +58,10 @@ def write_run_outputs(run_dir: Path, cfg: dict[str, Any], summary: dict[str, Any
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {**summary, "fedldt_version": fedldt.__version__}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    frame = pd.DataFrame(history)
+    if "num_train" in frame:  # stays an integer column when a failed territory leaves it empty
+        frame["num_train"] = frame["num_train"].astype("Int64")
+    frame.to_csv(run_dir / "history.csv", index=False)
     torch.save(checkpoint, run_dir / "model.pt")
     (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 

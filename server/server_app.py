@@ -21,6 +21,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     overrides = parse_overrides(str(context.run_config.get("hydra-overrides", "")))
-    cfg = resolve_config(compose_config(overrides))
+    cfg = resolve_config(compose_config(overrides), require_data=False)  # the data is on the territories
     run_dir = str(context.run_config.get("run-dir", "")) or str(checkout_root() / "outputs" / "flwr-run" / str(context.run_id))
     run_federated(grid, cfg, Path(run_dir).resolve())

@@ -138,3 +138,10 @@ def in_run(finished_run) -> InRun:
     model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
     return InRun(task_from_config(territory, cfg["task"], cfg["train"]), model.eval())
+
+
+@pytest.fixture(scope="session")
+def los_loop_3_simulation(los_loop_run) -> tuple[Path, SimulatedRun]:
+    """``(results folder, the run)`` of the session's los_loop_3 simulation (``los_loop_run``),
+    for the deployment test to compare against."""
+    return los_loop_run.path, los_loop_run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -35,6 +36,67 @@ def territory_index(node_config: Mapping[str, Any]) -> int:
         "the SuperNode has no territory: start it with --node-config 'territory=<index>' "
         f"(node config has {sorted(node_config)})"
     )
+
+
+class InjectedFailure(RuntimeError):
+    """TEST ONLY: raised by :func:`check_injected_failure` when node config ``fail-in-round`` says so."""
+
+
+def check_injected_failure(node_config: Mapping[str, Any], server_round: int) -> None:
+    """TEST ONLY: fail this territory's training in one round, to exercise failure handling.
+
+    A SuperNode started with ``--node-config '... fail-in-round=2'`` raises in the train
+    handler of round 2 (its reply to the server becomes an error). Never set this key in a
+    real federation.
+
+    Raises:
+        InjectedFailure: ``node_config["fail-in-round"] == server_round``.
+    """
+    fail = node_config.get("fail-in-round")
+    if fail is not None and int(fail) == int(server_round):
+        raise InjectedFailure(f"test-only failure injected by node config fail-in-round={fail} (round {server_round})")
+
+
+def territory_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config as this territory uses it: its own data location replaces the server's.
+
+    The server sends ``dataset.path`` as resolved on *its* machine. A territory holds its own
+    data, so its SuperNode's node config may name where (checked in this order):
+
+    * ``data-path``: the dataset folder itself (e.g. ``"/srv/data/los_loop"``);
+    * ``data-root``: the folder of datasets (e.g. ``"/srv/data"``); the dataset folder is
+      ``<data-root>/<last component of the server's dataset.path>`` (``los_loop``), the layout
+      of ``conf/dataset/*.yaml`` (``${paths.data_root}/<folder>``).
+
+    Without either key the server's path is used (simulation, or a loopback deployment).
+
+    Args:
+        cfg: resolved run config (as sent by the server).
+        node_config: the SuperNode's node config (``context.node_config``).
+
+    Returns:
+        A copy of ``cfg`` with ``dataset.path`` replaced when the node config names one.
+
+    Raises:
+        ValueError: the node config path is relative.
+        FileNotFoundError: the resulting dataset folder does not exist (node config key named).
+    """
+    out = json.loads(json.dumps(cfg))
+    server_path = Path(str(out["dataset"]["path"]))
+    if "data-path" in node_config:
+        key, path = "data-path", Path(str(node_config["data-path"])).expanduser()
+    elif "data-root" in node_config:
+        key, path = "data-root", Path(str(node_config["data-root"])).expanduser() / server_path.name
+    else:
+        return out
+    if not path.is_absolute():
+        raise ValueError(f"node config {key}={node_config[key]!r} must be an absolute path (restart the SuperNode "
+                         f"with --node-config '{key}=\"/abs/path\"')")
+    if not path.exists():
+        raise FileNotFoundError(f"dataset folder {path} (from node config {key}={node_config[key]!r}) does not exist on "
+                                f"this territory; fix the SuperNode's --node-config {key}")
+    out["dataset"]["path"] = str(path)
+    return out
 
 
 @lru_cache(maxsize=8)

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+import psutil
+
 from fedldt.config import checkout_root
 
 
@@ -81,14 +83,30 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, co
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop ``proc`` and its process group (SIGTERM, then SIGKILL after ``grace`` s)."""
-    if proc.poll() is not None:
-        return
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> list[int]:
+    """Stop ``proc``, its process group and every descendant (SIGTERM, then SIGKILL after ``grace`` s).
+
+    Flower's daemons start helpers in process groups of their own (``flower-superlink`` ->
+    ``flower-superexec`` -> ``flwr-serverapp``), so the descendants are collected first and
+    stopped by pid as well.
+
+    Returns:
+        The pids of the descendants found when stopping started (for the caller's record).
+    """
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+        descendants = [c for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        descendants = []
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for child in descendants:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -97,6 +115,14 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=grace)
+    _, alive = psutil.wait_procs(descendants, timeout=grace)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    return [c.pid for c in descendants]
 
 
 def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:

@@ -1,0 +1,425 @@
+"""A real federation on one machine: a SuperLink and one SuperNode per territory over loopback.
+
+Unlike the simulation engine (:mod:`fedldt.federation.launch`), every territory here is its own
+``flower-supernode`` process talking to the ``flower-superlink`` over TLS, authenticated by its
+own ECDSA key, exactly as in a multi-machine deployment (``docs/deploy.md``) but with every
+address on 127.0.0.1. :class:`LocalFederation`:
+
+1. creates a CA, the SuperLink certificate (SAN ``IP:127.0.0.1``) and one key pair per
+   territory (:mod:`fedldt.federation.certs`) in a private work folder;
+2. starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and runtime dependency
+   installation disabled, on a free loopback port;
+3. registers each territory's public key (``flwr supernode register``);
+4. starts one ``flower-supernode`` per territory with its own runtime ``--port`` and node
+   config ``territory=<i> data-root="..." out-dir="<run_dir>/territories/territory-<i>"``,
+   and waits until the SuperLink lists every node as online;
+5. :meth:`LocalFederation.run` submits the pilot with ``flwr run``, streams its log, checks
+   that it *finished:completed* and returns ``summary.json``;
+6. :meth:`LocalFederation.stop` stops every process it started (process groups and every
+   descendant, by pid), also on error or Ctrl-C (use it as a context manager), and writes
+   ``logs/processes.json``.
+
+Logs (``<run_dir>/logs/``): ``superlink.log``, ``supernode-<i>.log``, ``server.log`` (the
+ServerApp, via ``flwr log``), ``processes.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import psutil
+
+from fedldt.federation.certs import ServerPKI, make_server_pki, make_territory_key
+from fedldt.federation.launch import RunFailed, _bin, flwr_env, flwr_json, free_port, run_flwr_app, stop_process, wait_http
+
+#: Name of the CLI connection (in the private ``FLWR_HOME/config.toml``).
+CONNECTION = "fedldt-local"
+
+
+def node_config_arg(values: Mapping[str, Any]) -> str:
+    """``--node-config`` text: space-separated TOML ``key=value`` pairs (strings quoted).
+
+    Raises:
+        ValueError: a string contains a space or a quote (Flower splits the text on spaces).
+    """
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            parts.append(f"{k}={v}")
+        else:
+            v = str(v)
+            if any(c in v for c in ' "\'\\'):
+                raise ValueError(f"node config {k}={v!r}: paths and values may not contain spaces, quotes or backslashes")
+            parts.append(f'{k}="{v}"')
+    return " ".join(parts)
+
+
+@dataclass
+class Territory:
+    """One territory's SuperNode in a :class:`LocalFederation`."""
+
+    index: int
+    key: Path  # private key (OpenSSH, NIST P-384)
+    public_key: Path
+    port: int  # the SuperNode's runtime API port (unique per host)
+    node_config: dict[str, Any]
+    home: Path  # the SuperNode's FLWR_HOME
+    log: Path
+    node_id: int | None = None  # assigned by the SuperLink at registration
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+
+class LocalFederation:
+    """SuperLink + one SuperNode per territory on 127.0.0.1, with TLS and SuperNode authentication.
+
+    Args:
+        run_dir: results folder (absolute or relative to the working directory); logs go to
+            ``run_dir/logs``, each territory's output folder is ``run_dir/territories/territory-<i>``.
+        num_territories: SuperNodes to start (territories ``0..num_territories-1``).
+        data_root: folder of datasets every territory's node config names as ``data-root``
+            (``None``: the territories use the path the server sends).
+        node_config: extra node config per territory index, e.g. ``{1: {"fail-in-round": 1}}``
+            (test-only keys such as ``fail-in-round`` go here).
+        startup_timeout: seconds to wait for the SuperLink and for every SuperNode to be online.
+
+    Use as a context manager: ``with LocalFederation(dir, 3) as fed: summary = fed.run([...])``.
+    """
+
+    def __init__(self, run_dir: Path, num_territories: int, *, data_root: Path | None = None,
+                 node_config: Mapping[int, Mapping[str, Any]] | None = None, startup_timeout: float = 120.0) -> None:
+        if num_territories < 1:
+            raise ValueError(f"num_territories={num_territories} must be >= 1")
+        self.run_dir = Path(run_dir).resolve()
+        self.logs = self.run_dir / "logs"
+        self.num_territories = int(num_territories)
+        self.data_root = None if data_root is None else Path(data_root).resolve()
+        self.extra_node_config = {int(k): dict(v) for k, v in (node_config or {}).items()}
+        self.startup_timeout = float(startup_timeout)
+        self.work: Path | None = None
+        self.pki: ServerPKI | None = None
+        self.port: int | None = None
+        self.territories: list[Territory] = []
+        self._procs: list[tuple[str, subprocess.Popen]] = []  # everything started, in order
+        self._log_files: list[Any] = []
+        self._cli_env: dict[str, str] = {}
+        self.stopped: dict[str, Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "LocalFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> "LocalFederation":
+        """Make certificates and keys, start the SuperLink, register and start every SuperNode.
+
+        Raises:
+            RunFailed: the SuperLink or a SuperNode did not come up (its log is named).
+        """
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="fedldt-deploy-"))
+        self.pki = make_server_pki(self.work / "pki", san=["127.0.0.1"])
+        self.port = free_port()
+        self._start_superlink()
+        cli_home = self.work / "home-cli"
+        cli_home.mkdir()
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.pki.ca_cert}"\n'
+        )
+        self._cli_env = flwr_env(cli_home)
+        for i in range(self.num_territories):
+            key, pub = make_territory_key(self.work / "keys" / f"territory-{i}")
+            out_dir = self.run_dir / "territories" / f"territory-{i}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            nc: dict[str, Any] = {"territory": i}
+            if self.data_root is not None:
+                nc["data-root"] = str(self.data_root)
+            nc["out-dir"] = str(out_dir)
+            nc.update(self.extra_node_config.get(i, {}))
+            t = Territory(index=i, key=key, public_key=pub, port=free_port(), node_config=nc,
+                          home=self.work / f"home-territory-{i}", log=self.logs / f"supernode-{i}.log")
+            t.node_id = self.register(pub)
+            self.territories.append(t)
+        for t in self.territories:
+            self.start_territory(t.index)
+        self.wait_online([t.node_id for t in self.territories], self.startup_timeout)
+        print(f"[fedldt] SuperLink https://127.0.0.1:{self.port} (TLS, SuperNode auth); {self.num_territories} SuperNodes "
+              f"online on runtime ports {[t.port for t in self.territories]}; logs: {self.logs}", flush=True)
+        return self
+
+    def _popen(self, name: str, args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+        f = open(log, "a")
+        self._log_files.append(f)
+        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs.append((name, proc))
+        return proc
+
+    def _start_superlink(self) -> None:
+        assert self.work is not None and self.pki is not None and self.port is not None
+        home = self.work / "home-superlink"
+        home.mkdir()
+        proc = self._popen(
+            "superlink",
+            [_bin("flower-superlink"), "--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
+             "--ssl-keyfile", str(self.pki.server_key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(self.port), "--database", str(self.work / "state.db")],
+            flwr_env(home), self.logs / "superlink.log", self.work,
+        )
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        try:
+            wait_http(f"https://127.0.0.1:{self.port}/health", timeout=self.startup_timeout, proc=proc, context=ctx)
+        except (TimeoutError, RunFailed) as e:
+            raise RunFailed(f"the SuperLink did not start: {e}; see {self.logs / 'superlink.log'}") from e
+
+    def register(self, public_key: Path) -> int:
+        """Register a territory's public key on the SuperLink (``flwr supernode register``).
+
+        Returns:
+            The node id the SuperLink assigned (stable across SuperNode restarts).
+
+        Raises:
+            RunFailed: the CLI refused (e.g. the key is already registered).
+        """
+        out = flwr_json(["supernode", "register", str(public_key), CONNECTION], self._cli_env, self._require_work())
+        return int(out["node-id"])
+
+    def supernodes(self) -> dict[int, str]:
+        """Node id -> status (``registered``, ``online``, ``offline``...) as the SuperLink lists them."""
+        out = flwr_json(["supernode", "ls", CONNECTION], self._cli_env, self._require_work())
+        return {int(n["node-id"]): str(n["status"]) for n in out.get("nodes", [])}
+
+    def start_supernode(self, *, key: Path | None, port: int, node_config: Mapping[str, Any], home: Path, log: Path,
+                        tls: bool = True, max_retries: int | None = None, name: str = "supernode") -> subprocess.Popen:
+        """Start one ``flower-supernode`` against this SuperLink (also used to test refusals).
+
+        Args:
+            key: private authentication key (``None``: start without one).
+            port: runtime API port (unique per host).
+            node_config: its ``--node-config`` values.
+            home: its ``FLWR_HOME``.
+            log: file for its stdout/stderr.
+            tls: verify the SuperLink with the CA (``False``: ``--insecure``, plain HTTP).
+            max_retries: connection attempts before it gives up (``None``: Flower's default, forever).
+            name: label in ``processes.json``.
+        """
+        assert self.pki is not None and self.port is not None
+        home.mkdir(parents=True, exist_ok=True)
+        args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+                "--node-config", node_config_arg(node_config)]
+        args += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
+        if key is not None:
+            args += ["--auth-supernode-private-key", str(key)]
+        if max_retries is not None:
+            args += ["--max-retries", str(max_retries)]
+        return self._popen(name, args, flwr_env(home), log, self._require_work())
+
+    def start_territory(self, index: int, wait: bool = False, timeout: float | None = None) -> subprocess.Popen:
+        """(Re)start territory ``index``'s SuperNode with its key, port and node config.
+
+        Args:
+            index: territory index.
+            wait: wait until the SuperLink lists it online. A SuperNode that crashed (SIGKILL)
+                stays *online* on the SuperLink until its heartbeat expires (2 x 30 s), and a
+                new SuperNode with the same key is refused meanwhile (Flower exit code 305,
+                "Failed to activate SuperNode"); with ``wait`` the SuperNode is started again
+                every 5 s until it is admitted, as a service manager would.
+            timeout: seconds for ``wait`` (default ``startup_timeout``).
+
+        Raises:
+            RuntimeError: its SuperNode is still running.
+            RunFailed: ``wait`` and it was not online within ``timeout``.
+        """
+        t = self.territories[index]
+        if t.proc is not None and t.proc.poll() is None:
+            raise RuntimeError(f"territory {index}'s SuperNode is still running (pid {t.proc.pid})")
+        t.proc = self.start_supernode(key=t.key, port=t.port, node_config=t.node_config, home=t.home, log=t.log,
+                                      name=f"supernode-{index}")
+        if not wait:
+            return t.proc
+        deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            if t.proc.poll() is not None:  # refused: try again shortly
+                _stop_all(_processes_with_home(t.home))  # its orphaned helpers (flower-superexec)
+                time.sleep(5.0)
+                t.proc = self.start_supernode(key=t.key, port=t.port, node_config=t.node_config, home=t.home, log=t.log,
+                                              name=f"supernode-{index}")
+            elif self.supernodes().get(int(t.node_id or 0)) == "online":
+                return t.proc
+            time.sleep(1.0)
+        raise RunFailed(f"territory {index}'s SuperNode was not admitted within the timeout; see {t.log}:\n" + _tail(t.log))
+
+    def kill_territory(self, index: int, hard: bool = False) -> None:
+        """Stop territory ``index``'s SuperNode and its helper processes.
+
+        Args:
+            index: territory index.
+            hard: SIGKILL, as a crash would (the SuperLink then keeps the node online until
+                its heartbeat expires); otherwise SIGTERM, after which the SuperNode tells the
+                SuperLink it is leaving.
+        """
+        t = self.territories[index]
+        if t.proc is None or t.proc.poll() is not None:
+            return
+        if not hard:
+            stop_process(t.proc, grace=10.0)
+            return
+    def wait_online(self, node_ids: Sequence[int | None], timeout: float) -> None:
+        """Wait until the SuperLink lists every node in ``node_ids`` as online.
+
+        Raises:
+            RunFailed: a SuperNode exited, or not all were online within ``timeout`` s.
+        """
+        deadline = time.monotonic() + timeout
+        status: dict[int, str] = {}
+        while time.monotonic() < deadline:
+            for t in self.territories:
+                if t.node_id in node_ids and t.proc is not None and t.proc.poll() is not None:
+                    raise RunFailed(f"territory {t.index}'s SuperNode exited with code {t.proc.returncode}; see {t.log}:\n"
+                                    + _tail(t.log))
+            status = self.supernodes()
+            if all(status.get(int(n)) == "online" for n in node_ids if n is not None):
+                return
+            time.sleep(1.0)
+        raise RunFailed(f"SuperNodes not online within {timeout:.0f}s: {status}; see {self.logs}")
+
+    def run(self, overrides: Sequence[str], run_dir: Path | None = None, timeout_s: float = 7200.0) -> dict[str, Any]:
+        """Run a pilot on this federation (``flwr run``) and return its ``summary.json``.
+
+        Args:
+            overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped).
+            run_dir: where the ServerApp writes results (default: this federation's ``run_dir``).
+            timeout_s: give up after this many seconds.
+
+        Raises:
+            RunFailed: the run ended other than *finished:completed* (``logs/server.log`` holds
+                the ServerApp's error), or wrote no ``summary.json``.
+        """
+        run_dir = self.run_dir if run_dir is None else Path(run_dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ov = json.dumps([o for o in overrides if not o.startswith("hydra.")])
+        run_flwr_app(CONNECTION, self._cli_env, self._require_work(), {"hydra-overrides": ov, "run-dir": str(run_dir)},
+                     None, self.logs / "server.log", timeout_s=timeout_s)
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            raise RunFailed(f"the run finished but wrote no {summary_path}; see {self.logs}")
+        return json.loads(summary_path.read_text())
+
+    def stop(self) -> dict[str, Any]:
+        """Stop every process started here (SuperNodes first, then the SuperLink), each with its
+        process group and descendants; check that none is left; write ``logs/processes.json``;
+        delete the private work folder (keys, certificates, Flower homes). Idempotent.
+
+        Returns:
+            The record written to ``processes.json``: ``started`` (name, pid, args, exit code,
+            descendant pids), ``orphans_stopped`` (helpers found by their ``FLWR_HOME`` after
+            their parent had exited) and ``left_over`` (processes still alive afterwards; should
+            be empty).
+        """
+        if self.stopped is not None:
+            return self.stopped
+        started = []
+        for name, proc in sorted(self._procs, key=lambda np: np[0] == "superlink"):  # SuperLink last
+            desc = stop_process(proc, grace=10.0)
+            started.append({"name": name, "pid": proc.pid, "args": [str(a) for a in proc.args], "returncode": proc.returncode,
+                            "descendants": desc})
+        for f in self._log_files:
+            f.close()
+        # Helpers whose parent already exited (e.g. the flower-superexec of a refused SuperNode)
+        # are no longer anyone's descendants; they still carry this federation's FLWR_HOME.
+        orphans = self.leftovers(started)
+        _stop_all(orphans)
+        left = self.leftovers(started)
+        record = {"work_dir": str(self.work) if self.work else None, "started": started,
+                  "orphans_stopped": [p.pid for p in orphans],
+                  "left_over": [{"pid": p.pid, "cmdline": _cmdline(p)} for p in left]}
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.logs / "processes.json").write_text(json.dumps(record, indent=2) + "\n")
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+        self.stopped = record
+        if left:
+            print(f"[fedldt] WARNING: processes left after stopping the federation: {record['left_over']}", flush=True)
+        return record
+
+    def leftovers(self, started: Sequence[Mapping[str, Any]] | None = None) -> list[psutil.Process]:
+        """Live processes that belong to this federation: any pid started here or found as a
+        descendant, and any process whose environment points into the private work folder
+        (every Flower child inherits its ``FLWR_HOME``)."""
+        pids = {p.pid for _, p in self._procs}
+        for s in started or []:
+            pids.update(s["descendants"])
+        marker = str(self.work) if self.work else None
+        out = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                ours = p.pid in pids and any(w in _cmdline(p) for w in ("flower-", "flwr"))
+                if ours or (marker and any(marker in v for v in p.environ().values())):
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+    def _require_work(self) -> Path:
+        if self.work is None:
+            raise RuntimeError("LocalFederation.start() has not run")
+        return self.work
+
+
+def _processes_with_home(home: Path) -> list[psutil.Process]:
+    """Live processes whose ``FLWR_HOME`` is ``home``."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("FLWR_HOME") == str(home) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _stop_all(procs: Sequence[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` s, each of ``procs``."""
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return "?"
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""

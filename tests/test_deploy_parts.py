@@ -1,0 +1,198 @@
+"""The pieces of a deployment that run without Flower's runtime: certificates and keys, node
+config (a territory's own data path, test-only failure injection), the egress audit mod, and
+how the strategy records failed replies. The real processes are in tests/test_deploy.py."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from clients.client_app import app
+from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
+from fedldt.federation import client as territory
+from fedldt.federation.audit import EGRESS_LOG, egress_log_path
+from fedldt.federation.certs import make_server_pki, make_territory_key
+from fedldt.federation.deploy import node_config_arg
+from fedldt.federation.server import min_train_territories
+from fedldt.federation.strategy import FedLDTAvg, FederationError
+from tests.conftest import write_los_loop_like
+
+
+def _md(mtype, msg_id="m1", src=0, dst=1, reply_to=""):
+    return Metadata(run_id=7, message_id=msg_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
+                    group_id="", created_at=time.time(), ttl=3600.0, message_type=mtype)
+
+
+# -- certificates and keys ------------------------------------------------------------------
+def test_server_certificate_is_signed_by_the_ca_and_names_loopback(tmp_path):
+    pki = make_server_pki(tmp_path / "pki", san=["127.0.0.1", "superlink.example"])
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    srv = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    srv.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    ca.public_key().verify(srv.signature, srv.tbs_certificate_bytes, padding.PKCS1v15(), srv.signature_hash_algorithm)
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not srv.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    key = load_pem_private_key(pki.server_key.read_bytes(), None)
+    assert key.public_key().public_numbers() == srv.public_key().public_numbers()
+    for secret in (pki.ca_key, pki.server_key):
+        assert secret.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="san"):
+        make_server_pki(tmp_path / "x", san=[])
+
+
+def test_territory_key_is_an_openssh_nist_p384_pair(tmp_path):
+    priv, pub = make_territory_key(tmp_path / "keys" / "territory-2")
+    assert pub == tmp_path / "keys" / "territory-2.pub"
+    key = load_ssh_private_key(priv.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    text = pub.read_text()
+    assert text.startswith("ecdsa-sha2-nistp384 ") and text.rstrip().endswith("territory-2")
+    assert load_ssh_public_key(text.encode()).public_numbers() == key.public_key().public_numbers()
+    assert priv.stat().st_mode & 0o777 == 0o600
+    other, _ = make_territory_key(tmp_path / "keys" / "territory-3")
+    assert other.read_bytes() != priv.read_bytes()
+
+
+def test_node_config_arg_quotes_strings_and_refuses_spaces():
+    assert node_config_arg({"territory": 2, "data-root": "/srv/data", "fail-in-round": 1}) == \
+        'territory=2 data-root="/srv/data" fail-in-round=1'
+    with pytest.raises(ValueError, match="spaces"):
+        node_config_arg({"data-root": "/my data"})
+
+
+# -- a territory's own data ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    """A territory's data folder (9 nodes) and a config whose server path does not exist."""
+    root = tmp_path_factory.mktemp("territory") / "data"
+    write_los_loop_like(root / "los_loop", num_nodes=9, num_steps=300, seed=1)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", "paths.data_root=/nonexistent/server/data",
+                                         "partition.num_territories=2", "model.hidden=8"]), require_data=False)
+    assert cfg["dataset"]["path"] == "/nonexistent/server/data/los_loop"
+    return root, cfg
+
+
+def test_node_config_data_root_replaces_the_server_path(own_data):
+    root, cfg = own_data
+    assert territory.territory_config(cfg, {"territory": 0})["dataset"]["path"] == cfg["dataset"]["path"]
+    mine = territory.territory_config(cfg, {"territory": 0, "data-root": str(root)})
+    assert mine["dataset"]["path"] == str(root / "los_loop") and cfg["dataset"]["path"].startswith("/nonexistent")
+    exact = territory.territory_config(cfg, {"data-path": str(root / "los_loop"), "data-root": "/ignored"})
+    assert exact["dataset"]["path"] == str(root / "los_loop")  # data-path wins over data-root
+    with pytest.raises(FileNotFoundError, match="node config data-root"):
+        territory.territory_config(cfg, {"data-root": str(root / "missing")})
+    with pytest.raises(ValueError, match="absolute"):
+        territory.territory_config(cfg, {"data-path": "relative/los_loop"})
+
+
+def test_clientapp_uses_its_own_data_and_logs_what_it_sends(own_data, tmp_path):
+    root, cfg = own_data
+    out = tmp_path / "out"
+    ctx = Context(run_id=7, node_id=11, node_config={"territory": 1, "data-root": str(root), "out-dir": str(out)},
+                  state=RecordDict(), run_config={})
+    reply = app(Message(RecordDict({"config": ConfigRecord({"fedldt-config": json.dumps(cfg)})}), metadata=_md(MessageType.QUERY)), ctx)
+    assert not reply.has_error()
+    info = dict(reply.content["info"])
+    sizes = [t.num_nodes for t in load_territories(territory.territory_config(cfg, ctx.node_config))]
+    assert sum(sizes) == 9 and info["num-nodes"] == sizes[1]  # the territory's 9-node network, not the server's
+    assert egress_log_path(ctx.node_config) == out / EGRESS_LOG
+    (entry,) = [json.loads(line) for line in (out / EGRESS_LOG).read_text().splitlines()]
+    assert entry["message_type"] == "query" and entry["run_id"] == 7 and entry["node_id"] == 11 and entry["territory"] == 1
+    assert entry["error"] is None
+    (rec,) = entry["records"]
+    assert rec["name"] == "info" and rec["kind"] == "config" and set(rec["config"]) == set(info)
+
+
+def test_fail_in_round_is_test_only_and_hits_one_round(own_data, tmp_path):
+    root, cfg = own_data
+    territory.check_injected_failure({"fail-in-round": 2}, 1)
+    territory.check_injected_failure({}, 2)
+    with pytest.raises(territory.InjectedFailure, match="test-only"):
+        territory.check_injected_failure({"fail-in-round": 2}, 2)
+    out = tmp_path / "out"
+    ctx = Context(run_id=7, node_id=11, node_config={"territory": 0, "data-root": str(root), "out-dir": str(out),
+                                                     "fail-in-round": 1}, state=RecordDict(), run_config={})
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
+                          "config": ConfigRecord({"fedldt-config": json.dumps(cfg), "server-round": 1})})
+    with pytest.raises(territory.InjectedFailure):  # Flower's runtime turns this into an error reply
+        app(Message(content, metadata=_md(MessageType.TRAIN)), ctx)
+    (entry,) = [json.loads(line) for line in (out / EGRESS_LOG).read_text().splitlines()]
+    assert entry["records"] == [] and entry["error"].startswith("InjectedFailure: test-only") and entry["server_round"] == 1
+
+
+# -- failures in the strategy ----------------------------------------------------------------
+def test_min_train_territories_defaults_to_all_and_is_checked(own_data):
+    _, cfg = own_data
+    assert min_train_territories(cfg) == 2
+    assert min_train_territories({**cfg, "federation": {**cfg["federation"], "min_train_territories": 1}}) == 1
+    for bad in (0, 3, 1.5, True):
+        with pytest.raises(ValueError, match="federation.min_train_territories"):
+            min_train_territories({**cfg, "federation": {**cfg["federation"], "min_train_territories": bad}})
+
+
+def _train_reply(sent, idx, loss):
+    metrics = MetricRecord({"num-examples": 10, "train_loss": loss, "territory": idx})
+    return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((2,), float(idx))}), "metrics": metrics}), reply_to=sent)
+
+
+def _eval_reply(sent, idx):
+    h = 12
+    sums = {f"model.{k}": [1.0] * h for k in ("abs_err_sum", "sq_err_sum", "ape_sum", "num_valid", "num_valid_ape")}
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "territory": idx, **sums})}), reply_to=sent)
+
+
+def test_strategy_names_the_territory_of_every_failed_reply():
+    nodes = {101: 0, 102: 1, 103: 2}
+    strategy = FedLDTAvg(territory_ids={0: "t0", 1: "t1", 2: "t2"}, report_steps=[3, 12], num_rounds=1,
+                         node_territories=nodes, min_train_territories=1)
+    # What configure_train returned (Flower fills in message ids when it sends them).
+    sent = [Message(RecordDict(), metadata=_md(MessageType.TRAIN, msg_id=f"m{n}", src=0, dst=n)) for n in nodes]
+    strategy._sent["train"] = sent
+    replies = [
+        _train_reply(sent[0], 0, 0.5),
+        Message(error=Error(code=0, reason="InjectedFailure: boom"), reply_to=sent[1]),  # the ClientApp raised
+        # The SuperLink's own "node unavailable" reply carries node id 0, only the message it answers.
+        Message(error=Error(code=5, reason="Node Unavailable"), metadata=_md(MessageType.TRAIN, msg_id="x", src=0, dst=0,
+                                                                                reply_to="m103")),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["w"].numpy(), [0.0, 0.0])  # only t0's parameters
+    assert [(f["territory"], f["node_id"], f["reason"]) for f in strategy.failures] == [
+        ("t1", 102, "InjectedFailure: boom"), ("t2", 103, "Node Unavailable")]
+    ev = [Message(RecordDict(), metadata=_md(MessageType.EVALUATE, msg_id=f"e{n}", src=0, dst=n)) for n in nodes]
+    strategy._sent["evaluate"] = ev
+    strategy.aggregate_evaluate(1, [_eval_reply(ev[0], 0), _eval_reply(ev[1], 1)])  # t2 never answers
+    rows = {r["territory"]: r for r in strategy.history}
+    assert (rows["t0"]["train_status"], rows["t0"]["eval_status"], rows["t0"]["error"]) == ("ok", "ok", "")
+    assert (rows["t1"]["train_status"], rows["t1"]["eval_status"]) == ("failed", "ok")
+    assert rows["t1"]["error"] == "train: InjectedFailure: boom" and rows["t1"]["train_loss"] is None
+    assert (rows["t2"]["train_status"], rows["t2"]["eval_status"]) == ("failed", "failed")
+    assert rows["t2"]["error"] == "train: Node Unavailable; evaluate: no reply within federation.timeout_s"
+    assert strategy.failures[-1] == {"round": 1, "phase": "evaluate", "territory": "t2", "node_id": 103,
+                                     "reason": "no reply within federation.timeout_s"}
+
+
+def test_strategy_stops_the_run_below_the_minimum():
+    strategy = FedLDTAvg(territory_ids={0: "t0", 1: "t1"}, report_steps=[3], num_rounds=1,
+                         node_territories={101: 0, 102: 1})  # default minimum: every territory
+    sent = [Message(RecordDict(), metadata=_md(MessageType.TRAIN, msg_id=f"m{n}", src=0, dst=n)) for n in (101, 102)]
+    strategy._sent["train"] = sent
+    with pytest.raises(FederationError, match=r"round 3: only 1 of 2 territories trained.*min_train_territories=2.*'t1'"):
+        strategy.aggregate_train(3, [_train_reply(sent[0], 0, 0.5), Message(error=Error(code=0, reason="x"), reply_to=sent[1])])
+
+
+def test_egress_log_default_is_under_the_checkout_outputs():
+    assert egress_log_path({"partition-id": 4}) == checkout_root() / "outputs" / "territories" / "territory-4" / EGRESS_LOG
+    with pytest.raises(ValueError, match="absolute"):
+        egress_log_path({"out-dir": "rel/dir"})
+    assert os.path.isabs(egress_log_path({"out-dir": "/tmp/x"}))
