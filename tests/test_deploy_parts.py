@@ -22,6 +22,7 @@ from fedldt.federation.certs import make_server_pki, make_territory_key
 from fedldt.federation.deploy import node_config_arg
 from fedldt.federation.server import min_train_territories
 from fedldt.federation.strategy import FedLDTAvg, FederationError
+from fedldt.metrics import SUM_KEYS
 from tests.conftest import write_los_loop_like
 
 
@@ -147,7 +148,7 @@ def _train_reply(sent, idx, loss):
 
 def _eval_reply(sent, idx):
     h = 12
-    sums = {f"model.{k}": [1.0] * h for k in ("abs_err_sum", "sq_err_sum", "ape_sum", "num_valid", "num_valid_ape")}
+    sums = {f"model.{k}": [1.0] * h for k in SUM_KEYS}
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": 5, "territory": idx, **sums})}), reply_to=sent)
 
 
