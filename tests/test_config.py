@@ -55,3 +55,10 @@ def test_parse_overrides_accepts_json_and_plain():
     assert parse_overrides('["pilot=los_loop_3", "train.rounds=2"]') == ["pilot=los_loop_3", "train.rounds=2"]
     assert parse_overrides("pilot=los_loop_3 seed=1") == ["pilot=los_loop_3", "seed=1"]
     assert parse_overrides("") == []
+
+
+def test_unknown_pilot_is_an_error_listing_the_pilots():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="los_loop_3"):
+        compose_config(["pilot=los_loop3"])
