@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import psutil
 
 from fedldt.federation.certs import ServerPKI, make_server_pki, make_territory_key
-from fedldt.federation.launch import RunFailed, _bin, flwr_env, flwr_json, free_port, run_flwr_app, stop_process, wait_http
+from fedldt.federation.launch import RunFailed, _bin, flwr_env, flwr_json, free_port, run_flwr_app, stop_all, stop_process, wait_http
 
 #: Name of the CLI connection (in the private ``FLWR_HOME/config.toml``).
 CONNECTION = "fedldt-local"
@@ -255,7 +255,7 @@ class LocalFederation:
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
             if t.proc.poll() is not None:  # refused: try again shortly
-                _stop_all(_processes_with_home(t.home))  # its orphaned helpers (flower-superexec)
+                stop_all(_processes_with_home(t.home))  # its orphaned helpers (flower-superexec)
                 time.sleep(5.0)
                 t.proc = self.start_supernode(key=t.key, port=t.port, node_config=t.node_config, home=t.home, log=t.log,
                                               name=f"supernode-{index}")
@@ -343,7 +343,7 @@ class LocalFederation:
         # Helpers whose parent already exited (e.g. the flower-superexec of a refused SuperNode)
         # are no longer anyone's descendants; they still carry this federation's FLWR_HOME.
         orphans = self.leftovers(started)
-        _stop_all(orphans)
+        stop_all(orphans)
         left = self.leftovers(started)
         record = {"work_dir": str(self.work) if self.work else None, "started": started,
                   "orphans_stopped": [p.pid for p in orphans],
@@ -393,22 +393,6 @@ def _processes_with_home(home: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return out
-
-
-def _stop_all(procs: Sequence[psutil.Process], grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` s, each of ``procs``."""
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def _cmdline(p: psutil.Process) -> str:

@@ -115,14 +115,24 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> list[int]:
         except ProcessLookupError:
             pass
         proc.wait(timeout=grace)
-    _, alive = psutil.wait_procs(descendants, timeout=grace)
-    for child in alive:
+    stop_all(descendants, grace)
+    return [c.pid for c in descendants]
+
+
+def stop_all(procs: Sequence[psutil.Process], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` s, each of ``procs`` (gone ones are skipped)."""
+    for p in procs:
         try:
-            child.kill()
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=grace)
-    return [c.pid for c in descendants]
 
 
 def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
