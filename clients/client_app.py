@@ -8,6 +8,8 @@ comes from the SuperNode's node config (see ``docs/deploy.md``):
 * ``fail-in-round``: TEST ONLY, makes training raise in that round.
 
 The run config arrives as JSON in every message. Every reply is logged by the egress audit mod.
+The territory's local entries (node embeddings, integer buffers, personalized layers) stay in
+``context.state`` between rounds and are never put in a reply.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from fedldt.federation.audit import egress_audit_mod
 
 app = ClientApp(mods=[egress_audit_mod])
 CONFIG_KEY = "fedldt-config"
+LOCAL_KEY = "fedldt-local"  # context.state array record of this territory's local entries
+
+
+def _local(context: Context):
+    rec = context.state.array_records.get(LOCAL_KEY)
+    return None if rec is None else rec.to_torch_state_dict()
 
 
 def _cfg(msg: Message, context: Context) -> dict:
@@ -39,11 +47,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _cfg(msg, context)
     conf = msg.content["config"]
     territory.check_injected_failure(context.node_config, int(conf["server-round"]))
-    state, metrics = territory.train(
+    shared, local, metrics = territory.train(
         cfg, territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
-        server_round=int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        server_round=int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)), local_state=_local(context),
     )
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    context.state.array_records[LOCAL_KEY] = ArrayRecord(local)
+    return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -51,6 +60,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     metrics = territory.evaluate(
         _cfg(msg, context), territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
-        split=str(conf["split"]),
+        split=str(conf["split"]), local_state=_local(context),
     )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -107,6 +107,13 @@ def _validate(cfg: dict[str, Any]) -> None:
         raise ValueError(f"train.local_epochs={tr['local_epochs']} must be >= 1")
     if float(tr["lr"]) <= 0:
         raise ValueError(f"train.lr={tr['lr']} must be > 0")
+    from fedldt.federation.strategy import strategy_arguments  # Flower's classes name the options
+    from fedldt.models import PERSONALIZATIONS
+
+    strategy_arguments(cfg["strategy"])
+    name = cfg.get("personalization", {}).get("name", "none")
+    if name not in PERSONALIZATIONS:
+        raise ValueError(f"personalization.name={name!r} must be one of {list(PERSONALIZATIONS)} (conf/personalization/)")
 
 
 def num_territories(cfg: dict[str, Any]) -> int:

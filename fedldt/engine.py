@@ -7,7 +7,7 @@ own training part) and its windows, and trains or evaluates any fedldt model on 
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import pandas as pd
@@ -194,6 +194,7 @@ class TerritoryTask:
         weight_decay: float = 0.0,
         grad_clip: float | None = 5.0,
         proximal_mu: float = 0.0,
+        proximal_names: Collection[str] | None = None,
     ) -> float:
         """Train ``model`` in place on the training windows with Adam and masked MAE (scaled units).
 
@@ -205,12 +206,15 @@ class TerritoryTask:
             grad_clip: max gradient norm (``None`` = no clipping).
             proximal_mu: FedProx term ``mu/2 * ||w - w_global||^2`` (Li et al., MLSys 2020);
                 ``w_global`` is the model's weights when ``fit`` is called.
+            proximal_names: parameter names the proximal term covers (default: all; a
+                territory passes its shared ones, so local parameters may move freely).
 
         Returns:
             Mean training loss (scaled MAE) over the last epoch's batches.
         """
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu)
+        return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu,
+                            proximal_names=proximal_names)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
@@ -243,6 +247,7 @@ def train_epochs(
     seed: int,
     grad_clip: float | None = 5.0,
     proximal_mu: float = 0.0,
+    proximal_names: Collection[str] | None = None,
 ) -> float:
     """Train ``model`` in place on the training windows of one or more territories.
 
@@ -254,13 +259,15 @@ def train_epochs(
     Args:
         tasks: ``(task, shuffle_seed)`` pairs; epoch ``e`` shuffles with ``shuffle_seed + e``.
         seed: seeds dropout and the interleaving.
+        proximal_names: parameters under the proximal term (default: all).
 
     Returns:
         Mean loss over the last epoch's batches.
     """
     seed_everything(seed)
     model.train()
-    start_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    prox_params = [p for name, p in model.named_parameters() if proximal_names is None or name in proximal_names]
+    start_params = [p.detach().clone() for p in prox_params] if proximal_mu > 0 else None
     last_loss = float("nan")
     for epoch in range(int(epochs)):
         batches = [(task, b) for task, s in tasks for b in task.loader("train", shuffle=True, seed=s + epoch)]
@@ -272,7 +279,7 @@ def train_epochs(
             y_hat = model(batch.x, task.edge_index, task.edge_weight)
             loss = masked_mae_loss(y_hat, batch.y_scaled, batch.mask)
             if start_params is not None:
-                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), start_params))
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(prox_params, start_params))
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             if grad_clip:

@@ -41,6 +41,8 @@ def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, An
         "rounds": int(cfg["train"]["rounds"]),
         "local_epochs": int(cfg["train"]["local_epochs"]),
         "seed": int(cfg["seed"]),
+        "strategy": dict(cfg["strategy"]) if mode == "federated" else None,
+        "personalization": str(cfg.get("personalization", {}).get("name", "none")) if mode == "federated" else None,
         "test": report(pool(t["model"] for t in test.values()), steps),
         "test_per_territory": {tid: report(t["model"], steps) for tid, t in test.items()},
     }

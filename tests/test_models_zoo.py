@@ -90,8 +90,9 @@ def test_shared_part_does_not_depend_on_num_nodes(key):
         shared, local = split_state(model)
         shapes.append({k: tuple(v.shape) for k, v in shared.items()})
         n_shared = sum(p.numel() for name, p in model.named_parameters() if name in shared)
-        assert n_shared == sum(p.numel() for p in model.parameters()) - sum(v.numel() for v in local.values())
-        assert sum(v.numel() for v in local.values()) == (2 * n * SMALL[key]["emb_dim"] if local else 0)
+        n_local = sum(p.numel() for name, p in model.named_parameters() if name in local)
+        assert n_shared == sum(p.numel() for p in model.parameters()) - n_local
+        assert n_local == (2 * n * SMALL[key]["emb_dim"] if LOCAL_KEYS[key] else 0)
     assert shapes[0] == shapes[1] == shapes[2]
 
 
@@ -101,7 +102,10 @@ def test_local_parameter_names_and_split_state_partition(key):
     assert model.local_parameter_names() == LOCAL_KEYS[key]
     state = model.state_dict()
     shared, local = split_state(model)
-    assert list(local) == LOCAL_KEYS[key]
+    int_buffers = [k for k, v in state.items() if not torch.is_floating_point(v)]
+    assert all(k.endswith("num_batches_tracked") for k in int_buffers)
+    assert len(int_buffers) == (4 if key.startswith("gwnet") else 0)  # one BatchNorm per layer: 2 blocks x 2
+    assert list(local) == LOCAL_KEYS[key] + int_buffers  # node-dependent parameters and integer buffers
     assert set(shared).isdisjoint(local) and len(shared) + len(local) == len(state)
     assert [k for k in state if k in shared] == list(shared)  # order kept
     assert all(shared[k] is state[k] or torch.equal(shared[k], state[k]) for k in shared)
@@ -118,7 +122,7 @@ def test_load_shared_state_keeps_local_and_refuses_local_or_missing_keys():
     load_shared_state(b, shared_a)
     assert torch.equal(b.start.weight, a.start.weight)
     assert all(torch.equal(b.state_dict()[k], v) for k, v in local_b.items())  # own embeddings kept
-    with pytest.raises(ValueError, match=r"local keys \['node_emb1', 'node_emb2'\]"):
+    with pytest.raises(ValueError, match=r"local keys \['node_emb1', 'node_emb2', 'norms.0.num_batches_tracked'"):
         load_shared_state(b, a.state_dict())
     with pytest.raises(ValueError, match="missing.*start.weight"):
         load_shared_state(b, {k: v for k, v in shared_a.items() if k != "start.weight"})

@@ -144,8 +144,19 @@ def export_package(
     wrong = {k: (model_cfg.get(k), v) for k, v in task.model_dims().items() if model_cfg.get(k) != v}
     if wrong:
         raise ExportError(f"{run_dir / 'model.pt'}: model sizes (model, data) differ: {wrong}")
-    model = build_model(model_cfg)
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model = build_model(model_cfg, num_nodes=ds.num_nodes)
+    # Territory-kept entries: integer buffers (BatchNorm counters, unused at inference) are fine;
+    # parameters kept at home (node embeddings, a FedPer head, FedBN layers) are not in model.pt.
+    kept = [k for k in ckpt.get("local_keys", []) if torch.is_floating_point(model.state_dict()[k])]
+    if kept:
+        raise ExportError(f"{run_dir / 'model.pt'} holds the global (shared) weights only: each territory kept "
+                          f"{kept} at home (personalization={ckpt.get('personalization', 'none')} or node-dependent "
+                          "parameters), so the complete model exists only on the territories; export a run with "
+                          "personalization=none and a model without node-dependent parameters")
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    if sorted(missing) != sorted(ckpt.get("local_keys", [])) or unexpected:
+        raise ExportError(f"{run_dir / 'model.pt'} does not fit model '{model_cfg.get('name')}': missing {missing}, "
+                          f"unexpected {unexpected}")
     model.eval()
 
     # ---- the reported test metric must be reproduced with the global weights
@@ -179,7 +190,8 @@ def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask
            onnx: bool, parity_windows: int, reported: float, recomputed: float, run_dir: Path) -> None:
     ds = task.dataset
     (root / "weights").mkdir(parents=True)
-    torch.save({k: v.clone() for k, v in ckpt["state_dict"].items()}, root / GLOBAL_WEIGHTS)
+    # the model's full state: the run's weights plus integer buffers it did not ship (inference ignores them)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, root / GLOBAL_WEIGHTS)
     if local is not None:
         torch.save(local, root / LOCAL_WEIGHTS)
     (root / SCALER).write_text(json.dumps(task.scaler.state()) + "\n")

@@ -16,7 +16,7 @@ import torch
 
 from fedldt.config import load_territories
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
-from fedldt.models import build_model
+from fedldt.models import build_model, load_shared_state, local_state_names, split_state
 
 #: Metric names a territory may send (besides the error-sum lists, see ``fedldt.metrics``).
 SCALAR_METRICS = ("num-examples", "territory", "train_loss")
@@ -128,33 +128,64 @@ def describe(cfg: Mapping[str, Any], index: int) -> dict[str, int | str]:
     }
 
 
-def _model(cfg: Mapping[str, Any], task: TerritoryTask, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+def _model(cfg: Mapping[str, Any], index: int, task: TerritoryTask, shared: Mapping[str, torch.Tensor],
+           local: Mapping[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The territory's model: the server's shared weights plus this territory's local entries
+    (``local``; ``None`` before its first training round: initialised from the run seed)."""
+    torch.manual_seed(derive_seed(int(cfg["seed"]), index, 0))  # local entries' initial values
     model = build_model({**cfg["model"], **task.model_dims()}, num_nodes=task.dataset.num_nodes)
-    model.load_state_dict(state_dict, strict=True)
+    personalization = personalization_of(cfg)
+    if local:
+        expected = set(local_state_names(model, personalization))
+        if set(local) != expected:
+            raise ValueError(f"this territory's stored local state has keys {sorted(set(local) ^ expected)} that do not fit "
+                             f"model '{cfg['model']['name']}' with personalization={personalization}")
+        model.load_state_dict(local, strict=False)
+    load_shared_state(model, shared, personalization)
     return model
 
 
+def personalization_of(cfg: Mapping[str, Any]) -> str:
+    """``personalization.name`` of a run config (``none`` when the block is absent)."""
+    return str(cfg.get("personalization", {}).get("name", "none"))
+
+
 def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], server_round: int,
-          proximal_mu: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+          proximal_mu: float = 0.0, local_state: Mapping[str, torch.Tensor] | None = None,
+          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float | int]]:
     """Local epochs on the territory's training windows, starting from the global weights.
 
+    Args:
+        state_dict: the global (shared) weights from the server.
+        proximal_mu: FedProx coefficient (from the server's ``proximal-mu``); the proximal term
+            covers the shared parameters only.
+        local_state: this territory's local entries from its previous round (node embeddings,
+            integer buffers, personalized layers; see :func:`fedldt.models.local_state_names`),
+            ``None`` in its first round.
+
     Returns:
-        ``(new_state_dict, metrics)`` with metrics ``num-examples`` (training windows, the
-        FedAvg weight), ``train_loss`` (scaled MAE) and ``territory``.
+        ``(shared, local, metrics)``: the shared weights to send (float32, the global model's
+        keys only), the local entries to keep at home, and metrics ``num-examples`` (training
+        windows, the FedAvg weight), ``train_loss`` (scaled MAE) and ``territory``.
     """
     task = get_task(cfg, index)
-    model = _model(cfg, task, state_dict)
+    model = _model(cfg, index, task, state_dict, local_state)
     tr = cfg["train"]
+    shared_names = set(state_dict)
     loss = task.fit(
         model, epochs=tr["local_epochs"], lr=tr["lr"], seed=derive_seed(cfg["seed"], index, server_round),
         weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"], proximal_mu=proximal_mu,
+        proximal_names=shared_names,
     )
+    shared, local = split_state(model, personalization_of(cfg))
     metrics = {"num-examples": task.num_windows("train"), "train_loss": float(loss), "territory": index}
-    return model.state_dict(), metrics
+    return dict(shared), dict(local), metrics
 
 
-def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], split: str) -> dict[str, Any]:
-    """Masked error sums of the given weights and of the reference forecasts on ``split`` ('val' or 'test').
+def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], split: str,
+             local_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Masked error sums of the given weights (with this territory's ``local_state``, see
+    :func:`train`) and of the reference forecasts on ``split`` ('val' or 'test').
 
     Returns:
         Metrics ``num-examples``, ``territory``, ``model.<sum>``, ``persistence.<sum>`` and
@@ -167,7 +198,7 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
     if split not in ("val", "test"):
         raise ValueError(f"evaluate split must be 'val' or 'test', got {split!r}")
     task = get_task(cfg, index)
-    model = _model(cfg, task, state_dict)
+    model = _model(cfg, index, task, state_dict, local_state)
     return {
         "num-examples": task.num_windows(split),
         "territory": index,

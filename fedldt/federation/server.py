@@ -17,9 +17,9 @@ from flwr.serverapp import Grid
 
 from fedldt.config import num_territories
 from fedldt.engine import seed_everything
-from fedldt.federation.strategy import FedLDTAvg, FederationError, failure_reasons, reply_territory
+from fedldt.federation.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory
 from fedldt.metrics import MetricSums
-from fedldt.models import build_model
+from fedldt.models import build_model, split_state
 from fedldt.results import REFERENCES, build_summary, write_run_outputs
 
 CONFIG_KEY = "fedldt-config"
@@ -69,7 +69,7 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
     return dict(sorted(infos.items()))
 
 
-def evaluate_split(grid: Grid, strategy: FedLDTAvg, arrays: ArrayRecord, cfg: dict[str, Any], split: str,
+def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cfg: dict[str, Any], split: str,
                    server_round: int, timeout: float) -> dict[int, dict[str, MetricSums]]:
     """Evaluate ``arrays`` on every territory's ``split``; returns per-territory model/persistence sums.
 
@@ -138,18 +138,24 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     first = next(iter(infos.values()))
     model_cfg = {**cfg["model"], "in_channels": int(first["in-channels"]), "out_channels": int(first["out-channels"]),
                  "horizon": int(first["horizon"])}
-    model = build_model(model_cfg)
+    # The global model is the shared part only. Its shapes do not depend on the territory (any
+    # territory's node count builds it); node-dependent parameters, integer buffers and the
+    # personalized layers are initialised and kept by each territory (fedldt.models.local_state_names).
+    personalization = str(cfg["personalization"]["name"])
+    model = build_model(model_cfg, num_nodes=int(first["num-nodes"]))
+    shared, local = split_state(model, personalization)
     rounds = int(cfg["train"]["rounds"])
     # Rounds start as soon as min_train territories are connected and use every connected one
     # (fraction 1.0): a territory that is offline for a round rejoins in a later one.
-    strategy = FedLDTAvg(
-        territory_ids=ids, report_steps=list(cfg["task"]["report_steps"]), num_rounds=rounds,
+    strategy = build_strategy(
+        cfg["strategy"], territory_ids=ids, report_steps=list(cfg["task"]["report_steps"]), num_rounds=rounds,
         node_territories={int(info["node_id"]): i for i, info in infos.items()}, min_train_territories=min_train,
-        fraction_train=float(cfg["strategy"]["fraction_train"]), fraction_evaluate=float(cfg["strategy"]["fraction_evaluate"]),
         min_train_nodes=min_train, min_evaluate_nodes=min_train, min_available_nodes=min_train,
     )
+    print(f"[fedldt] strategy {type(strategy).__name__}, personalization {personalization}: "
+          f"{len(shared)} shared tensors, {len(local)} kept by each territory", flush=True)
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds, timeout=timeout,
+        grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, timeout=timeout,
         train_config=config_record(cfg), evaluate_config=config_record(cfg, split="val"),
     )
     if strategy.failures:
@@ -162,8 +168,12 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     ]
     summary = build_summary(cfg, "federated", territories, {ids[i]: t for i, t in test.items()}, strategy.rounds,
                             strategy.failures, model_cfg, time.time() - t_start)
-    final = build_model(model_cfg)
-    final.load_state_dict(result.arrays.to_torch_state_dict())
-    write_run_outputs(run_dir, cfg, summary, strategy.history, {"state_dict": final.state_dict(), "model_config": model_cfg})
+    final = result.arrays.to_torch_state_dict()
+    if set(final) != set(shared):
+        raise FederationError(f"the final global model has keys {sorted(set(final) ^ set(shared))} that differ from the shared part")
+    # model.pt holds the global (shared) weights; "local_keys" are the entries each territory kept.
+    write_run_outputs(run_dir, cfg, summary, strategy.history,
+                      {"state_dict": final, "model_config": model_cfg, "personalization": personalization,
+                       "local_keys": list(local)})
     print(f"[fedldt] results written to {run_dir}", flush=True)
     return summary

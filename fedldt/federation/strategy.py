@@ -1,22 +1,47 @@
-"""FedAvg for territories: deterministic reply order, per-territory history, exact metrics.
+"""Flower strategies for territories: deterministic reply order, per-territory history, exact
+metrics and aggregation guards.
 
-``FedLDTAvg`` subclasses Flower's :class:`flwr.serverapp.strategy.FedAvg` (McMahan et al.,
-AISTATS 2017) and only overrides its aggregation hooks; the round loop is Flower's.
+:class:`FedLDTStrategy` is a mixin over Flower's own strategies
+(:mod:`flwr.serverapp.strategy`): it overrides the configure/aggregate hooks only, so the round
+loop and the aggregation rule stay Flower's. One class per rule (``STRATEGIES``, chosen with
+``strategy=<name>``):
+
+========================  =====================================================================
+``fedavg``                FedAvg, McMahan et al., AISTATS 2017
+``fedprox``               FedProx, Li et al., MLSys 2020 (server sends ``proximal-mu``; the
+                          territory adds ``mu/2 ||w - w_global||^2`` to its loss)
+``fedadam`` ``fedyogi``   adaptive server optimizers, Reddi et al., "Adaptive Federated
+``fedadagrad``            Optimization", ICLR 2021
+``fedavgm``               FedAvg with server momentum, Hsu et al., arXiv:1909.06335, 2019
+``fedmedian``             coordinate-wise median, Yin et al., ICML 2018
+``fedtrimmedavg``         coordinate-wise trimmed mean, Yin et al., ICML 2018
+``krum``                  Krum, Blanchard et al., NeurIPS 2017
+========================  =====================================================================
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import inspect
+from typing import Any, Iterable, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
+                                     FedYogi, Krum)
 
 from fedldt.metrics import MetricSums, pool, report
+
+#: Weight of a territory's parameters in the average: its number of training windows.
+WEIGHT_KEY = "num-examples"
 
 
 class FederationError(RuntimeError):
     """The federation cannot go on (missing territories, too few replies); the message says why."""
+
+
+class AggregationGuardError(FederationError):
+    """A territory's reply does not fit the global model (keys, shapes, dtypes, weights)."""
 
 
 def reply_territory(msg: Message) -> int:
@@ -35,12 +60,68 @@ def failure_reasons(replies: Iterable[Message]) -> list[dict[str, Any]]:
     return [{"node_id": int(m.metadata.src_node_id), "reason": str(m.error.reason)} for m in replies if m.has_error()]
 
 
-class FedLDTAvg(FedAvg):
-    """FedAvg weighted by training windows (``num-examples``) that records every territory.
+def check_reply_arrays(template: Mapping[str, tuple[tuple[int, ...], np.dtype]], arrays: ArrayRecord,
+                       territory: str) -> None:
+    """Check that a territory's parameters match the global model exactly.
 
-    Flower drops failed replies silently; this strategy records each one with its territory
-    (``failures``, and a row in ``history``) and stops the run when fewer than
-    ``min_train_territories`` territories trained successfully in a round.
+    Args:
+        template: shared key -> ``(shape, dtype)`` of the global model the server sent.
+        arrays: the territory's reply.
+        territory: its id, for the message.
+
+    Raises:
+        AggregationGuardError: a key is missing or not shared (local parameters such as node
+            embeddings, integer buffers and personalized layers must stay on the territory),
+            a shape differs (never broadcast: node embeddings of a 5-node and a 1-node
+            territory cannot be averaged) or a dtype differs (float32 stays float32). The
+            message names the territory and the parameter.
+    """
+    missing = [k for k in template if k not in arrays]
+    extra = [k for k in arrays if k not in template]
+    if missing or extra:
+        raise AggregationGuardError(
+            f"territory {territory} sent parameters that do not match the global model: missing {missing}, not shared "
+            f"{extra} (node-dependent parameters, integer buffers and personalized layers must stay on the territory; "
+            "check that every territory runs the same model and personalization config)")
+    for key, (shape, dtype) in template.items():
+        arr = arrays[key]
+        if tuple(arr.shape) != tuple(shape):
+            raise AggregationGuardError(
+                f"territory {territory}: parameter '{key}' has shape {tuple(arr.shape)}, the global model has {tuple(shape)}; "
+                "a parameter whose shape depends on the territory must be local (model.local_parameter_names())")
+        if np.dtype(arr.dtype) != np.dtype(dtype):
+            raise AggregationGuardError(
+                f"territory {territory}: parameter '{key}' is {np.dtype(arr.dtype)}, the global model is {np.dtype(dtype)}; "
+                "a territory must train and send the model in the global dtype (e.g. float64 data must be cast to float32)")
+
+
+def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Aggregated train metrics: the example-weighted mean ``train_loss`` and the total examples
+    (the per-territory values are kept in the strategy's history)."""
+    total = sum(int(next(iter(r.metric_records.values()))[weighted_by_key]) for r in records)
+    loss = sum(float(next(iter(r.metric_records.values()))["train_loss"]) * int(next(iter(r.metric_records.values()))[weighted_by_key])
+               for r in records) / total
+    return MetricRecord({"train_loss": loss, weighted_by_key: total})
+
+
+class FedLDTStrategy:
+    """Mixin for Flower strategies: territories recorded, replies checked, failures named.
+
+    Put it before a Flower strategy class (``class FedLDTAvg(FedLDTStrategy, FedAvg)``); it
+    overrides ``configure_train``/``configure_evaluate``/``aggregate_train``/``aggregate_evaluate``
+    and calls the Flower class for the aggregation rule itself.
+
+    Per round it:
+
+    * sorts replies by territory (floating-point sums in a fixed order: bit-reproducible runs);
+    * records every failed or missing reply with its territory (Flower drops them silently) and
+      stops when fewer than ``min_train_territories`` territories trained;
+    * checks each reply against the global model (:func:`check_reply_arrays`);
+    * leaves territories that report 0 training windows out of the aggregation (a 0 weight must
+      not change the result, also for unweighted rules such as the median), and stops when all
+      of them report 0;
+    * casts the aggregate back to the global dtypes (numpy may promote float32 to float64) and
+      refuses a non-finite result.
 
     Args:
         territory_ids: territory index -> id (e.g. ``{0: "t0"}``), for the history.
@@ -66,7 +147,7 @@ class FedLDTAvg(FedAvg):
     def __init__(self, *, territory_ids: dict[int, str], report_steps: list[int], num_rounds: int,
                  node_territories: dict[int, int] | None = None, min_train_territories: int | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(weighted_by_key="num-examples", **kwargs)
+        super().__init__(weighted_by_key=WEIGHT_KEY, train_metrics_aggr_fn=_train_metrics, **kwargs)
         self.territory_ids = territory_ids
         self.report_steps = list(report_steps)
         self.num_rounds = num_rounds
@@ -78,8 +159,10 @@ class FedLDTAvg(FedAvg):
         self._train: dict[int, dict[str, float]] = {}
         self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._status: dict[str, dict[int, tuple[str, str]]] = {"train": {}, "evaluate": {}}
+        self._template: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._template = {k: (tuple(int(d) for d in a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
         # Keep the messages: Flower sets their ids when it sends them, and replies point back.
         self._sent["train"] = list(super().configure_train(server_round, arrays, config, grid))
         return self._sent["train"]
@@ -102,7 +185,36 @@ class FedLDTAvg(FedAvg):
                 f"round {server_round}: only {len(ok)} of {len(self.territory_ids)} territories trained, fewer than "
                 f"federation.min_train_territories={self.min_train_territories}; failures: {failed}"
             )
-        return super().aggregate_train(server_round, replies)
+        contributing = []
+        for m in ok:
+            tid = self._tid(reply_territory(m))
+            if self._template:
+                check_reply_arrays(self._template, next(iter(m.content.array_records.values())), str(tid))
+            n = next(iter(m.content.metric_records.values()))[WEIGHT_KEY]
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0:
+                raise AggregationGuardError(f"round {server_round}: territory {tid} reported {WEIGHT_KEY}={n!r}; "
+                                            "it must be a finite number >= 0")
+            if n > 0:
+                contributing.append(m)
+        if ok and not contributing:
+            raise FederationError(
+                f"round {server_round}: every territory that trained reported {WEIGHT_KEY}=0 (no training windows), so "
+                "there is nothing to aggregate; check each territory's data and task.split/task.window")
+        arrays, metrics = super().aggregate_train(server_round, contributing)
+        return self._conform(server_round, arrays), metrics
+
+    def _conform(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the global model's dtypes, checked finite."""
+        if arrays is None or not self._template:
+            return arrays
+        out = {}
+        for key, (shape, dtype) in self._template.items():
+            value = np.asarray(arrays[key].numpy()).astype(dtype, copy=False).reshape(shape)
+            if np.issubdtype(dtype, np.floating) and not np.isfinite(value).all():
+                raise FederationError(f"round {server_round}: the aggregated parameter '{key}' is not finite "
+                                      f"({type(self).__name__}); lower the learning rates or check the territories' data")
+            out[key] = Array(np.ascontiguousarray(value))
+        return ArrayRecord(out)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = _sorted(replies)
@@ -168,3 +280,87 @@ class FedLDTAvg(FedAvg):
 def _flat(block: dict[str, dict[str, float | None]], prefix: str) -> dict[str, float | None]:
     """``{"mae": {"h3": x}}`` -> ``{"<prefix>mae_h3": x}``."""
     return {f"{prefix}{metric}_{step}": v for metric, steps in block.items() for step, v in steps.items()}
+
+
+class FedLDTAvg(FedLDTStrategy, FedAvg):
+    """FedAvg (McMahan et al., AISTATS 2017) over territories, weighted by training windows."""
+
+
+class FedLDTProx(FedLDTStrategy, FedProx):
+    """FedProx (Li et al., MLSys 2020): FedAvg aggregation; the server sends ``proximal-mu`` and
+    each territory adds ``mu/2 ||w - w_global||^2`` over the shared parameters to its loss."""
+
+
+class FedLDTAdam(FedLDTStrategy, FedAdam):
+    """FedAdam (Reddi et al., ICLR 2021): Adam on the server over the averaged update."""
+
+
+class FedLDTYogi(FedLDTStrategy, FedYogi):
+    """FedYogi (Reddi et al., ICLR 2021): Yogi on the server over the averaged update."""
+
+
+class FedLDTAdagrad(FedLDTStrategy, FedAdagrad):
+    """FedAdagrad (Reddi et al., ICLR 2021): Adagrad on the server over the averaged update."""
+
+
+class FedLDTAvgM(FedLDTStrategy, FedAvgM):
+    """FedAvgM (Hsu et al., arXiv:1909.06335, 2019): FedAvg with server momentum."""
+
+
+class FedLDTMedian(FedLDTStrategy, FedMedian):
+    """FedMedian (Yin et al., ICML 2018): coordinate-wise median of the territories' parameters."""
+
+
+class FedLDTTrimmedAvg(FedLDTStrategy, FedTrimmedAvg):
+    """FedTrimmedAvg (Yin et al., ICML 2018): coordinate-wise mean without the ``beta`` tails."""
+
+
+class FedLDTKrum(FedLDTStrategy, Krum):
+    """Krum (Blanchard et al., NeurIPS 2017): the reply closest to its neighbours."""
+
+
+#: ``strategy.name`` -> strategy class.
+STRATEGIES: dict[str, type] = {
+    "fedavg": FedLDTAvg, "fedprox": FedLDTProx, "fedadam": FedLDTAdam, "fedyogi": FedLDTYogi,
+    "fedadagrad": FedLDTAdagrad, "fedavgm": FedLDTAvgM, "fedmedian": FedLDTMedian,
+    "fedtrimmedavg": FedLDTTrimmedAvg, "krum": FedLDTKrum,
+}
+#: Keys of the ``strategy`` config block that are not arguments of the Flower class.
+_OWN_KEYS = {"name"}
+#: Arguments fedldt sets itself (from the territories and ``federation.*``).
+_FIXED = {"weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "arrayrecord_key",
+          "configrecord_key", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes"}
+
+
+def strategy_arguments(strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The Flower constructor arguments of a ``strategy`` config block (``name`` removed).
+
+    Raises:
+        ValueError: unknown ``strategy.name``, or a key that the Flower class does not take (or
+            that fedldt sets itself), named with the accepted keys.
+    """
+    name = strategy_cfg.get("name")
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy.name={name!r} is not one of {sorted(STRATEGIES)} (conf/strategy/<name>.yaml)")
+    base = STRATEGIES[name].__mro__[2]
+    accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - _FIXED
+    args = {k: v for k, v in strategy_cfg.items() if k not in _OWN_KEYS}
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise ValueError(f"strategy '{name}' ({base.__name__}) has no option(s) {unknown}; accepted: {sorted(accepted)}")
+    return args
+
+
+def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLDTStrategy:
+    """Build the strategy named by ``strategy_cfg["name"]`` with its Flower options.
+
+    Args:
+        strategy_cfg: the ``strategy`` config block (``conf/strategy/<name>.yaml``), e.g.
+            ``{"name": "fedprox", "proximal_mu": 0.01, "fraction_train": 1.0}``.
+        **fedldt_args: the :class:`FedLDTStrategy` arguments (``territory_ids``, ...) and
+            ``min_*_nodes``.
+
+    Raises:
+        ValueError: see :func:`strategy_arguments`.
+    """
+    return STRATEGIES[strategy_cfg["name"]](**strategy_arguments(strategy_cfg), **fedldt_args)

@@ -153,6 +153,10 @@ class DCRNNForecaster(nn.Module):
         """State-dict keys that depend on a territory's nodes: none."""
         return []
 
+    def head_parameter_names(self) -> list[str]:
+        """State-dict keys of the output head (the readout layer), local under FedPer."""
+        return [k for k in self.state_dict() if k.startswith("readout.")]
+
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), x.shape[2])
         return self.forward_transitions(x, p_f, p_b)

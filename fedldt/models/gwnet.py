@@ -196,6 +196,10 @@ class GWNetForecaster(nn.Module):
         ``adaptive`` is on, none otherwise."""
         return ["node_emb1", "node_emb2"] if self.cfg.adaptive else []
 
+    def head_parameter_names(self) -> list[str]:
+        """State-dict keys of the output head (the two end 1x1 convolutions), local under FedPer."""
+        return [k for k in self.state_dict() if k.startswith(("end1.", "end2."))]
+
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         b, t, n, _ = x.shape
         p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), n)

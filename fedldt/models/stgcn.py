@@ -209,6 +209,11 @@ class STGCNForecaster(nn.Module):
         """State-dict keys that depend on a territory's nodes: none."""
         return []
 
+    def head_parameter_names(self) -> list[str]:
+        """State-dict keys of the output block (temporal GLU, layer norm, fully connected
+        layers), local under FedPer."""
+        return [k for k in self.state_dict() if k.startswith(("out_temporal.", "out_norm.", "out_fc."))]
+
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         b, t, n, _ = x.shape
         if t < self.receptive_field:

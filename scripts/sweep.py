@@ -1,0 +1,42 @@
+"""Federated runs of models x strategies (x personalization) on one pilot, with one seed.
+
+    python scripts/sweep.py pilot=los_loop_3 [sweep.publish_dir=docs/results/los_loop_3]
+                            [sweep.models=[dcrnn,gwnet]] [train.rounds=N] [seed=N]
+
+The combinations are ``sweep.models`` x ``sweep.strategies`` (conf/config.yaml). Writes
+models_strategies.json and models_strategies.md to the Hydra run directory (each run in its own
+subfolder) after every run, and copies them to ``sweep.publish_dir`` when set.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedldt.config import CONF_DIR, checkout_root, resolve_config
+from fedldt.federation.launch import RunFailed
+from fedldt.sweep import ARTIFACTS, run_sweep
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    resolved = resolve_config(cfg)
+    hc = HydraConfig.get()
+    publish = resolved["sweep"].get("publish_dir")
+    if publish and not Path(publish).is_absolute():
+        publish = str(checkout_root() / publish)
+    try:
+        run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
+    except RunFailed as e:
+        print(f"fedldt: run failed: {e}", file=sys.stderr)
+        sys.exit(1)
+    print((Path(hc.runtime.output_dir) / ARTIFACTS[1]).read_text())
+    print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
+
+
+if __name__ == "__main__":
+    main()
