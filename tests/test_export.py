@@ -128,3 +128,16 @@ def test_an_altered_package_is_refused(package_dir, tmp_path):
         ForecastPackage.load(copy)
     with pytest.raises(PackageError, match="not a fedldt model package"):
         ForecastPackage.load(tmp_path)
+
+
+def test_run_whose_territories_kept_parameters_is_refused(finished_run, tmp_path):
+    # a FedPer run: model.pt holds the shared weights; the readout stayed on the territories
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("logs", ".hydra"))
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("readout.")}
+    ckpt.update(personalization="fedper", local_keys=["readout.weight", "readout.bias"])
+    torch.save(ckpt, run / "model.pt")
+    with pytest.raises(ExportError, match=r"each territory kept \['readout.weight', 'readout.bias'\] at home "
+                                          r"\(personalization=fedper"):
+        export_package(run, PACKAGED_TERRITORY, tmp_path / "pkg", onnx=False)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fedldt.config import CONF_DIR, compose_config
-from fedldt.models import MODELS, build_model, load_shared_state, split_state
+from fedldt.models import MODELS, build_model, load_shared_state, local_state_names, split_state
 from fedldt.models.dcrnn import transition_matrices
 from fedldt.models.gwnet import MultiSupportGraphConv, adaptive_adjacency, graph_product
 from fedldt.models.stgcn import STConvBlock, TemporalGLU, undirected_graph
@@ -278,3 +278,47 @@ def test_model_config_composes_and_builds(name):
     with torch.no_grad():
         y = model(torch.randn(2, cfg.task.window, 6, DIMS["in_channels"]), *_ring(6))
     assert y.shape == (2, cfg.task.horizon, 6, DIMS["out_channels"]) and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------ personalization
+@pytest.mark.parametrize("key,head", [
+    ("dcrnn", ["readout.weight", "readout.bias"]),
+    ("stgcn", ["out_temporal.conv.weight", "out_temporal.conv.bias", "out_norm.weight", "out_norm.bias",
+               "out_fc.0.weight", "out_fc.0.bias", "out_fc.2.weight", "out_fc.2.bias"]),
+    ("gwnet_adaptive", ["end1.weight", "end1.bias", "end2.weight", "end2.bias"]),
+])
+def test_fedper_keeps_the_output_head_local(key, head):
+    model = _build(key, 6)
+    base = local_state_names(model, "none")
+    assert local_state_names(model, "fedper") == [k for k in model.state_dict() if k in set(base) | set(head)]
+    shared, local = split_state(model, "fedper")
+    assert not set(head) & set(shared) and set(head) <= set(local)
+
+
+@pytest.mark.parametrize("key,norm_keys", [
+    ("stgcn", [f"{p}.{w}" for p in ("blocks.0.norm", "blocks.1.norm", "out_norm") for w in ("weight", "bias")]),
+    ("gwnet", [f"norms.{i}.{w}" for i in range(4) for w in ("weight", "bias", "running_mean", "running_var",
+                                                               "num_batches_tracked")]),
+])
+def test_fedbn_keeps_every_normalization_layer_local(key, norm_keys):
+    model = _build(key, 6)
+    assert sorted(local_state_names(model, "fedbn")) == sorted(set(norm_keys) | set(local_state_names(model, "none")))
+
+
+def test_fedbn_without_normalization_layers_and_unknown_mode_are_errors():
+    with pytest.raises(ValueError, match="model 'dcrnn' has no normalization layers"):
+        local_state_names(_build("dcrnn", 4), "fedbn")
+    with pytest.raises(ValueError, match=r"personalization.name='fedsgd' must be one of \['none', 'fedper', 'fedbn'\]"):
+        split_state(_build("dcrnn", 4), "fedsgd")
+
+
+@pytest.mark.parametrize("key", sorted(SMALL))
+def test_residual_output_is_the_plain_output_plus_the_last_observed_value(key):
+    torch.manual_seed(0)
+    plain = build_model({**SMALL[key], **DIMS}, num_nodes=7).eval()
+    torch.manual_seed(0)
+    res = build_model({**SMALL[key], **DIMS, "residual": True}, num_nodes=7).eval()
+    x, (ei, ew) = torch.randn(2, 12, 7, DIMS["in_channels"]), _ring(7)
+    with torch.no_grad():
+        diff = res(x, ei, ew) - plain(x, ei, ew)
+    assert torch.allclose(diff, x[:, -1:, :, :1].expand_as(diff), atol=1e-6)

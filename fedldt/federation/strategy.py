@@ -348,7 +348,23 @@ def strategy_arguments(strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(args) - accepted)
     if unknown:
         raise ValueError(f"strategy '{name}' ({base.__name__}) has no option(s) {unknown}; accepted: {sorted(accepted)}")
+    for key, (lo, hi, lo_open) in _RANGES.items():
+        if key in args:
+            v = args[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (lo_open and v == lo) or v > hi:
+                interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+                raise ValueError(f"strategy.{key}={v!r} must be a number in {interval} (strategy '{name}')")
     return args
+
+
+#: Valid ranges of the numeric strategy options: key -> (low, high, low excluded).
+_RANGES = {
+    "fraction_train": (0.0, 1.0, True), "fraction_evaluate": (0.0, 1.0, False), "proximal_mu": (0.0, float("inf"), False),
+    "eta": (0.0, float("inf"), True), "eta_l": (0.0, float("inf"), True), "tau": (0.0, float("inf"), True),
+    "beta_1": (0.0, 1.0, False), "beta_2": (0.0, 1.0, False), "beta": (0.0, 0.5, False),
+    "server_learning_rate": (0.0, float("inf"), True), "server_momentum": (0.0, 1.0, False),
+    "num_malicious_nodes": (0, float("inf"), False),
+}
 
 
 def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLDTStrategy:

@@ -114,6 +114,9 @@ class GWNetConfig:
         kernel_size: TCN kernel size (paper: 2).
         order: powers of each support in the graph convolution (paper: 2).
         dropout: dropout after each graph convolution (paper: 0.3).
+        residual: forecast the change from the last observed value (the output is added to
+            the last input step's value channels), as in ``dcrnn``; requires the first
+            ``out_channels`` inputs to be the scaled values.
     """
 
     in_channels: int
@@ -131,6 +134,7 @@ class GWNetConfig:
     kernel_size: int = 2
     order: int = 2
     dropout: float = 0.3
+    residual: bool = False
 
 
 class GWNetForecaster(nn.Module):
@@ -226,4 +230,7 @@ class GWNetForecaster(nn.Module):
         assert skip is not None
         out = torch.relu(skip[..., -1:])  # [B, S, N, 1] (last step)
         out = self.end2(torch.relu(self.end1(out)))  # [B, H*C, N, 1]
-        return out.view(b, self.cfg.horizon, self.cfg.out_channels, n).permute(0, 1, 3, 2)  # [B, H, N, C]
+        out = out.view(b, self.cfg.horizon, self.cfg.out_channels, n).permute(0, 1, 3, 2)  # [B, H, N, C]
+        if self.cfg.residual:
+            out = out + x[:, -1:, :, : self.cfg.out_channels]  # last observed (scaled) values
+        return out

@@ -153,6 +153,9 @@ class STGCNConfig:
         output_kernel: temporal kernel of the output layer (paper: the remaining window, 4 for
             a 12-step window with the defaults above).
         dropout: dropout at the end of each block.
+        residual: forecast the change from the last observed value (the output is added to
+            the last input step's value channels), as in ``dcrnn``; requires the first
+            ``out_channels`` inputs to be the scaled values.
     """
 
     in_channels: int
@@ -165,6 +168,7 @@ class STGCNConfig:
     Ks: int = 3
     output_kernel: int = 4
     dropout: float = 0.0
+    residual: bool = False
 
 
 class STGCNForecaster(nn.Module):
@@ -230,4 +234,7 @@ class STGCNForecaster(nn.Module):
         h = self.out_temporal(h)[:, :, -1, :]  # [B, Ct, N] (last step)
         h = self.out_norm(h.transpose(1, 2))  # [B, N, Ct]
         out = self.out_fc(h)  # [B, N, horizon*C]
-        return out.view(b, n, self.cfg.horizon, self.cfg.out_channels).permute(0, 2, 1, 3)  # [B, H, N, C]
+        out = out.view(b, n, self.cfg.horizon, self.cfg.out_channels).permute(0, 2, 1, 3)  # [B, H, N, C]
+        if self.cfg.residual:
+            out = out + x[:, -1:, :, : self.cfg.out_channels]  # last observed (scaled) values
+        return out
