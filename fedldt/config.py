@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from urllib.parse import unquote, urlparse
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,8 +53,11 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """
     if not CONF_DIR.is_dir():
         raise FileNotFoundError(f"fedldt config folder not found at {CONF_DIR}; install fedldt with `pip install -e .`")
+    overrides = [o for o in overrides if not o.startswith("hydra.")]
+    if GlobalHydra.instance().is_initialized():  # inside a @hydra.main app on conf/ (e.g. scripts/sweep.py)
+        return compose(config_name="config", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name="config", overrides=[o for o in overrides if not o.startswith("hydra.")])
+        return compose(config_name="config", overrides=overrides)
 
 
 def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[str, Any]:
@@ -108,12 +112,15 @@ def _validate(cfg: dict[str, Any]) -> None:
     if float(tr["lr"]) <= 0:
         raise ValueError(f"train.lr={tr['lr']} must be > 0")
     from fedldt.federation.strategy import strategy_arguments  # Flower's classes name the options
-    from fedldt.models import PERSONALIZATIONS
+    from fedldt.models import PERSONALIZATIONS, build_model, local_state_names
 
     strategy_arguments(cfg["strategy"])
     name = cfg.get("personalization", {}).get("name", "none")
     if name not in PERSONALIZATIONS:
         raise ValueError(f"personalization.name={name!r} must be one of {list(PERSONALIZATIONS)} (conf/personalization/)")
+    # the model (with placeholder data sizes) must build and support the personalization, before any run starts
+    model = build_model({**cfg["model"], "in_channels": 1, "out_channels": 1, "horizon": int(t["horizon"])}, num_nodes=2)
+    local_state_names(model, name)
 
 
 def num_territories(cfg: dict[str, Any]) -> int:

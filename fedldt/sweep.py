@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from fedldt.config import compose_config, resolve_config
 from fedldt.runner import run_mode
 
 ARTIFACTS = ("models_strategies.json", "models_strategies.md")
@@ -45,7 +46,18 @@ def _label(model: str, strategy: str, personalization: str) -> str:
     return f"{model}-{strategy}" + ("" if personalization == "none" else f"-{personalization}")
 
 
-def _base_overrides(overrides: Sequence[str]) -> list[str]:
+def base_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides every run of the sweep shares (the sweep sets ``model=``, ``strategy=``,
+    ``personalization=`` and ``mode=`` itself; ``hydra.*`` and ``sweep.*`` are the sweep's own).
+
+    Raises:
+        ValueError: an override of a key inside ``model.``, ``strategy.`` or ``personalization.``:
+            it would apply to every model or strategy of the sweep, and most do not have it.
+    """
+    inner = [o for o in overrides if o.lstrip("+~").startswith(("model.", "strategy.", "personalization."))]
+    if inner:
+        raise ValueError(f"sweep: overrides {inner} would apply to every model and strategy of the sweep; set such "
+                         "options in conf/model/*.yaml or conf/strategy/*.yaml, or run scripts/simulate.py per combination")
     skip = ("model=", "strategy=", "personalization=", "mode=", "hydra.", "sweep.")
     return [o for o in overrides if not o.startswith(skip)]
 
@@ -65,13 +77,19 @@ def run_sweep(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str | Path
         The ``models_strategies.json`` rows.
 
     Raises:
+        ValueError: see :func:`base_overrides` and :func:`sweep_combinations`; a combination
+            whose config is invalid (e.g. ``personalization=fedbn`` with ``dcrnn``), before any run.
         fedldt.federation.launch.RunFailed: a run failed (the rows so far are written).
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = _base_overrides(overrides)
+    base = base_overrides(overrides)
+    combos = sweep_combinations(cfg["sweep"])
+    for model, strategy, pers in combos:  # fail before the first run, not in the middle of the sweep
+        resolve_config(compose_config(base + [f"model={model}", f"strategy={strategy}", f"personalization={pers}"]),
+                       require_data=False)
     rows: list[dict[str, Any]] = []
-    for model, strategy, pers in sweep_combinations(cfg["sweep"]):
+    for model, strategy, pers in combos:
         run_ov = base + [f"model={model}", f"strategy={strategy}", f"personalization={pers}"]
         label = _label(model, strategy, pers)
         print(f"[fedldt] === sweep {len(rows) + 1}: {label} ===", flush=True)

@@ -26,7 +26,7 @@ SMALL_GWNET = ["model=gwnet", "model.residual_channels=8", "model.dilation_chann
                "model.end_channels=16", "model.blocks=2", "model.emb_dim=4"]
 
 
-def _strategy(strategy_cfg, n=2, **kw):
+def _strategy(strategy_cfg, n=2, **kw):  # n territories t0.. on SuperNodes 10..
     return build_strategy(strategy_cfg, territory_ids={i: f"t{i}" for i in range(n)}, report_steps=[3], num_rounds=1,
                           node_territories={10 + i: i for i in range(n)}, min_train_nodes=n, min_evaluate_nodes=n,
                           min_available_nodes=n, **kw)
@@ -136,9 +136,42 @@ def test_every_rule_returns_float32_in_the_global_shapes(name):
         np.testing.assert_array_equal(arrays["b"].numpy(), np.median([r[0]["b"] for r in replies], axis=0).astype(F32))
 
 
+def test_nan_example_count_is_named():
+    with pytest.raises(AggregationGuardError, match=r"territory t0 reported num-examples=nan; it must be a whole number"):
+        _aggregate({"name": "fedavg"}, W, [({"w": np.ones(2, F32)}, float("nan")), ({"w": np.ones(2, F32)}, 5)])
+
+
+def test_server_optimizer_steps_parameters_but_averages_running_statistics():
+    template = {"w": np.zeros(2, F32), "bn.running_var": np.ones(2, F32)}
+    s = _strategy({"name": "fedadam", "eta": 0.1}, buffer_keys=["bn.running_var"])
+    ids = _configure(s, template)
+    replies = [_reply(ids, 0, {"w": np.full(2, 1.0, F32), "bn.running_var": np.full(2, 1.0, F32)}, 10),
+               _reply(ids, 1, {"w": np.full(2, 3.0, F32), "bn.running_var": np.full(2, 3.0, F32)}, 30)]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["bn.running_var"].numpy(), np.full(2, 2.5, F32))  # weighted mean
+    w = arrays["w"].numpy()
+    assert w.dtype == np.float32 and 0 < w[0] < 0.5  # an Adam step from 0 towards 2.5, not the mean itself
+    plain = _strategy({"name": "fedadam", "eta": 0.1})  # without buffer_keys the statistic is stepped too
+    ids = _configure(plain, template)
+    stepped, _ = plain.aggregate_train(1, [_reply(ids, i, r, n) for i, (r, n) in enumerate(
+        [({"w": np.ones(2, F32), "bn.running_var": np.ones(2, F32)}, 10),
+         ({"w": np.full(2, 3.0, F32), "bn.running_var": np.full(2, 3.0, F32)}, 30)])])
+    assert stepped["bn.running_var"].numpy()[0] != 2.5
+
+
+def test_krum_needs_enough_territories_and_sampling_is_refused():
+    with pytest.raises(ValueError, match=r"krum' needs more than 2\*num_malicious_nodes\+2 territories; the pilot has 2"):
+        _strategy({"name": "krum", "num_malicious_nodes": 0}, n=2)
+    with pytest.raises(ValueError, match=r"strategy.fraction_train is not supported: every connected territory trains"):
+        strategy_arguments({"name": "fedavg", "fraction_train": 0.5})
+    with pytest.raises(ValueError, match=r"strategy.num_malicious_nodes=0.5 must be an integer"):
+        strategy_arguments({"name": "krum", "num_malicious_nodes": 0.5})
+    with pytest.raises(ValueError, match=r"strategy.beta=0.5 must be a number in \[0.0, 0.5\)"):
+        strategy_arguments({"name": "fedtrimmedavg", "beta": 0.5})
+
+
 def test_strategy_options_are_checked_against_the_flower_class():
-    assert strategy_arguments({"name": "fedprox", "proximal_mu": 0.1, "fraction_train": 1.0}) == {
-        "proximal_mu": 0.1, "fraction_train": 1.0}
+    assert strategy_arguments({"name": "fedprox", "proximal_mu": 0.1}) == {"proximal_mu": 0.1}
     with pytest.raises(ValueError, match=r"strategy 'fedadam' \(FedAdam\) has no option\(s\) \['etaa'\].*'eta'"):
         strategy_arguments({"name": "fedadam", "etaa": 0.1})
     with pytest.raises(ValueError, match=r"strategy.name='fedsgd' is not one of"):
@@ -156,7 +189,7 @@ def syn_dir(tmp_path_factory) -> Path:
 def _run(syn_dir, overrides, rounds=1, nodes=NODES):
     """``rounds`` federated rounds through Flower's ``Strategy.start`` and the real ClientApp."""
     small = [] if any(o.startswith("model=") for o in overrides) else ["model.hidden=8"]  # dcrnn
-    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={syn_dir}", "partition.num_territories=2",
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={syn_dir}", f"partition.num_territories={len(nodes)}",
                                          *small, f"train.rounds={rounds}", *overrides]))
     infos = {i: territory.describe(cfg, i) for i in range(len(nodes))}
     torch.manual_seed(int(cfg["seed"]))
@@ -222,8 +255,9 @@ def test_local_state_is_used_in_the_next_round_and_in_evaluation(syn_dir):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_config_runs_a_round(syn_dir, name):
-    _, init, final, _, s = _run(syn_dir, [f"strategy={name}"])
-    assert not s.failures and len(s.history) == 2 and list(final) == list(init)
+    three = {10 + i: {"partition-id": i} for i in range(3)}  # Krum needs more than 2f + 2 territories
+    _, init, final, _, s = _run(syn_dir, [f"strategy={name}"], nodes=three)
+    assert not s.failures and len(s.history) == 3 and list(final) == list(init)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in final.values())
     assert any(not torch.equal(final[k], init[k]) for k in init)  # the global model moved
     assert np.isfinite(s.rounds[0]["val"]["mae"]["all"])
@@ -236,8 +270,8 @@ SMALL = {"dcrnn": ["model.hidden=8"],
          "gwnet": SMALL_GWNET[1:]}
 
 
-@pytest.mark.parametrize("personalization", ["none", "fedper"])
-@pytest.mark.parametrize("model", ["dcrnn", "stgcn", "gwnet"])
+@pytest.mark.parametrize("model,personalization", [(m, p) for m in ("dcrnn", "stgcn", "gwnet") for p in ("none", "fedper")]
+                         + [("stgcn", "fedbn"), ("gwnet", "fedbn")])
 def test_cross_city_pilot_with_different_node_counts_runs_every_model(model, personalization, data_root):
     """charged_ev_3cities (Johannesburg, Melbourne, São Paulo: 47/63/47 sites): one shared model
     (Graph WaveNet with per-city adaptive adjacency) over cities of different sizes, one round."""

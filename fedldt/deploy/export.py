@@ -147,7 +147,8 @@ def export_package(
     model = build_model(model_cfg, num_nodes=ds.num_nodes)
     # Territory-kept entries: integer buffers (BatchNorm counters, unused at inference) are fine;
     # parameters kept at home (node embeddings, a FedPer head, FedBN layers) are not in model.pt.
-    kept = [k for k in ckpt.get("local_keys", []) if torch.is_floating_point(model.state_dict()[k])]
+    state = model.state_dict()
+    kept = [k for k in ckpt.get("local_keys", []) if k not in state or torch.is_floating_point(state[k])]
     if kept:
         raise ExportError(f"{run_dir / 'model.pt'} holds the global (shared) weights only: each territory kept "
                           f"{kept} at home (personalization={ckpt.get('personalization', 'none')} or node-dependent "

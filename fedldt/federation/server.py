@@ -145,11 +145,12 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     model = build_model(model_cfg, num_nodes=int(first["num-nodes"]))
     shared, local = split_state(model, personalization)
     rounds = int(cfg["train"]["rounds"])
-    # Rounds start as soon as min_train territories are connected and use every connected one
-    # (fraction 1.0): a territory that is offline for a round rejoins in a later one.
+    # Rounds start as soon as min_train territories are connected and use every connected one:
+    # a territory that is offline for a round rejoins in a later one.
     strategy = build_strategy(
         cfg["strategy"], territory_ids=ids, report_steps=list(cfg["task"]["report_steps"]), num_rounds=rounds,
         node_territories={int(info["node_id"]): i for i, info in infos.items()}, min_train_territories=min_train,
+        buffer_keys=[k for k, _ in model.named_buffers() if k in shared],
         min_train_nodes=min_train, min_evaluate_nodes=min_train, min_available_nodes=min_train,
     )
     print(f"[fedldt] strategy {type(strategy).__name__}, personalization {personalization}: "

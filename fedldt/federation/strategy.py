@@ -29,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
                                      FedYogi, Krum)
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedldt.metrics import MetricSums, pool, report
 
@@ -95,6 +96,17 @@ def check_reply_arrays(template: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                 "a territory must train and send the model in the global dtype (e.g. float64 data must be cast to float32)")
 
 
+def _with_weighted_mean(arrays: ArrayRecord, replies: list[Message], keys: Iterable[str]) -> ArrayRecord:
+    """``arrays`` with ``keys`` replaced by the ``num-examples``-weighted mean of the replies."""
+    recs = [(next(iter(m.content.array_records.values())), float(next(iter(m.content.metric_records.values()))[WEIGHT_KEY]))
+            for m in replies]
+    total = sum(w for _, w in recs)
+    out = {k: arrays[k] for k in arrays.keys()}
+    for k in keys:
+        out[k] = Array(np.asarray(sum(rec[k].numpy().astype(np.float64) * (w / total) for rec, w in recs)))
+    return ArrayRecord(out)
+
+
 def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Aggregated train metrics: the example-weighted mean ``train_loss`` and the total examples
     (the per-territory values are kept in the strategy's history)."""
@@ -132,7 +144,11 @@ class FedLDTStrategy:
             "node unavailable" reply does not even carry the node's id).
         min_train_territories: successful training replies a round needs (default: all
             territories in ``territory_ids``).
-        **kwargs: passed to :class:`FedAvg`.
+        buffer_keys: shared float buffers (BatchNorm running statistics). Rules with a server
+            optimizer (FedAdam/FedYogi/FedAdagrad, FedAvgM) step parameters, not statistics:
+            these keys get the example-weighted mean instead (a running variance stepped by
+            Adam can turn negative).
+        **kwargs: passed to the Flower strategy class that follows this mixin in the MRO.
 
     Attributes:
         history: one dict per (round, territory): train loss, validation metrics and status
@@ -146,8 +162,9 @@ class FedLDTStrategy:
 
     def __init__(self, *, territory_ids: dict[int, str], report_steps: list[int], num_rounds: int,
                  node_territories: dict[int, int] | None = None, min_train_territories: int | None = None,
-                 **kwargs: Any) -> None:
+                 buffer_keys: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(weighted_by_key=WEIGHT_KEY, train_metrics_aggr_fn=_train_metrics, **kwargs)
+        self.buffer_keys = list(buffer_keys)
         self.territory_ids = territory_ids
         self.report_steps = list(report_steps)
         self.num_rounds = num_rounds
@@ -178,7 +195,11 @@ class FedLDTStrategy:
         self._train = {}
         for m in ok:
             rec = next(iter(m.content.metric_records.values()))
-            self._train[reply_territory(m)] = {"train_loss": float(rec["train_loss"]), "num_train": int(rec["num-examples"])}
+            n = rec[WEIGHT_KEY]
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0 or n != int(n):
+                raise AggregationGuardError(f"round {server_round}: territory {self._tid(reply_territory(m))} reported "
+                                            f"{WEIGHT_KEY}={n!r}; it must be a whole number >= 0 (training windows)")
+            self._train[reply_territory(m)] = {"train_loss": float(rec["train_loss"]), "num_train": int(n)}
         if len(ok) < self.min_train_territories:
             failed = [f for f in self.failures if f["round"] == server_round and f["phase"] == "train"]
             raise FederationError(
@@ -190,17 +211,15 @@ class FedLDTStrategy:
             tid = self._tid(reply_territory(m))
             if self._template:
                 check_reply_arrays(self._template, next(iter(m.content.array_records.values())), str(tid))
-            n = next(iter(m.content.metric_records.values()))[WEIGHT_KEY]
-            if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0:
-                raise AggregationGuardError(f"round {server_round}: territory {tid} reported {WEIGHT_KEY}={n!r}; "
-                                            "it must be a finite number >= 0")
-            if n > 0:
+            if self._train[reply_territory(m)]["num_train"] > 0:
                 contributing.append(m)
         if ok and not contributing:
             raise FederationError(
                 f"round {server_round}: every territory that trained reported {WEIGHT_KEY}=0 (no training windows), so "
                 "there is nothing to aggregate; check each territory's data and task.split/task.window")
         arrays, metrics = super().aggregate_train(server_round, contributing)
+        if arrays is not None and self.buffer_keys and isinstance(self, _SERVER_OPTIMIZERS):
+            arrays = _with_weighted_mean(arrays, contributing, self.buffer_keys)
         return self._conform(server_round, arrays), metrics
 
     def _conform(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
@@ -237,8 +256,9 @@ class FedLDTStrategy:
         if not per:
             return None
         pooled = report(pool(per.values()), self.report_steps)
-        losses = [v["train_loss"] for v in self._train.values()]
-        mean_loss = sum(losses) / len(losses) if losses else None
+        trained = [v for v in self._train.values() if v["num_train"] > 0]
+        total = sum(v["num_train"] for v in trained)
+        mean_loss = sum(v["train_loss"] * v["num_train"] for v in trained) / total if total else None
         self.rounds.append({"round": server_round, "train_loss": mean_loss, "val": pooled})
         per_mae = "  ".join(f"{self.territory_ids.get(i, i)}={report(s, [])['mae']['all']:.3f}" for i, s in per.items())
         loss_txt = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
@@ -319,6 +339,9 @@ class FedLDTKrum(FedLDTStrategy, Krum):
     """Krum (Blanchard et al., NeurIPS 2017): the reply closest to its neighbours."""
 
 
+#: Rules that step the global model with a server optimizer (see ``FedLDTStrategy.buffer_keys``).
+_SERVER_OPTIMIZERS = (FedOpt, FedAvgM)
+
 #: ``strategy.name`` -> strategy class.
 STRATEGIES: dict[str, type] = {
     "fedavg": FedLDTAvg, "fedprox": FedLDTProx, "fedadam": FedLDTAdam, "fedyogi": FedLDTYogi,
@@ -327,9 +350,12 @@ STRATEGIES: dict[str, type] = {
 }
 #: Keys of the ``strategy`` config block that are not arguments of the Flower class.
 _OWN_KEYS = {"name"}
-#: Arguments fedldt sets itself (from the territories and ``federation.*``).
+#: Arguments fedldt sets itself (from the territories and ``federation.*``). Every connected
+#: territory trains and evaluates in every round (cross-silo): Flower's ``fraction_*`` sampling
+#: draws random SuperNode ids, which would make runs depend on more than the seed.
 _FIXED = {"weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "arrayrecord_key",
-          "configrecord_key", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes"}
+          "configrecord_key", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
+          "fraction_train", "fraction_evaluate"}
 
 
 def strategy_arguments(strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,26 +371,34 @@ def strategy_arguments(strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
     base = STRATEGIES[name].__mro__[2]
     accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - _FIXED
     args = {k: v for k, v in strategy_cfg.items() if k not in _OWN_KEYS}
+    sampling = sorted(k for k in args if k.startswith("fraction_"))
+    if sampling:
+        raise ValueError(f"strategy.{sampling[0]} is not supported: every connected territory trains and evaluates in "
+                         "every round (Flower samples random SuperNode ids, so runs would not be reproducible); "
+                         "use federation.min_train_territories to let rounds go on without a territory")
     unknown = sorted(set(args) - accepted)
     if unknown:
         raise ValueError(f"strategy '{name}' ({base.__name__}) has no option(s) {unknown}; accepted: {sorted(accepted)}")
-    for key, (lo, hi, lo_open) in _RANGES.items():
+    for key, (lo, hi, lo_open, hi_open) in _RANGES.items():
         if key in args:
             v = args[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or (lo_open and v == lo) or v > hi:
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
-                raise ValueError(f"strategy.{key}={v!r} must be a number in {interval} (strategy '{name}')")
+            bad_type = isinstance(v, bool) or not isinstance(v, int if key in _INTEGERS else (int, float))
+            if bad_type or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
+                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+                kind = "an integer" if key in _INTEGERS else "a number"
+                raise ValueError(f"strategy.{key}={v!r} must be {kind} in {interval} (strategy '{name}')")
     return args
 
 
-#: Valid ranges of the numeric strategy options: key -> (low, high, low excluded).
+_INF = float("inf")
+#: Valid ranges of the numeric strategy options: key -> (low, high, low excluded, high excluded).
 _RANGES = {
-    "fraction_train": (0.0, 1.0, True), "fraction_evaluate": (0.0, 1.0, False), "proximal_mu": (0.0, float("inf"), False),
-    "eta": (0.0, float("inf"), True), "eta_l": (0.0, float("inf"), True), "tau": (0.0, float("inf"), True),
-    "beta_1": (0.0, 1.0, False), "beta_2": (0.0, 1.0, False), "beta": (0.0, 0.5, False),
-    "server_learning_rate": (0.0, float("inf"), True), "server_momentum": (0.0, 1.0, False),
-    "num_malicious_nodes": (0, float("inf"), False),
+    "proximal_mu": (0.0, _INF, False, True), "eta": (0.0, _INF, True, True), "eta_l": (0.0, _INF, True, True),
+    "tau": (0.0, _INF, True, True), "beta_1": (0.0, 1.0, False, True), "beta_2": (0.0, 1.0, False, True),
+    "beta": (0.0, 0.5, False, True), "server_learning_rate": (0.0, _INF, True, True),
+    "server_momentum": (0.0, 1.0, False, True), "num_malicious_nodes": (0, _INF, False, True),
 }
+_INTEGERS = {"num_malicious_nodes"}
 
 
 def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLDTStrategy:
@@ -372,11 +406,20 @@ def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLD
 
     Args:
         strategy_cfg: the ``strategy`` config block (``conf/strategy/<name>.yaml``), e.g.
-            ``{"name": "fedprox", "proximal_mu": 0.01, "fraction_train": 1.0}``.
+            ``{"name": "fedprox", "proximal_mu": 0.01}``.
         **fedldt_args: the :class:`FedLDTStrategy` arguments (``territory_ids``, ...) and
             ``min_*_nodes``.
 
     Raises:
-        ValueError: see :func:`strategy_arguments`.
+        ValueError: see :func:`strategy_arguments`; ``krum`` with ``n <= 2 f + 2`` territories
+            (``f`` = ``num_malicious_nodes``; Blanchard et al.'s condition).
     """
-    return STRATEGIES[strategy_cfg["name"]](**strategy_arguments(strategy_cfg), **fedldt_args)
+    args = strategy_arguments(strategy_cfg)
+    n = len(fedldt_args.get("territory_ids", {}))
+    if strategy_cfg["name"] == "krum" and n <= 2 * int(args.get("num_malicious_nodes", 0)) + 2:
+        raise ValueError(f"strategy 'krum' needs more than 2*num_malicious_nodes+2 territories; the pilot has {n} "
+                         f"(strategy.num_malicious_nodes={args.get('num_malicious_nodes', 0)})")
+    if strategy_cfg["name"] == "fedtrimmedavg" and int(float(args.get("beta", 0.2)) * n) == 0:
+        print(f"[fedldt] WARNING: fedtrimmedavg with beta={args.get('beta', 0.2)} trims int(beta*{n}) = 0 territories "
+              "per side: with this many territories it is a plain unweighted mean", flush=True)
+    return STRATEGIES[strategy_cfg["name"]](fraction_train=1.0, fraction_evaluate=1.0, **args, **fedldt_args)
