@@ -35,7 +35,8 @@ def test_each_group_option_instantiates(group, option, data_root):
     from fedldt.models import build_model, local_state_names
 
     pilot = "charged_ev_3cities" if option == "charged_ev" or option == "as_given" else "los_loop_3"
-    cfg = resolve_config(compose_config([f"pilot={pilot}", f"{group}={option}"]))
+    extra = ["model=stgcn"] if option == "fedbn" else []  # the default dcrnn has no normalization layers
+    cfg = resolve_config(compose_config([f"pilot={pilot}", f"{group}={option}", *extra]))
     assert cfg[group]["name"] == option if group not in ("train", "partition") else True
     if group in ("dataset", "partition"):
         territories = load_territories(cfg)
@@ -65,7 +66,8 @@ def test_each_group_option_instantiates(group, option, data_root):
 
 @pytest.mark.parametrize("override,field", [("strategy.proximal_mu=-1", "proximal_mu"),
                                             ("+strategy.etaa=0.1", "etaa"),
-                                            ("personalization.name=fedsgd", "personalization.name")])
+                                            ("personalization.name=fedsgd", "personalization.name"),
+                                            ("personalization=fedbn", "model 'dcrnn' has no normalization layers")])
 def test_bad_strategy_or_personalization_is_named(override, field, data_root):
     ov = ["strategy=fedprox"] if "proximal" in override else ["strategy=fedadam"] if "etaa" in override else []
     with pytest.raises(ValueError, match=field):
