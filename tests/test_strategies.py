@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from clients.client_app import LOCAL_KEY, app
-from fedldt.config import CONF_DIR, compose_config, resolve_config
+from fedldt.config import compose_config, resolve_config
 from fedldt.federation import client as territory
 from fedldt.federation.server import config_record
 from fedldt.federation.strategy import (STRATEGIES, AggregationGuardError, FederationError, build_strategy,
