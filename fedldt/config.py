@@ -114,7 +114,11 @@ def _validate(cfg: dict[str, Any]) -> None:
     from fedldt.federation.strategy import strategy_arguments  # Flower's classes name the options
     from fedldt.models import PERSONALIZATIONS, build_model, local_state_names
 
-    strategy_arguments(cfg["strategy"])
+    args = strategy_arguments(cfg["strategy"])
+    k = int(cfg["partition"]["num_territories"])
+    if cfg["strategy"]["name"] == "krum" and k <= 2 * int(args.get("num_malicious_nodes", 0)) + 2:
+        raise ValueError(f"strategy=krum needs more than 2*strategy.num_malicious_nodes+2 territories; "
+                         f"partition.num_territories={k} (strategy.num_malicious_nodes={args.get('num_malicious_nodes', 0)})")
     name = cfg.get("personalization", {}).get("name", "none")
     if name not in PERSONALIZATIONS:
         raise ValueError(f"personalization.name={name!r} must be one of {list(PERSONALIZATIONS)} (conf/personalization/)")

@@ -67,9 +67,12 @@ def test_each_group_option_instantiates(group, option, data_root):
 @pytest.mark.parametrize("override,field", [("strategy.proximal_mu=-1", "proximal_mu"),
                                             ("+strategy.etaa=0.1", "etaa"),
                                             ("personalization.name=fedsgd", "personalization.name"),
-                                            ("personalization=fedbn", "model 'dcrnn' has no normalization layers")])
+                                            ("personalization=fedbn", "model 'dcrnn' has no normalization layers"),
+                                            ("strategy.num_malicious_nodes=1", r"krum needs more than .* territories; "
+                                                                               r"partition.num_territories=3")])
 def test_bad_strategy_or_personalization_is_named(override, field, data_root):
-    ov = ["strategy=fedprox"] if "proximal" in override else ["strategy=fedadam"] if "etaa" in override else []
+    ov = {"proximal": ["strategy=fedprox"], "etaa": ["strategy=fedadam"], "malicious": ["strategy=krum"]}
+    ov = next((v for key, v in ov.items() if key in override), [])
     with pytest.raises(ValueError, match=field):
         resolve_config(compose_config(["pilot=los_loop_3", *ov, override]))
 
