@@ -12,6 +12,7 @@ Two federations, each reused by several tests (the deployment round trip costs ~
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -199,6 +200,9 @@ def test_ctrl_c_mid_run_stops_every_process(tmp_path):
          f"paths.data_root={tmp_path / 'data'}", "partition.num_territories=2", "model.hidden=8", "train.rounds=1",
          f"hydra.run.dir={out}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # as from an interactive terminal: a test runner started in the background (`cmd &`)
+        # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
