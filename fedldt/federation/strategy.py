@@ -157,7 +157,11 @@ class FedLDTStrategy:
         failures: one dict per failed or missing reply (round, phase, territory, node id, reason).
 
     Raises:
-        FederationError: (from :meth:`aggregate_train`) too few territories trained in a round.
+        FederationError: (from :meth:`aggregate_train`) too few territories trained in a round,
+            every territory reported 0 training windows, or the aggregate is not finite.
+        AggregationGuardError: (from :meth:`aggregate_train`) a reply does not fit the global
+            model (keys, shapes, dtypes) or reports a bad ``num-examples``; territory and
+            parameter named.
     """
 
     def __init__(self, *, territory_ids: dict[int, str], report_steps: list[int], num_rounds: int,
