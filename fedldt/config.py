@@ -44,6 +44,14 @@ def checkout_root() -> Path:
     return PACKAGE_DIR.parent
 
 
+def checkout_path(value: str | None) -> str | None:
+    """A folder named in the config (e.g. ``compare.publish_dir``): an absolute path as is, a
+    relative one taken relative to the checkout (not the working directory); ``None`` stays."""
+    if not value:
+        return None
+    return value if Path(value).is_absolute() else str(checkout_root() / value)
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (e.g. ``["pilot=los_loop_3"]``).
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.compare import run_comparison
-from fedldt.config import CONF_DIR, checkout_root, resolve_config
+from fedldt.config import CONF_DIR, checkout_path, resolve_config
 from fedldt.federation.launch import RunFailed
 
 
@@ -25,9 +25,7 @@ from fedldt.federation.launch import RunFailed
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)
     hc = HydraConfig.get()
-    publish = resolved.get("compare", {}).get("publish_dir")
-    if publish and not publish.startswith("/"):
-        publish = str(checkout_root() / publish)
+    publish = checkout_path(resolved.get("compare", {}).get("publish_dir"))
     try:
         run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
     except RunFailed as e:

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedldt.config import CONF_DIR, checkout_root, resolve_config
+from fedldt.config import CONF_DIR, checkout_path, resolve_config
 from fedldt.federation.launch import RunFailed
 from fedldt.sweep import ARTIFACTS, run_sweep
 
@@ -26,9 +26,7 @@ from fedldt.sweep import ARTIFACTS, run_sweep
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)
     hc = HydraConfig.get()
-    publish = resolved["sweep"].get("publish_dir")
-    if publish and not Path(publish).is_absolute():
-        publish = str(checkout_root() / publish)
+    publish = checkout_path(resolved["sweep"].get("publish_dir"))
     try:
         run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
     except RunFailed as e:
