@@ -36,6 +36,13 @@ def random_walk_weights(edge_index: Tensor, edge_weight: Tensor, num_nodes: int)
     return fwd, bwd
 
 
+def plus_last_observed(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` ``[batch, horizon, node, C]`` plus the last input step's first ``C`` channels of
+    ``x`` ``[batch, window, node, F]`` (the scaled values): the ``residual`` option of the models,
+    which then forecast the change from the last observed value."""
+    return out + x[:, -1:, :, : out.shape[-1]]
+
+
 def transition_matrices(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
     """Sparse (COO) forward and reverse random-walk transition matrices ``[node, node]``.
 
@@ -174,6 +181,4 @@ class DCRNNForecaster(nn.Module):
                 inp = hs[i]
         out = self.readout(self.dropout(hs[-1]))  # [N, B, horizon*C]
         out = out.view(n, b, self.cfg.horizon, self.cfg.out_channels).permute(1, 2, 0, 3)  # [B, H, N, C]
-        if self.cfg.residual:
-            out = out + x[:, -1:, :, : self.cfg.out_channels]  # last observed (scaled) values
-        return out
+        return plus_last_observed(out, x) if self.cfg.residual else out

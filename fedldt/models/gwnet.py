@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedldt.models.dcrnn import transition_matrices
+from fedldt.models.dcrnn import plus_last_observed, transition_matrices
 
 
 def graph_product(a: Tensor, x: Tensor) -> Tensor:
@@ -114,9 +114,8 @@ class GWNetConfig:
         kernel_size: TCN kernel size (paper: 2).
         order: powers of each support in the graph convolution (paper: 2).
         dropout: dropout after each graph convolution (paper: 0.3).
-        residual: forecast the change from the last observed value (the output is added to
-            the last input step's value channels), as in ``dcrnn``; requires the first
-            ``out_channels`` inputs to be the scaled values.
+        residual: forecast the change from the last observed value
+            (:func:`fedldt.models.dcrnn.plus_last_observed`).
     """
 
     in_channels: int
@@ -231,6 +230,4 @@ class GWNetForecaster(nn.Module):
         out = torch.relu(skip[..., -1:])  # [B, S, N, 1] (last step)
         out = self.end2(torch.relu(self.end1(out)))  # [B, H*C, N, 1]
         out = out.view(b, self.cfg.horizon, self.cfg.out_channels, n).permute(0, 1, 3, 2)  # [B, H, N, C]
-        if self.cfg.residual:
-            out = out + x[:, -1:, :, : self.cfg.out_channels]  # last observed (scaled) values
-        return out
+        return plus_last_observed(out, x) if self.cfg.residual else out

@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 from torch_geometric.utils import to_undirected
 
+from fedldt.models.dcrnn import plus_last_observed
+
 
 def undirected_graph(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
     """The graph with every edge in both directions; a pair given both ways gets the mean of its
@@ -153,9 +155,8 @@ class STGCNConfig:
         output_kernel: temporal kernel of the output layer (paper: the remaining window, 4 for
             a 12-step window with the defaults above).
         dropout: dropout at the end of each block.
-        residual: forecast the change from the last observed value (the output is added to
-            the last input step's value channels), as in ``dcrnn``; requires the first
-            ``out_channels`` inputs to be the scaled values.
+        residual: forecast the change from the last observed value
+            (:func:`fedldt.models.dcrnn.plus_last_observed`).
     """
 
     in_channels: int
@@ -235,6 +236,4 @@ class STGCNForecaster(nn.Module):
         h = self.out_norm(h.transpose(1, 2))  # [B, N, Ct]
         out = self.out_fc(h)  # [B, N, horizon*C]
         out = out.view(b, n, self.cfg.horizon, self.cfg.out_channels).permute(0, 2, 1, 3)  # [B, H, N, C]
-        if self.cfg.residual:
-            out = out + x[:, -1:, :, : self.cfg.out_channels]  # last observed (scaled) values
-        return out
+        return plus_last_observed(out, x) if self.cfg.residual else out
