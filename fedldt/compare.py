@@ -87,6 +87,9 @@ def comparison_markdown(cmp: dict[str, Any], summaries: dict[str, dict[str, Any]
               "| territory | federated MAE | local MAE | change vs local | centralized MAE |", "|---|---|---|---|---|"]
     for t in terr:
         f, l, c = (cmp[m]["test_per_territory"][t]["mae"]["all"] for m in ("federated", "local", "centralized"))
+        if f is None or l is None or l == 0:  # no valid test target: not available
+            lines.append(f"| {t} | {_f(f)} | {_f(l)} | n/a | {_f(c)} |")
+            continue
         change = (f - l) / l
         verdict = "gains" if change < -GAIN_THRESHOLD else "loses" if change > GAIN_THRESHOLD else "no clear difference"
         lines.append(f"| {t} | {_f(f)} | {_f(l)} | {100 * change:+.1f}% ({verdict}) | {_f(c)} |")
