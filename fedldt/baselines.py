@@ -23,7 +23,7 @@ from fedldt.config import load_territories
 from fedldt.engine import TerritoryTask, derive_seed, seed_everything, task_from_config, train_epochs
 from fedldt.metrics import MetricSums, pool, report
 from fedldt.models import build_model
-from fedldt.results import build_summary, write_run_outputs
+from fedldt.results import NOT_AVAILABLE, build_summary, write_run_outputs
 
 MODES = ("federated", "centralized", "local")
 
@@ -55,10 +55,11 @@ def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple
                             grad_clip=tr["grad_clip"])
         for idx, task in tasks:
             sums = task.evaluate(model, "val")
-            val.setdefault(rnd, []).append((loss, sums))
+            val.setdefault(rnd, []).append((loss, sums, task.dataset.name))
             history.append({"round": rnd, "territory": task.dataset.name, "train_loss": loss,
                             "num_train": task.num_windows("train"),
-                            **{f"val_{m}_{h}": v for m, b in report(sums, steps).items() for h, v in b.items()}})
+                            **{f"val_{m}_{h}": v for m, b in report(sums, steps).items() for h, v in b.items()},
+                            "eval_status": NOT_AVAILABLE if int(sums.num_valid.sum()) == 0 else "ok"})
         if label:
             print(f"[fedldt] {label} round {rnd}/{tr['rounds']}  train loss {loss:.4f}", flush=True)
 
@@ -66,7 +67,9 @@ def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple
 def _pooled_rounds(cfg: dict[str, Any], val: dict[int, list]) -> list[dict[str, Any]]:
     """Per round: mean train loss and pooled validation metrics (as the federated history)."""
     steps = list(cfg["task"]["report_steps"])
-    return [{"round": rnd, "train_loss": sum(l for l, _ in items) / len(items), "val": report(pool(s for _, s in items), steps)}
+    return [{"round": rnd, "train_loss": sum(item[0] for item in items) / len(items),
+             "val": report(pool(item[1] for item in items), steps),
+             "val_not_available": [name for _, sums, name in items if int(sums.num_valid.sum()) == 0]}
             for rnd, items in sorted(val.items())]
 
 

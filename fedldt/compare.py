@@ -87,6 +87,9 @@ def comparison_markdown(cmp: dict[str, Any], summaries: dict[str, dict[str, Any]
               "| territory | federated MAE | local MAE | change vs local | centralized MAE |", "|---|---|---|---|---|"]
     for t in terr:
         f, l, c = (cmp[m]["test_per_territory"][t]["mae"]["all"] for m in ("federated", "local", "centralized"))
+        if f is None or l is None or l == 0:  # no valid test target: not available
+            lines.append(f"| {t} | {_f(f)} | {_f(l)} | n/a | {_f(c)} |")
+            continue
         change = (f - l) / l
         verdict = "gains" if change < -GAIN_THRESHOLD else "loses" if change > GAIN_THRESHOLD else "no clear difference"
         lines.append(f"| {t} | {_f(f)} | {_f(l)} | {100 * change:+.1f}% ({verdict}) | {_f(c)} |")
@@ -133,7 +136,7 @@ def plot_forecasts(cfg: dict[str, Any], run_dirs: dict[str, Path], out: Path, se
     """Forecast vs. truth over the last test day for a few sensors of each territory (all modes)."""
     tasks = build_tasks(cfg)
     step = int(cfg["task"]["report_steps"][0])
-    ckpts = {m: torch.load(d / "model.pt", weights_only=False) for m, d in run_dirs.items()}
+    ckpts = {m: torch.load(d / "model.pt", map_location="cpu", weights_only=True) for m, d in run_dirs.items()}  # tensors only: no pickled code
     fig, axes = plt.subplots(len(tasks), sensors_per_territory, figsize=(4.2 * sensors_per_territory, 2.8 * len(tasks)),
                              squeeze=False)
     for r, task in enumerate(tasks):

@@ -8,19 +8,20 @@ travels to the territory clients (as JSON in the train/evaluate ConfigRecord). N
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import unquote, urlparse
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fedldt.data import as_given, load_charged_cities, load_los_loop, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -122,6 +123,8 @@ def _validate(cfg: dict[str, Any]) -> None:
     from fedldt.federation.strategy import strategy_arguments  # Flower's classes name the options
     from fedldt.models import PERSONALIZATIONS, build_model, local_state_names
 
+    registered_call(cfg["dataset"], DATASET_LOADERS, "dataset")  # the loaders are checked before any run starts
+    registered_call(cfg["partition"], PARTITIONS, "partition", skip=1)
     args = strategy_arguments(cfg["strategy"])
     k = int(cfg["partition"]["num_territories"])
     if cfg["strategy"]["name"] == "krum" and k <= 2 * int(args.get("num_malicious_nodes", 0)) + 2:
@@ -140,17 +143,101 @@ def num_territories(cfg: dict[str, Any]) -> int:
     return int(cfg["partition"]["num_territories"])
 
 
+#: The dataset loaders a config may name in ``dataset._target_``: the only functions fedldt
+#: calls from a config. The config travels to every territory and is read back from run
+#: folders, so it is data, not code: nothing in it is imported or instantiated. To add a
+#: loader, add its ``_target_`` string here (see README, "Adding a pilot").
+DATASET_LOADERS: dict[str, Callable[..., Any]] = {
+    "fedldt.data.load_los_loop": load_los_loop,
+    "fedldt.data.los_loop.load_los_loop": load_los_loop,
+    "fedldt.data.load_charged_cities": load_charged_cities,
+    "fedldt.data.charged_ev.load_charged_cities": load_charged_cities,
+}
+#: The partitions a config may name in ``partition._target_`` (called with the loaded dataset
+#: first, then the block's other keys).
+PARTITIONS: dict[str, Callable[..., Any]] = {
+    "fedldt.data.partition_kmeans": partition_kmeans,
+    "fedldt.data.partition.partition_kmeans": partition_kmeans,
+    "fedldt.data.partition.as_given": as_given,
+    "fedldt.data.as_given": as_given,
+}
+
+
+def registered_call(block: Mapping[str, Any], registry: Mapping[str, Callable[..., Any]], field: str,
+                    skip: int = 0) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The registered function a config block names and its checked keyword arguments.
+
+    Nothing is imported or called here: ``block["_target_"]`` is looked up in ``registry``
+    (a fixed dict of fedldt functions) and the other keys are checked against that
+    function's signature.
+
+    Args:
+        block: a config block such as ``cfg["dataset"]`` (``{"_target_": "...", **kwargs}``).
+        registry: :data:`DATASET_LOADERS` or :data:`PARTITIONS`.
+        field: the block's name in the config (``"dataset"``, ``"partition"``), for errors.
+        skip: leading positional parameters fedldt passes itself (1 for a partition: the dataset).
+
+    Returns:
+        ``(function, kwargs)``.
+
+    Raises:
+        ValueError: ``_target_`` is missing, not a string or not registered (the value and the
+            allowed list are named); a key is not a parameter of the function; a required
+            parameter is missing; or an argument holds a nested ``_target_`` (never instantiated).
+    """
+    if not isinstance(block, Mapping):
+        raise ValueError(f"{field} must be a mapping with a _target_ key, got {type(block).__name__}")
+    target = block.get("_target_")
+    if not isinstance(target, str) or target not in registry:
+        raise ValueError(f"{field}._target_={target!r} is not a registered fedldt {field} function; allowed: "
+                         f"{sorted(registry)} (a new one must be added to fedldt.config."
+                         f"{'DATASET_LOADERS' if field == 'dataset' else 'PARTITIONS'})")
+    fn = registry[target]
+    kwargs = {k: v for k, v in block.items() if k != "_target_"}
+    nested = _nested_targets(kwargs, field)
+    if nested:
+        raise ValueError(f"{nested[0]} is not allowed: arguments of {field}._target_={target!r} are plain values, "
+                         "nothing inside them is instantiated")
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"{field}: {target} takes no argument(s) {unknown}; accepted: {sorted(accepted)}")
+    required = sorted(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                      and p.name not in kwargs)
+    if required:
+        raise ValueError(f"{field}: {target} needs argument(s) {required} (set {field}.<name> in the config)")
+    return fn, kwargs
+
+
+def _nested_targets(value: Any, path: str) -> list[str]:
+    """Paths of every ``_target_`` key inside ``value`` (dicts and lists, any depth)."""
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items()
+                for p in ([f"{path}.{k}"] if k == "_target_" else []) + _nested_targets(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _nested_targets(v, f"{path}[{i}]")]
+    return []
+
+
 def load_territories(cfg: dict[str, Any]) -> list[TerritoryDataset]:
-    """Load the dataset and split it into territories, as the config says (cached per config)."""
+    """Load the dataset and split it into territories, as the config says (cached per config).
+
+    Only registered functions run (:data:`DATASET_LOADERS`, :data:`PARTITIONS`); both blocks
+    are checked before anything is called.
+
+    Raises:
+        ValueError: see :func:`registered_call`; or the loader's/partition's own errors.
+    """
     return list(_load_territories_cached(json.dumps({k: cfg[k] for k in ("dataset", "partition")}, sort_keys=True)))
 
 
 @lru_cache(maxsize=4)
 def _load_territories_cached(key: str) -> tuple[TerritoryDataset, ...]:
     sub = json.loads(key)
-    dataset = instantiate(sub["dataset"], _convert_="all")
-    territories = instantiate(sub["partition"], _partial_=True, _convert_="all")(dataset)
-    return tuple(territories)
+    load, load_args = registered_call(sub["dataset"], DATASET_LOADERS, "dataset")
+    split, split_args = registered_call(sub["partition"], PARTITIONS, "partition", skip=1)
+    return tuple(split(load(**load_args), **split_args))
 
 
 def parse_overrides(text: str) -> list[str]:

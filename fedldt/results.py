@@ -15,6 +15,9 @@ from fedldt.metrics import MetricSums, pool, report
 
 #: Reference forecasts evaluated on the same test windows as the trained model.
 REFERENCES = ("persistence", "historical_average")
+#: ``eval_status`` (history.csv) of a territory that evaluated but has no valid target (every
+#: target of the split masked): its metrics are empty cells (``null`` in JSON), never NaN or 0.
+NOT_AVAILABLE = "not available"
 
 
 def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, Any]],
@@ -28,6 +31,9 @@ def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, An
         territories: ``[{"id", "num_nodes", "num_train_windows", ...}]`` in territory order.
         test: territory id -> ``{"model": sums, "persistence": sums, "historical_average": sums}``.
         history: pooled validation metrics per round.
+
+    A metric that cannot be computed (no valid target) is ``None`` (JSON ``null``, never NaN);
+    ``test_not_available`` names the territories without a valid test target.
         failures: failed replies (federated only).
         model_cfg: the model config (to rebuild the model).
         wall_time_s: seconds the run took.
@@ -45,6 +51,9 @@ def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, An
         "personalization": str(cfg.get("personalization", {}).get("name", "none")) if mode == "federated" else None,
         "test": report(pool(t["model"] for t in test.values()), steps),
         "test_per_territory": {tid: report(t["model"], steps) for tid, t in test.items()},
+        # territories whose test targets are all missing: their metrics are null, the pooled ones
+        # come from the others
+        "test_not_available": [tid for tid, t in test.items() if int(t["model"].num_valid.sum()) == 0],
     }
     for ref in REFERENCES:
         out[ref] = report(pool(t[ref] for t in test.values()), steps)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from fedldt.config import CONF_DIR, compose_config, load_territories, parse_overrides, resolve_config
+from fedldt.config import (CONF_DIR, DATASET_LOADERS, PARTITIONS, compose_config, load_territories, parse_overrides,
+                           registered_call, resolve_config)
 
 PILOTS = sorted(p.stem for p in (CONF_DIR / "pilot").glob("*.yaml"))
 
@@ -79,8 +79,8 @@ def test_bad_strategy_or_personalization_is_named(override, field, data_root):
 
 def test_dataset_and_partition_instantiate(data_root):
     cfg = resolve_config(compose_config(["pilot=los_loop_3"]))
-    ds = instantiate(cfg["dataset"])
-    assert ds.num_nodes == 207
+    load, args = registered_call(cfg["dataset"], DATASET_LOADERS, "dataset")
+    assert load(**args).num_nodes == 207
     territories = load_territories(cfg)
     assert [t.name for t in territories] == ["t0", "t1", "t2"]
 
@@ -114,3 +114,61 @@ def test_unknown_pilot_is_an_error_listing_the_pilots():
 
     with pytest.raises(MissingConfigException, match="los_loop_3"):
         compose_config(["pilot=los_loop3"])
+
+
+# ------------------------------------------------------------------ no code from files: registered loaders only
+def test_every_target_in_conf_is_registered():
+    """Existing configs and run folders keep working: every ``_target_`` conf/ uses is registered."""
+    for group, registry in (("dataset", DATASET_LOADERS), ("partition", PARTITIONS)):
+        for f in sorted((CONF_DIR / group).glob("*.yaml")):
+            target = next(line.split(":", 1)[1].strip() for line in f.read_text().splitlines() if line.startswith("_target_:"))
+            assert target in registry, f
+
+
+def _marker_cfg(data_root, tmp_path):
+    cfg = resolve_config(compose_config(["pilot=los_loop_3"]))
+    marker = tmp_path / "pwned"
+    return cfg, marker
+
+
+@pytest.mark.parametrize("field,block", [
+    ("dataset", {"_target_": "builtins.exec", "source": "open({marker!r}, 'w').write('x')"}),
+    ("dataset", {"_target_": "os.system", "command": "touch {marker}"}),
+    ("partition", {"_target_": "os.system", "command": "touch {marker}"}),
+    ("partition", {"_target_": "builtins.exec", "source": "open({marker!r}, 'w').write('x')"}),
+])
+def test_unregistered_target_is_refused_before_anything_runs(field, block, data_root, tmp_path):
+    cfg, marker = _marker_cfg(data_root, tmp_path)
+    cfg[field] = {**({"path": cfg["dataset"]["path"]} if field == "dataset" else {"num_territories": 3}),
+                  **{k: v.format(marker=str(marker)) for k, v in block.items()}}
+    for call in (load_territories, resolve_config):  # a territory's loader and the config check both refuse
+        with pytest.raises(ValueError) as err:
+            call(cfg)
+        assert f"{field}._target_={block['_target_']!r} is not a registered" in str(err.value)
+        registry = DATASET_LOADERS if field == "dataset" else PARTITIONS
+        assert str(sorted(registry)) in str(err.value)  # the allowed list is named
+        assert not marker.exists()
+
+
+def test_nested_target_in_an_argument_is_refused(data_root, tmp_path):
+    cfg, marker = _marker_cfg(data_root, tmp_path)
+    cfg["dataset"]["path"] = {"_target_": "os.system", "command": f"touch {marker}"}
+    with pytest.raises(ValueError, match=r"dataset\.path\._target_ is not allowed"):
+        load_territories(cfg)
+    cfg["dataset"]["path"] = str(data_root / "los_loop")
+    cfg["partition"]["seed"] = [1, {"x": {"_target_": "os.system", "command": f"touch {marker}"}}]
+    with pytest.raises(ValueError, match=r"partition\.seed\[1\]\.x\._target_ is not allowed"):
+        load_territories(cfg)
+    assert not marker.exists()
+
+
+def test_unknown_or_missing_loader_argument_is_refused(data_root, tmp_path):
+    cfg, _ = _marker_cfg(data_root, tmp_path)
+    bad = {**cfg["dataset"], "_args_": ["touch x"], "callback": "os.system"}
+    with pytest.raises(ValueError, match=r"dataset: fedldt.data.load_los_loop takes no argument\(s\) \['_args_', 'callback'\]"):
+        registered_call(bad, DATASET_LOADERS, "dataset")
+    with pytest.raises(ValueError, match=r"partition: fedldt.data.partition_kmeans takes no argument\(s\) \['_partial_'\]"):
+        load_territories({**cfg, "partition": {**cfg["partition"], "_partial_": True}})
+    no_path = {k: v for k, v in cfg["dataset"].items() if k != "path"}
+    with pytest.raises(ValueError, match=r"needs argument\(s\) \['path'\]"):
+        registered_call(no_path, DATASET_LOADERS, "dataset")

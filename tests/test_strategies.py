@@ -297,3 +297,192 @@ def test_cross_city_pilot_with_different_node_counts_runs_every_model(model, per
     if model == "gwnet":
         emb = [grid.contexts[n].state.array_records[LOCAL_KEY]["node_emb1"].shape[0] for n in CITY_NODES]
         assert emb == [infos[i]["num-nodes"] for i in range(3)]
+
+
+# ------------------------------------------------------------------ server optimizers: known answers
+def _round(s, rnd: int, global_arrays: dict[str, np.ndarray], replies_spec, nodes=NODES):
+    """One aggregation as the server runs it: configure (the global model), then the replies."""
+    grid = InProcessGrid(app, nodes)
+    sent = list(s.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in global_arrays.items()}), ConfigRecord(), grid))
+    grid.stamp(sent)
+    ids = {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
+    arrays, _ = s.aggregate_train(rnd, [_reply(ids, i, a, n) for i, (a, n) in enumerate(replies_spec)])
+    return {k: arrays[k].numpy() for k in arrays.keys()}
+
+
+ONES = [({"w": np.ones(1, F32)}, 10), ({"w": np.ones(1, F32)}, 10)]  # both territories return 1
+ADAM = {"eta": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+
+
+def test_fedadam_bias_correction_uses_t_1_at_the_first_update():
+    s = _strategy({"name": "fedadam", **ADAM})
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 0.001
+    w1 = _round(s, 1, {"w": np.zeros(1, F32)}, ONES)["w"]
+    # round 1 (t = 1): delta = 1 - 0 = 1
+    m1 = (1 - b1) * 1.0                      # 0.1
+    v1 = (1 - b2) * 1.0 ** 2                 # 0.01
+    step1 = eta * np.sqrt(1 - b2 ** 1) / (1 - b1 ** 1)  # 0.1 * 0.1 / 0.1 = 0.1
+    expected1 = 0 + step1 * m1 / (np.sqrt(v1) + tau)    # 0.1 * 0.1 / 0.101 = 0.0990099
+    assert expected1 == pytest.approx(0.0990099, abs=1e-7)
+    # the same as mhat/(sqrt(vhat) + tau_hat) with mhat = m1/(1-b1^1) = 1, vhat = v1/(1-b2^1) = 1 and tau
+    # scaled as the bias-corrected step scales it (tau_hat = tau/sqrt(1-b2^1) = 0.01): 0.1 * 1 / 1.01
+    assert expected1 == pytest.approx(eta * (m1 / (1 - b1)) / (np.sqrt(v1 / (1 - b2)) + tau / np.sqrt(1 - b2)), rel=1e-12)
+    assert w1.dtype == np.float32 and w1[0] == pytest.approx(expected1, rel=1e-6)
+    assert w1[0] != pytest.approx(0.0735109, abs=1e-4)  # Flower 1.42 (exponent t + 1)
+    assert s.optimizer_step == 1 and s.m_t["w"][0] == pytest.approx(m1) and s.v_t["w"][0] == pytest.approx(v1)
+    # round 2 (t = 2): the global model is w1, both territories return 1 again
+    w2 = _round(s, 2, {"w": w1}, ONES)["w"]
+    d2 = 1.0 - float(w1[0])
+    m2 = b1 * m1 + (1 - b1) * d2
+    v2 = b2 * v1 + (1 - b2) * d2 ** 2
+    step2 = eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
+    expected2 = float(w1[0]) + step2 * m2 / (np.sqrt(v2) + tau)
+    assert w2[0] == pytest.approx(expected2, rel=1e-6) and s.optimizer_step == 2
+    with_t3 = float(w1[0]) + eta * np.sqrt(1 - b2 ** 3) / (1 - b1 ** 3) * m2 / (np.sqrt(v2) + tau)
+    assert w2[0] != pytest.approx(with_t3, rel=1e-4)  # t did increment by one, not two
+
+
+def test_fedyogi_follows_the_paper_without_bias_correction():
+    """Reddi et al. (ICLR 2021), Algorithm 2: x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau), no
+    bias correction; Flower starts v at 0."""
+    s = _strategy({"name": "fedyogi", **ADAM})
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 0.001
+    w1 = _round(s, 1, {"w": np.zeros(1, F32)}, ONES)["w"]
+    m1 = (1 - b1) * 1.0                                           # 0.1
+    v1 = 0.0 - (1 - b2) * 1.0 ** 2 * np.sign(0.0 - 1.0 ** 2)       # 0.01
+    expected1 = 0 + eta * m1 / (np.sqrt(v1) + tau)                # 0.1 * 0.1 / 0.101 = 0.0990099
+    assert expected1 == pytest.approx(0.0990099, abs=1e-7) and w1[0] == pytest.approx(expected1, rel=1e-6)
+    w2 = _round(s, 2, {"w": w1}, ONES)["w"]
+    d2 = 1.0 - float(w1[0])
+    m2 = b1 * m1 + (1 - b1) * d2
+    v2 = v1 - (1 - b2) * d2 ** 2 * np.sign(v1 - d2 ** 2)          # v1 < d2^2: v grows
+    expected2 = float(w1[0]) + eta * m2 / (np.sqrt(v2) + tau)
+    assert w2[0] == pytest.approx(expected2, rel=1e-6) and s.optimizer_step == 2
+
+
+def test_fedadagrad_follows_the_paper_without_bias_correction():
+    """Reddi et al. (ICLR 2021), Algorithm 2, FedAdagrad: v_t = v_{t-1} + delta_t^2 (no beta_2,
+    no bias correction); Flower fixes beta_1 = 0, so m_t = delta_t."""
+    s = _strategy({"name": "fedadagrad", "eta": 0.1, "tau": 0.001})
+    eta, tau = 0.1, 0.001
+    w1 = _round(s, 1, {"w": np.zeros(1, F32)}, ONES)["w"]
+    m1, v1 = 1.0, 0.0 + 1.0 ** 2
+    expected1 = eta * m1 / (np.sqrt(v1) + tau)                    # 0.1 / 1.001 = 0.0999001
+    assert expected1 == pytest.approx(0.0999001, abs=1e-7) and w1[0] == pytest.approx(expected1, rel=1e-6)
+    w2 = _round(s, 2, {"w": w1}, ONES)["w"]
+    d2 = 1.0 - float(w1[0])
+    v2 = v1 + d2 ** 2
+    expected2 = float(w1[0]) + eta * d2 / (np.sqrt(v2) + tau)
+    assert w2[0] == pytest.approx(expected2, rel=1e-6) and s.optimizer_step == 2
+
+
+# ------------------------------------------------------------------ replies paired with the global model by name
+ENC_DEC = {"enc.weight": np.zeros((4, 4), F32), "dec.weight": np.full((4, 4), 10.0, F32)}
+
+
+def test_fedavgm_pairs_reply_arrays_by_name():
+    s = _strategy({"name": "fedavgm", "server_learning_rate": 0.5, "server_momentum": 0.0})
+    reordered = {"dec.weight": np.full((4, 4), 2.0, F32), "enc.weight": np.full((4, 4), 1.0, F32)}
+    out = _round(s, 1, ENC_DEC, [(reordered, 10), (dict(reordered), 10)])
+    # mean: enc 1, dec 2; step: x - 0.5 (x - mean): enc 0 - 0.5 (0 - 1) = 0.5, dec 10 - 0.5 (10 - 2) = 6
+    np.testing.assert_array_equal(out["enc.weight"], np.full((4, 4), 0.5, F32))
+    np.testing.assert_array_equal(out["dec.weight"], np.full((4, 4), 6.0, F32))
+    assert list(out) == ["enc.weight", "dec.weight"]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "fedavgm", "fedyogi"])
+def test_reordered_replies_give_the_same_result(name):
+    three = {10 + i: {"partition-id": i} for i in range(3)}
+    template = {"enc.weight": np.zeros((4, 4), F32), "bias": np.zeros(3, F32), "dec.weight": np.full((4, 4), 10.0, F32)}
+    rng = np.random.default_rng(3)  # a draw where Krum, pairing by position, would pick another reply
+    replies = [({k: rng.normal(size=v.shape).astype(F32) for k, v in template.items()}, 10 + 5 * i) for i in range(3)]
+    def rotated(a, i):  # reply i lists its keys rotated by i + 1: each territory in its own order
+        keys = list(a)[i + 1:] + list(a)[:i + 1]
+        return {k: a[k] for k in keys}
+    reversed_replies = [(rotated(a, i), n) for i, (a, n) in enumerate(replies)]
+    assert len({tuple(a) for a, _ in reversed_replies} | {tuple(template)}) == 3
+    cfg = {"name": name, **({"server_learning_rate": 0.5} if name == "fedavgm" else {})}
+    got = [_round(_strategy(cfg, n=3), 1, template, spec, nodes=three) for spec in (replies, reversed_replies)]
+    assert list(got[0]) == list(got[1]) == list(template)
+    for k in template:
+        np.testing.assert_array_equal(got[0][k], got[1][k])
+
+
+# ------------------------------------------------------------------ a territory without a valid validation target
+def test_territory_with_no_valid_validation_target_does_not_stop_the_run(tmp_path, capsys):
+    """Every sensor of one territory is missing over the validation split: its metrics are not
+    available (null / empty, eval_status 'not available'), the pooled ones come from the other
+    territory exactly, and the run goes on."""
+    import json
+
+    import pandas as pd
+
+    from fedldt.config import load_territories
+    from fedldt.data.windows import split_bounds
+    from fedldt.metrics import MetricSums, pool, report
+    from fedldt.results import write_run_outputs
+
+    folder = write_los_loop_like(tmp_path / "syn", num_nodes=10, num_steps=300)
+    speed = pd.read_csv(folder / "los_speed.csv", dtype=str)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
+                                         "model.hidden=8", "train.rounds=2"]))
+    t1, t2 = split_bounds(len(speed), cfg["task"]["split"])["val"]
+    dark = set(load_territories(cfg)[1].node_ids)  # territory t1: every sensor missing over the validation split
+    speed.loc[t1:t2 - 1, [c for c in speed.columns if c in dark]] = ""
+    speed.to_csv(folder / "los_speed.csv", index=False)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
+                                         "model.hidden=8", "train.rounds=2", "seed=1"]))  # another cache key: reload
+    infos = {i: territory.describe(cfg, i) for i in range(2)}
+    torch.manual_seed(0)
+    model = build_model({**cfg["model"], **{k: infos[0][k.replace("_", "-")] for k in ("in_channels", "out_channels", "horizon")}},
+                        num_nodes=infos[0]["num-nodes"])
+    shared, _ = split_state(model, "none")
+    grid = InProcessGrid(app, NODES)
+    s = _strategy(cfg["strategy"], n=2)
+    s.num_rounds = 2
+    s.start(grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=2, timeout=60,
+            train_config=config_record(cfg), evaluate_config=config_record(cfg, split="val"))
+    assert not s.failures and len(s.rounds) == 2
+    rows = {(h["round"], h["territory"]): h for h in s.history}
+    for rnd in (1, 2):
+        assert rows[(rnd, "t1")]["eval_status"] == "not available" and rows[(rnd, "t1")]["val_mae_all"] is None
+        assert "no valid target" in rows[(rnd, "t1")]["error"] and rows[(rnd, "t1")]["train_status"] == "ok"
+        assert rows[(rnd, "t0")]["eval_status"] == "ok" and rows[(rnd, "t0")]["val_mae_all"] > 0
+        # pooled = t0's own sums, exactly
+        t0_reply = [r for r in grid.replies if r.metadata.message_type == MessageType.EVALUATE
+                    and int(r.content["metrics"]["territory"]) == 0][rnd - 1]
+        t0_sums = MetricSums.from_dict(t0_reply.content["metrics"], "model.")
+        assert s.rounds[rnd - 1]["val"]["mae"]["all"] == report(pool([t0_sums]), [3])["mae"]["all"]
+        assert s.rounds[rnd - 1]["val"]["mae"]["all"] == rows[(rnd, "t0")]["val_mae_all"]
+    out = capsys.readouterr().out
+    assert "round 2/2" in out and "t1=n/a" in out
+    # the results folder: valid JSON (null, never NaN), an empty CSV cell with the status beside it
+    write_run_outputs(tmp_path / "run", cfg, {"history": s.rounds}, s.history, {})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["history"][1]["val"]["mae"]["all"] == s.rounds[1]["val"]["mae"]["all"]
+    frame = pd.read_csv(tmp_path / "run" / "history.csv")
+    dark_rows = frame[frame["territory"] == "t1"]
+    assert list(dark_rows["eval_status"]) == ["not available"] * 2 and dark_rows["val_mae_all"].isna().all()
+
+
+def test_summary_names_a_territory_without_a_valid_test_target(tmp_path):
+    import json
+
+    from fedldt.metrics import MetricSums
+    from fedldt.results import build_summary, write_run_outputs
+
+    h = 3
+    t0 = MetricSums(abs_err_sum=np.array([1.0, 2.0, 3.0]), sq_err_sum=np.array([1.0, 4.0, 9.0]),
+                    ape_sum=np.array([0.1, 0.2, 0.3]), abs_target_sum=np.array([10.0, 10.0, 10.0]),
+                    num_valid=np.array([2, 2, 2]), num_valid_ape=np.array([2, 2, 2]))
+    dark = MetricSums.zeros(h)
+    test = {"t0": {k: t0 for k in ("model", "persistence", "historical_average")},
+            "t1": {k: dark for k in ("model", "persistence", "historical_average")}}
+    cfg = {"name": "p", "dataset": {"name": "d", "path": "/x"}, "train": {"rounds": 1, "local_epochs": 1}, "seed": 0,
+           "strategy": {"name": "fedavg"}, "personalization": {"name": "none"}, "task": {"report_steps": [3]}}
+    summary = build_summary(cfg, "federated", [], test, [], [], {}, 1.0)
+    assert summary["test_not_available"] == ["t1"]
+    assert summary["test_per_territory"]["t1"]["mae"] == {"h3": None, "all": None}
+    assert summary["test"]["mae"] == {"h3": 1.5, "all": 1.0}  # t0 alone: 3/2 at h3, 6/6 over all steps
+    write_run_outputs(tmp_path, cfg, summary, [], {})
+    assert json.loads((tmp_path / "summary.json").read_text())["test_per_territory"]["t1"]["rmse"]["all"] is None

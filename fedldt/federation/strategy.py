@@ -32,9 +32,11 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedldt.metrics import MetricSums, pool, report
+from fedldt.results import NOT_AVAILABLE
 
 #: Weight of a territory's parameters in the average: its number of training windows.
 WEIGHT_KEY = "num-examples"
+NO_VALID_TARGET = "no valid target (every target in the split is masked)"
 
 
 class FederationError(RuntimeError):
@@ -96,6 +98,18 @@ def check_reply_arrays(template: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                 "a territory must train and send the model in the global dtype (e.g. float64 data must be cast to float32)")
 
 
+def _in_template_order(msg: Message, template: Mapping[str, Any]) -> None:
+    """Put a (checked) reply's arrays in the global model's key order, in place.
+
+    Some Flower rules pair arrays by position (FedAvgM zips ``to_numpy_ndarrays()`` with the
+    global model's, Krum's distances flatten each reply in its own order); a territory may list
+    its parameters in any order, so every reply is put in one order before any rule sees it.
+    """
+    key = next(iter(msg.content.array_records))
+    arrays = msg.content.array_records[key]
+    msg.content[key] = ArrayRecord({k: arrays[k] for k in template})
+
+
 def _with_weighted_mean(arrays: ArrayRecord, replies: list[Message], keys: Iterable[str]) -> ArrayRecord:
     """``arrays`` with ``keys`` replaced by the ``num-examples``-weighted mean of the replies."""
     recs = [(next(iter(m.content.array_records.values())), float(next(iter(m.content.metric_records.values()))[WEIGHT_KEY]))
@@ -128,7 +142,8 @@ class FedLDTStrategy:
     * sorts replies by territory (floating-point sums in a fixed order: bit-reproducible runs);
     * records every failed or missing reply with its territory (Flower drops them silently) and
       stops when fewer than ``min_train_territories`` territories trained;
-    * checks each reply against the global model (:func:`check_reply_arrays`);
+    * checks each reply against the global model (:func:`check_reply_arrays`) and puts its
+      arrays in the global model's key order, so that every rule pairs parameters by name;
     * leaves territories that report 0 training windows out of the aggregation (a 0 weight must
       not change the result, also for unweighted rules such as the median), and stops when all
       of them report 0;
@@ -152,8 +167,11 @@ class FedLDTStrategy:
 
     Attributes:
         history: one dict per (round, territory): train loss, validation metrics and status
-            (``train_status``/``eval_status`` = ``ok``, ``failed`` or ``not sampled``; ``error``).
-        rounds: one dict per round: mean train loss and pooled validation metrics.
+            (``train_status``/``eval_status`` = ``ok``, ``failed``, ``not sampled`` or, for
+            ``eval_status``, ``not available``: no valid validation target; ``error``). A
+            metric that cannot be computed is ``None`` (JSON ``null``, an empty CSV cell).
+        rounds: one dict per round: mean train loss, pooled validation metrics (``None`` where
+            no territory has a valid target) and ``val_not_available`` (the territories without one).
         failures: one dict per failed or missing reply (round, phase, territory, node id, reason).
 
     Raises:
@@ -184,6 +202,11 @@ class FedLDTStrategy:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._template = {k: (tuple(int(d) for d in a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
+        if isinstance(self, FedAvgM):
+            # Flower's FedAvgM keeps its own copy of the global model from the first round on; the
+            # momentum step must start from the model this round sends (fedldt casts and may
+            # average buffers after each step).
+            self.current_arrays = arrays
         # Keep the messages: Flower sets their ids when it sends them, and replies point back.
         self._sent["train"] = list(super().configure_train(server_round, arrays, config, grid))
         return self._sent["train"]
@@ -215,16 +238,22 @@ class FedLDTStrategy:
             tid = self._tid(reply_territory(m))
             if self._template:
                 check_reply_arrays(self._template, next(iter(m.content.array_records.values())), str(tid))
+                _in_template_order(m, self._template)
             if self._train[reply_territory(m)]["num_train"] > 0:
                 contributing.append(m)
         if ok and not contributing:
             raise FederationError(
                 f"round {server_round}: every territory that trained reported {WEIGHT_KEY}=0 (no training windows), so "
                 "there is nothing to aggregate; check each territory's data and task.split/task.window")
-        arrays, metrics = super().aggregate_train(server_round, contributing)
+        arrays, metrics = self._aggregate_rule(server_round, contributing)
         if arrays is not None and self.buffer_keys and isinstance(self, _SERVER_OPTIMIZERS):
             arrays = _with_weighted_mean(arrays, contributing, self.buffer_keys)
         return self._conform(server_round, arrays), metrics
+
+    def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregation rule on checked, ordered replies: the Flower class's own
+        ``aggregate_train`` (a strategy class overrides this hook to correct a rule)."""
+        return super().aggregate_train(server_round, replies)
 
     def _conform(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The aggregate in the global model's dtypes, checked finite."""
@@ -246,6 +275,9 @@ class FedLDTStrategy:
         for m in replies:
             if not m.has_error():
                 per[reply_territory(m)] = MetricSums.from_dict(next(iter(m.content.metric_records.values())), "model.")
+        # a territory whose validation targets are all missing has no metric this round; the
+        # pooled metrics come from the others (its zero counts add nothing to the sums)
+        unavailable = {i for i, s in per.items() if int(np.sum(s.num_valid)) == 0}
         known = set(per) | set(self._train) | set(self._status["train"]) | set(self._status["evaluate"])
         for idx in sorted(known | set(self.territory_ids)):
             row: dict[str, Any] = {"round": server_round, "territory": self.territory_ids.get(idx, str(idx))}
@@ -253,22 +285,25 @@ class FedLDTStrategy:
             row.update(_flat(report(per[idx], self.report_steps), "val_") if idx in per else {})
             train_status, train_err = self._status["train"].get(idx, ("not sampled", ""))
             eval_status, eval_err = self._status["evaluate"].get(idx, ("not sampled", ""))
+            if idx in unavailable:
+                eval_status, eval_err = NOT_AVAILABLE, NO_VALID_TARGET
             row.update(train_status=train_status, eval_status=eval_status,
                        error="; ".join(f"{p}: {e}" for p, e in (("train", train_err), ("evaluate", eval_err)) if e))
             self.history.append(row)
         self._status = {"train": {}, "evaluate": {}}
         if not per:
             return None
-        pooled = report(pool(per.values()), self.report_steps)
+        pooled = report(pool(per.values()), self.report_steps)  # all None when no territory has a valid target
         trained = [v for v in self._train.values() if v["num_train"] > 0]
         total = sum(v["num_train"] for v in trained)
         mean_loss = sum(v["train_loss"] * v["num_train"] for v in trained) / total if total else None
-        self.rounds.append({"round": server_round, "train_loss": mean_loss, "val": pooled})
-        per_mae = "  ".join(f"{self.territory_ids.get(i, i)}={report(s, [])['mae']['all']:.3f}" for i, s in per.items())
-        loss_txt = "n/a" if mean_loss is None else f"{mean_loss:.4f}"
+        self.rounds.append({"round": server_round, "train_loss": mean_loss, "val": pooled,
+                            "val_not_available": [self._tid(i) for i in sorted(unavailable)]})
+        per_mae = "  ".join(f"{self.territory_ids.get(i, i)}={_fmt(report(s, [])['mae']['all'], 3)}" for i, s in per.items())
+        last = f"h{self.report_steps[-1]}"
         print(
-            f"[fedldt] round {server_round}/{self.num_rounds}  train loss {loss_txt}  "
-            f"val MAE {pooled['mae']['all']:.3f} (h{self.report_steps[-1]} {pooled['mae'][f'h{self.report_steps[-1]}']:.3f})  "
+            f"[fedldt] round {server_round}/{self.num_rounds}  train loss {_fmt(mean_loss, 4)}  "
+            f"val MAE {_fmt(pooled['mae']['all'], 3)} ({last} {_fmt(pooled['mae'][last], 3)})  "
             f"per territory: {per_mae}",
             flush=True,
         )
@@ -301,6 +336,10 @@ class FedLDTStrategy:
         return None if idx is None else self.territory_ids.get(idx, str(idx))
 
 
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _flat(block: dict[str, dict[str, float | None]], prefix: str) -> dict[str, float | None]:
     """``{"mae": {"h3": x}}`` -> ``{"<prefix>mae_h3": x}``."""
     return {f"{prefix}{metric}_{step}": v for metric, steps in block.items() for step, v in steps.items()}
@@ -315,16 +354,77 @@ class FedLDTProx(FedLDTStrategy, FedProx):
     each territory adds ``mu/2 ||w - w_global||^2`` over the shared parameters to its loss."""
 
 
-class FedLDTAdam(FedLDTStrategy, FedAdam):
-    """FedAdam (Reddi et al., ICLR 2021): Adam on the server over the averaged update."""
+class _ServerOptimizer(FedLDTStrategy):
+    """The server optimizer's state, in attributes a checkpoint can save and restore.
+
+    Attributes (Flower's names, kept):
+        current_arrays: the global model of this round, key -> array (set by ``configure_train``).
+        m_t: first moment, key -> array (``None`` before the first update).
+        v_t: second moment, key -> array (``None`` before the first update).
+        optimizer_step: ``t``, the number of server optimizer updates made so far (0 before
+            the first; a round whose training fails makes none).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.optimizer_step = 0
+
+    def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super()._aggregate_rule(server_round, replies)
+        if arrays is not None:
+            self.optimizer_step += 1
+        return arrays, metrics
 
 
-class FedLDTYogi(FedLDTStrategy, FedYogi):
-    """FedYogi (Reddi et al., ICLR 2021): Yogi on the server over the averaged update."""
+class FedLDTAdam(_ServerOptimizer, FedAdam):
+    """FedAdam (Reddi et al., ICLR 2021): Adam on the server over the averaged update
+    ``delta_t`` (the example-weighted mean minus the global model), with Adam's bias
+    correction (Kingma & Ba, ICLR 2015, Algorithm 1 in its efficient form, end of Sec. 2)::
+
+        m_t = beta_1 m_{t-1} + (1 - beta_1) delta_t          (m_0 = 0)
+        v_t = beta_2 v_{t-1} + (1 - beta_2) delta_t^2        (v_0 = 0)
+        x_{t+1} = x_t + eta sqrt(1 - beta_2^t) / (1 - beta_1^t) m_t / (sqrt(v_t) + tau)
+
+    with ``t`` = :attr:`optimizer_step`, 1 at the first update. Flower 1.42's ``FedAdam``
+    uses the exponent ``server_round + 1`` (2 at the first update), which shrinks the early
+    steps; this class keeps Flower's mean and ``m_t`` (``_compute_deltat_and_mt``) and makes
+    the step itself.
+    """
+
+    def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        mean, metrics = FedAvg.aggregate_train(self, server_round, replies)  # the weighted mean; Adam below
+        if mean is None:
+            return mean, metrics
+        delta, m_t, _ = self._compute_deltat_and_mt(mean)  # Flower's: checks keys/shapes, updates self.m_t
+        if not self.v_t:
+            self.v_t = {k: np.zeros_like(d) for k, d in delta.items()}
+        self.v_t = {k: self.beta_2 * v + (1 - self.beta_2) * delta[k] ** 2 for k, v in self.v_t.items()}
+        self.optimizer_step += 1
+        t = self.optimizer_step
+        step = self.eta * np.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
+        new = {k: x + step * m_t[k] / (np.sqrt(self.v_t[k]) + self.tau) for k, x in self.current_arrays.items()}
+        return ArrayRecord({k: Array(np.asarray(v)) for k, v in new.items()}), metrics
 
 
-class FedLDTAdagrad(FedLDTStrategy, FedAdagrad):
-    """FedAdagrad (Reddi et al., ICLR 2021): Adagrad on the server over the averaged update."""
+class FedLDTYogi(_ServerOptimizer, FedYogi):
+    """FedYogi (Reddi et al., ICLR 2021, Algorithm 2): Yogi on the server over the averaged
+    update, Flower's rule, without bias correction (as the paper)::
+
+        m_t = beta_1 m_{t-1} + (1 - beta_1) delta_t
+        v_t = v_{t-1} - (1 - beta_2) delta_t^2 sign(v_{t-1} - delta_t^2)     (v_0 = 0, Flower)
+        x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau)
+    """
+
+
+class FedLDTAdagrad(_ServerOptimizer, FedAdagrad):
+    """FedAdagrad (Reddi et al., ICLR 2021, Algorithm 2): Adagrad on the server over the
+    averaged update, Flower's rule, without bias correction (as the paper). Flower fixes
+    ``beta_1 = 0``, so ``m_t = delta_t``::
+
+        m_t = delta_t
+        v_t = v_{t-1} + delta_t^2                                            (v_0 = 0, Flower)
+        x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau)
+    """
 
 
 class FedLDTAvgM(FedLDTStrategy, FedAvgM):
@@ -372,7 +472,7 @@ def strategy_arguments(strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
     name = strategy_cfg.get("name")
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r} is not one of {sorted(STRATEGIES)} (conf/strategy/<name>.yaml)")
-    base = STRATEGIES[name].__mro__[2]
+    base = next(c for c in STRATEGIES[name].__mro__ if c.__module__.startswith("flwr."))  # the Flower class
     accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - _FIXED
     args = {k: v for k, v in strategy_cfg.items() if k not in _OWN_KEYS}
     sampling = sorted(k for k in args if k.startswith("fraction_"))
