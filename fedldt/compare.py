@@ -133,7 +133,7 @@ def plot_forecasts(cfg: dict[str, Any], run_dirs: dict[str, Path], out: Path, se
     """Forecast vs. truth over the last test day for a few sensors of each territory (all modes)."""
     tasks = build_tasks(cfg)
     step = int(cfg["task"]["report_steps"][0])
-    ckpts = {m: torch.load(d / "model.pt", weights_only=False) for m, d in run_dirs.items()}
+    ckpts = {m: torch.load(d / "model.pt", weights_only=True) for m, d in run_dirs.items()}
     fig, axes = plt.subplots(len(tasks), sensors_per_territory, figsize=(4.2 * sensors_per_territory, 2.8 * len(tasks)),
                              squeeze=False)
     for r, task in enumerate(tasks):
