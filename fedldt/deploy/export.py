@@ -35,7 +35,7 @@ from fedldt.deploy.onnx_export import OPSET, FixedGraphForecaster, export_onnx, 
 from fedldt.deploy import signing
 from fedldt.deploy.package import (
     CARD_JSON, CARD_MD, EDGES, GLOBAL_WEIGHTS, LOCAL_WEIGHTS, NODES, ONNX, PACKAGE_FORMAT, SCALER,
-    ForecastPackage, PackageError, check_package, graph_hash, sign_package, write_manifest,
+    ForecastPackage, PackageError, check_package, graph_hash, load_weights_only, sign_package, write_manifest,
 )
 from fedldt.engine import TerritoryTask, task_from_config
 from fedldt.metrics import mae
@@ -112,15 +112,6 @@ def check_run_config(cfg: Any, where: Path) -> None:
     walk(cfg, "")
 
 
-def _load_tensors(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, no code runs."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
-        raise ExportError(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}): not a checkpoint of "
-                          "fedldt (fedldt never loads pickles that can run code)") from None
-
-
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     for name in ("summary.json", "resolved_config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
@@ -135,7 +126,9 @@ def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, 
         summary = json.loads((run_dir / "summary.json").read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{run_dir / 'summary.json'}: not valid JSON ({e})") from None
-    ckpt = _load_tensors(run_dir / "model.pt")
+    if not isinstance(summary, dict) or not isinstance(summary.get("territories"), list):
+        raise ExportError(f"{run_dir / 'summary.json'}: not a run summary of fedldt (no list 'territories')")
+    ckpt = load_weights_only(run_dir / "model.pt", ExportError)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict):
         raise ExportError(f"{run_dir / 'model.pt'}: not a fedldt checkpoint (no model_config)")
     return summary, cfg, ckpt
@@ -299,7 +292,7 @@ def export_package(
                           "the data or code differ from the run's; export with the data and fedldt version of the run")
 
     local_file = run_dir / LOCAL_PARAMS_DIR / f"{territory}.pt"
-    local = _load_tensors(local_file) if local_file.is_file() else None
+    local = load_weights_only(local_file, ExportError) if local_file.is_file() else None
     if local is not None and not (isinstance(local, dict) and all(isinstance(v, torch.Tensor) for v in local.values())):
         raise ExportError(f"{local_file}: not a state dict of tensors")
     if local is not None:

@@ -320,13 +320,24 @@ def graph_hash(node_ids: Sequence[str], edge_index: torch.Tensor, edge_weight: t
     return "sha256:" + h.hexdigest()
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict saved with ``torch.save``, loaded with ``weights_only=True`` (no code runs)."""
+def load_weights_only(path: Path, error: type[ValueError] | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, no
+    code runs while unpickling.
+
+    Raises:
+        ``error`` (default :class:`PackageError`): the file cannot be loaded that way (a pickle
+        that needs code, a corrupt file); the message names the file.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        raise PackageError(f"{path}: not a tensor state dict loadable with weights_only=True ({type(e).__name__}); "
-                           "re-export the package") from None
+        raise (error or PackageError)(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}): not a "
+                                      "file fedldt wrote (fedldt never loads pickles that can run code)") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict of tensors (:func:`load_weights_only`)."""
+    state = load_weights_only(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PackageError(f"{path}: not a state dict of tensors; re-export the package")
     return state
