@@ -1,8 +1,11 @@
 """The ``fedldt`` command: deliver a trained model to a pilot.
 
     fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--no-onnx] [--force]
+                  [--sign-key KEY]
     fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing]
-    fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx]
+                   [--verify-key KEY.pub]
+    fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx] [--verify-key KEY.pub]
+    fedldt keygen --out KEY
 
 Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
 names the file, field or sensor and the fix), 2 for command-line usage errors. See
@@ -36,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset-path", type=Path, default=None,
                    help="this territory's copy of the dataset, if not at the run's dataset.path")
     e.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    e.add_argument("--force", action="store_true", help="replace an existing package at --out")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing package at --out (only a valid, unchanged fedldt package)")
+    e.add_argument("--sign-key", type=Path, default=None,
+                   help="Ed25519 private key (from fedldt keygen): also write package.sig, a signature of the package")
 
     r = sub.add_parser("predict", help="forecast from the latest observations with a model package",
                        description="Forecast every sensor of the package's territory from the latest observations.")
@@ -51,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-missing", action="store_true",
                    help="feed missing (empty/NaN) values to the model as masked entries instead of refusing them")
     r.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+    r.add_argument("--verify-key", type=Path, default=None,
+                   help="Ed25519 public key (KEY.pub): refuse a package not signed with its private key")
 
     s = sub.add_parser("serve", help="run the forecast HTTP service of a model package",
                        description="Run the forecast service (POST /forecast, GET /model, GET /health) with uvicorn.")
@@ -58,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+    s.add_argument("--verify-key", type=Path, default=None,
+                   help="Ed25519 public key (KEY.pub): refuse a package not signed with its private key")
+
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing model packages",
+                       description="Write an Ed25519 private key (PEM, mode 0600) to --out and its public key to "
+                                   "OUT.pub; never overwrites a file.")
+    k.add_argument("--out", required=True, type=Path, help="private key file to create; the public key goes to OUT.pub")
     return p
 
 
@@ -65,10 +80,12 @@ def _export(args: argparse.Namespace) -> int:
     from fedldt.deploy.export import export_package
 
     pkg = export_package(args.run_dir, args.territory, args.out, dataset_path=args.dataset_path,
-                         timezone=args.timezone, onnx=not args.no_onnx, overwrite=args.force)
+                         timezone=args.timezone, onnx=not args.no_onnx, overwrite=args.force,
+                         sign_key=args.sign_key)
     onnx = pkg.manifest["onnx"]
     print(f"package of territory {pkg.territory} ({len(pkg.node_ids)} sensors) written to {args.out}")
     print(f"graph hash {pkg.manifest['graph_hash']}")
+    print(f"package digest {pkg.manifest['digest']}" + (f" (signed with {args.sign_key})" if args.sign_key else ""))
     if onnx:
         print(f"ONNX parity: max |ONNX Runtime - PyTorch| = {onnx['parity_max_abs_err']:.2e} {pkg.units[0]} "
               f"on {onnx['parity_windows']} test windows")
@@ -80,7 +97,7 @@ def _predict(args: argparse.Namespace) -> int:
     from fedldt.deploy.package import ForecastPackage
     from fedldt.deploy.schemas import ForecastRequest, answer, forecast_ngsi
 
-    pkg = ForecastPackage.load(args.package)
+    pkg = ForecastPackage.load(args.package, verify_key=args.verify_key)
     suffix = args.input.suffix.lower()
     fmt = args.format or SUFFIX_FORMATS.get(args.output.suffix.lower() if args.output else "")
     if suffix == ".csv":
@@ -118,12 +135,22 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from fedldt.deploy.package import ForecastPackage
     from fedldt.deploy.service import create_app
 
-    app = create_app(args.package, engine=args.engine)
+    app = create_app(ForecastPackage.load(args.package, verify_key=args.verify_key), engine=args.engine)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"fedldt serve: warning: listening on {args.host}: the service has no authentication", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from fedldt.deploy.signing import fingerprint, generate_keypair, load_public_key
+
+    private, public = generate_keypair(args.out)
+    print(f"private key {private} (mode 0600: keep it with whoever exports packages)")
+    print(f"public key  {public} ({fingerprint(load_public_key(public))}: give it to whoever runs predict/serve)")
     return 0
 
 
@@ -133,10 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedldt.deploy.export import ExportError
     from fedldt.deploy.observations import InputError
     from fedldt.deploy.package import PackageError
+    from fedldt.deploy.signing import SignatureError
 
     try:
-        return {"export": _export, "predict": _predict, "serve": _serve}[args.command](args)
-    except (ExportError, InputError, PackageError) as e:
+        return {"export": _export, "predict": _predict, "serve": _serve, "keygen": _keygen}[args.command](args)
+    except (ExportError, InputError, PackageError, SignatureError) as e:
         print(f"fedldt {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,7 +1,14 @@
 """`fedldt export`: the model package of one territory of a real los_loop_3 run, its card, its ONNX model."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 
 import numpy as np
 import onnx
@@ -14,8 +21,11 @@ from fedldt.data.windows import collate
 from fedldt.deploy import ForecastPackage, InputError, PackageError
 from fedldt.deploy.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
 from fedldt.deploy.onnx_export import run_onnx
-from fedldt.deploy.package import graph_hash
+from fedldt.deploy import signing
+from fedldt.deploy.package import check_package, graph_hash
+from fedldt.federation.launch import free_port
 from tests.conftest import LOS_LOOP_TZ, PACKAGED_TERRITORY
+from tests.test_package_integrity import TAMPERS, edit_manifest
 
 pytestmark = pytest.mark.slow  # needs the session's real federated run
 
@@ -141,3 +151,126 @@ def test_run_whose_territories_kept_parameters_is_refused(finished_run, tmp_path
     with pytest.raises(ExportError, match=r"each territory kept \['readout.weight', 'readout.bias'\] at home "
                                           r"\(personalization=fedper"):
         export_package(run, PACKAGED_TERRITORY, tmp_path / "pkg", onnx=False)
+
+
+# ----------------------------------------------------------------------------- issue 10: packages, --force
+
+@pytest.fixture(scope="module")
+def signed(finished_run, tmp_path_factory) -> dict[str, Path]:
+    """A package of the session's run signed with a fresh key (``fedldt keygen`` + ``export --sign-key``),
+    and another key's public half."""
+    d = tmp_path_factory.mktemp("signed")
+    assert main(["keygen", "--out", str(d / "exporter")]) == 0
+    signing.generate_keypair(d / "other")
+    assert main(["export", str(finished_run), "--territory", PACKAGED_TERRITORY, "--out", str(d / "pkg"),
+                 "--timezone", LOS_LOOP_TZ, "--no-onnx", "--sign-key", str(d / "exporter")]) == 0
+    return {"pkg": d / "pkg", "pub": d / "exporter.pub", "other_pub": d / "other.pub"}
+
+
+def observations_json(in_run, path: Path) -> Path:
+    ds = in_run.task.dataset
+    end = int(ds.timestamps.get_loc(pd.Timestamp("2012-03-07 08:00")))
+    path.write_text(json.dumps({"timestamps": [t.isoformat() for t in ds.timestamps[end - 12:end]],
+                                "sensors": {s: ds.values[end - 12:end, j, 0].astype(float).tolist()
+                                            for j, s in enumerate(ds.node_ids)}}))
+    return path
+
+
+def test_export_lists_every_file_and_seals_the_manifest(package_dir):
+    m = check_package(package_dir)
+    on_disk = {p.relative_to(package_dir).as_posix() for p in package_dir.rglob("*") if p.is_file()}
+    assert set(m["files"]) == on_disk - {"package.json"}  # unsigned: no package.sig
+    assert m["format"] == "fedldt-model-package/2" and m["digest"].startswith("sha256:")
+    assert {"task.units", "task.window", "task.timezone", "task.interval_s", "graph_hash"} <= set(m["field_sha256"])
+
+
+@pytest.mark.parametrize("name,tamper,message", TAMPERS, ids=[t[0] for t in TAMPERS])
+def test_a_tampered_real_package_is_refused(name, tamper, message, package_dir, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(package_dir, copy)
+    tamper(copy)
+    with pytest.raises(PackageError, match=message):
+        ForecastPackage.load(copy)
+
+
+def test_signed_package_loads_and_predicts_only_with_its_key(signed, package_dir, in_run, tmp_path, capsys):
+    obs = observations_json(in_run, tmp_path / "obs.json")
+    pkg, pub = str(signed["pkg"]), str(signed["pub"])
+    assert main(["predict", pkg, "--input", str(obs), "--output", str(tmp_path / "a.json"), "--verify-key", pub]) == 0
+    assert main(["predict", str(package_dir), "--input", str(obs), "--output", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["forecasts"] == b["forecasts"] and a["unit"] == "mph"  # same model, same numbers
+    capsys.readouterr()
+    refusals = [
+        ([pkg, "--verify-key", str(signed["other_pub"])], r"package.sig: signed by key sha256:\w+, not by --verify-key"),
+        ([str(package_dir), "--verify-key", pub], r"the package is not signed \(package.sig not found\)"),
+    ]
+    resealed = tmp_path / "resealed"
+    shutil.copytree(signed["pkg"], resealed)
+    edit_manifest(resealed, lambda m: m["task"].__setitem__("units", ["km/h"]), reseal=True)
+    refusals.append(([str(resealed), "--verify-key", pub], r"package.sig: signs manifest digest .* altered after signing"))
+    for args, message in refusals:
+        assert main(["predict", args[0], "--input", str(obs), "--output", str(tmp_path / "x.json"), *args[1:]]) == 1
+        assert re.search(message, capsys.readouterr().err)
+        assert main(["serve", *args]) == 1  # refused before the service starts
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_serve_with_verify_key_under_uvicorn(signed, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fedldt"), "serve", str(signed["pkg"]), "--port",
+                             str(port), "--verify-key", str(signed["pub"])], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if health.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "fedldt serve did not answer within 180 s"
+            time.sleep(0.5)
+        assert health.json()["territory"] == PACKAGED_TERRITORY
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_force_replaces_a_package_and_nothing_else(finished_run, package_dir, tmp_path, capsys):
+    def export(out: Path, *extra: str) -> int:
+        return main(["export", str(finished_run), "--territory", PACKAGED_TERRITORY, "--out", str(out), "--no-onnx",
+                     "--force", *extra])
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    files = {"src/main.py": b"print('hello')\n", "notes.txt": b"my notes\n", "package.json": b'{"name": "project"}\n'}
+    for rel, data in files.items():
+        (project / rel).write_bytes(data)
+    capsys.readouterr()
+    assert export(project) == 1
+    assert "is not a valid fedldt model package" in capsys.readouterr().err
+    assert {p.relative_to(project).as_posix() for p in project.rglob("*")} == {"src", *files}
+    assert {rel: (project / rel).read_bytes() for rel in files} == files
+    # a real package with one file added is refused too, untouched
+    mixed = tmp_path / "mixed"
+    shutil.copytree(package_dir, mixed)
+    (mixed / "notes.txt").write_text("mine\n")
+    assert export(mixed) == 1
+    assert "['notes.txt'] are not listed" in capsys.readouterr().err and (mixed / "notes.txt").is_file()
+    # inside the run folder, or the run folder itself
+    for out in (finished_run / "pkg", finished_run):
+        assert export(out) == 1
+        assert "lies inside the run folder" in capsys.readouterr().err
+    assert not (finished_run / "pkg").exists() and (finished_run / "model.pt").is_file()
+    # an earlier real package is replaced (here by one without ONNX), leaving nothing aside
+    earlier = tmp_path / "earlier"
+    shutil.copytree(package_dir, earlier)
+    assert (earlier / "model.onnx").is_file()
+    assert export(earlier) == 0
+    assert ForecastPackage.load(earlier).manifest["onnx"] is None and not (earlier / "model.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "mixed", "project"]

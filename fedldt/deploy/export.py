@@ -5,6 +5,12 @@ the adjacency belong to the territory's data and never left it during training. 
 rebuilt deterministically from the run's ``resolved_config.yaml`` (:func:`fedldt.config.load_territories`,
 :func:`fedldt.engine.task_from_config`), checked against ``summary.json``, and the model's test MAE
 on it is re-computed and compared with the reported one before anything is written.
+
+Reading a run folder runs no code from it: ``resolved_config.yaml`` is read with
+``yaml.safe_load`` and may name only the dataset and partition loaders fedldt ships
+(:func:`check_run_config`); ``model.pt`` and ``local_params/*.pt`` load with
+``torch.load(weights_only=True)``. Export never deletes or overwrites what it did not create:
+``--force`` replaces only a folder that passes :func:`fedldt.deploy.package.check_package`.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import torch
 import yaml
 
 import fedldt
-from fedldt.config import load_territories
+from fedldt.config import CONF_DIR, load_territories
 from fedldt.data.windows import collate, time_features
 from fedldt.deploy import card as cards
 from fedldt.deploy.onnx_export import OPSET, FixedGraphForecaster, export_onnx, parity_error
+from fedldt.deploy import signing
 from fedldt.deploy.package import (
-    CARD_JSON, CARD_MD, EDGES, GLOBAL_WEIGHTS, LOCAL_WEIGHTS, MANIFEST, NODES, ONNX, PACKAGE_FORMAT, SCALER,
-    ForecastPackage, graph_hash, sha256_file,
+    CARD_JSON, CARD_MD, EDGES, GLOBAL_WEIGHTS, LOCAL_WEIGHTS, NODES, ONNX, PACKAGE_FORMAT, SCALER,
+    ForecastPackage, PackageError, check_package, graph_hash, load_weights_only, sign_package, write_manifest,
 )
 from fedldt.engine import TerritoryTask, task_from_config
 from fedldt.metrics import mae
@@ -47,14 +54,120 @@ class ExportError(ValueError):
     """A run cannot be exported; the message names the file or value and the fix."""
 
 
+#: Config groups whose ``_target_`` :func:`fedldt.config.load_territories` instantiates.
+LOADER_GROUPS = ("dataset", "partition")
+#: Hydra's instantiation keys: besides ``dataset._target_`` and ``partition._target_``, none may appear.
+HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def shipped_loaders() -> dict[str, frozenset[str]]:
+    """group -> the ``_target_`` values of fedldt's own configs ``conf/<group>/*.yaml``: the only
+    loaders a run folder may name (e.g. ``dataset: fedldt.data.load_los_loop``)."""
+    out = {}
+    for group in LOADER_GROUPS:
+        targets = set()
+        for f in sorted((CONF_DIR / group).glob("*.yaml")):
+            doc = yaml.safe_load(f.read_text()) or {}
+            if isinstance(doc.get("_target_"), str):
+                targets.add(doc["_target_"])
+        out[group] = frozenset(targets)
+    return out
+
+
+def check_run_config(cfg: Any, where: Path) -> None:
+    """Refuse a run config that would make :func:`fedldt.config.load_territories` run foreign code.
+
+    ``dataset._target_`` and ``partition._target_`` must be loaders of fedldt's own configs
+    (:func:`shipped_loaders`); no other Hydra key (``_target_``, ``_args_``, ...) may appear
+    anywhere, and no ``${...}`` interpolation in ``dataset`` or ``partition``. Called before
+    anything of the config is used.
+
+    Raises:
+        ExportError: names ``where`` (the ``resolved_config.yaml``), the key and the value.
+    """
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in (*LOADER_GROUPS, "task", "train")):
+        raise ExportError(f"{where}: not a fedldt run config (needs mappings dataset, partition, task, train)")
+    allowed = shipped_loaders()
+    for group in LOADER_GROUPS:
+        target = cfg[group].get("_target_")
+        if target not in allowed[group]:
+            raise ExportError(f"{where}: {group}._target_={target!r} is not a loader fedldt ships "
+                              f"({sorted(allowed[group])}); refusing to run code named by a run folder")
+
+    def walk(obj: Any, key: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                name = f"{key}.{k}" if key else str(k)
+                if k in HYDRA_KEYS and name not in (f"{g}._target_" for g in LOADER_GROUPS):
+                    raise ExportError(f"{where}: key {name} is not allowed in a run config (only dataset._target_ "
+                                      "and partition._target_ name fedldt loaders); refusing to run code named by "
+                                      "a run folder")
+                walk(v, name)
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(obj, str) and "${" in obj and key.split(".")[0].split("[")[0] in LOADER_GROUPS:
+            raise ExportError(f"{where}: {key}={obj!r} holds an interpolation; a resolved config has none")
+
+    walk(cfg, "")
+
+
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     for name in ("summary.json", "resolved_config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
             raise ExportError(f"{run_dir / name} not found: RUN_DIR must be a finished run folder of scripts/simulate.py")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    cfg = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
-    ckpt = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    cfg_file = run_dir / "resolved_config.yaml"
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text())
+    except yaml.YAMLError as e:
+        raise ExportError(f"{cfg_file}: not valid YAML ({e})") from None
+    check_run_config(cfg, cfg_file)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{run_dir / 'summary.json'}: not valid JSON ({e})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("territories"), list):
+        raise ExportError(f"{run_dir / 'summary.json'}: not a run summary of fedldt (no list 'territories')")
+    ckpt = load_weights_only(run_dir / "model.pt", ExportError)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict):
+        raise ExportError(f"{run_dir / 'model.pt'}: not a fedldt checkpoint (no model_config)")
     return summary, cfg, ckpt
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same folder or one is inside the other (after resolving links)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def check_output(out: Path, run_dir: Path, overwrite: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an output path whose writing could delete or overwrite what fedldt did not create.
+
+    ``out`` may not be a symbolic link, a file or anything but a folder; it may not be, contain or
+    lie inside the run folder or a ``protected`` path (the dataset). An existing folder is
+    replaced only with ``overwrite`` and only if it is a valid fedldt package
+    (:func:`~fedldt.deploy.package.check_package`: correct manifest and digest, every file listed
+    and verified, nothing else in it).
+
+    Raises:
+        ExportError: why ``out`` is refused; nothing was touched.
+    """
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; refusing to write through it (give the real folder)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder; refusing to replace it")
+    for other, what in ((run_dir, "the run folder"), *((p, "the dataset") for p in protected)):
+        if _overlaps(out, other):
+            raise ExportError(f"--out {out} is, contains or lies inside {what} {other}; choose a folder outside it")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"{out} exists; choose another --out or pass --force to replace it")
+    try:
+        check_package(out)
+    except PackageError as e:
+        raise ExportError(f"{out} exists and is not a valid fedldt model package ({e}); --force replaces only a "
+                          "package fedldt wrote, unchanged: remove the folder yourself or choose another --out") from None
 
 
 def _test_batch(task: TerritoryTask, count: int):
@@ -80,6 +193,7 @@ def export_package(
     onnx: bool = True,
     overwrite: bool = False,
     parity_windows: int = 64,
+    sign_key: str | Path | None = None,
 ) -> ForecastPackage:
     """Write the model package of ``territory`` from a finished run.
 
@@ -92,8 +206,11 @@ def export_package(
         timezone: IANA time zone of the data's (naive) timestamps, e.g. ``America/Los_Angeles``;
             lets clients send timestamps with UTC offsets and get them back. ``None`` = not recorded.
         onnx: also export ``model.onnx`` (with a parity check).
-        overwrite: replace an existing package at ``out``.
+        overwrite: replace an existing package at ``out``; only a valid fedldt package is
+            replaced (see :func:`check_output`).
         parity_windows: test windows on which ONNX Runtime is compared with PyTorch.
+        sign_key: Ed25519 private key file (PEM, mode 0600, from ``fedldt keygen``): also write
+            ``package.sig``, a signature of the manifest digest.
 
     Returns:
         The written package, loaded back (every file checked).
@@ -101,9 +218,16 @@ def export_package(
     Raises:
         ExportError: a missing run file, an unknown territory, data that does not rebuild the
             run's territory, weights that do not fit it, a reported metric that is not
-            reproduced, an ONNX parity error above ``PARITY_TOL``, or ``out`` exists.
+            reproduced, an ONNX parity error above ``PARITY_TOL``, a run config naming foreign
+            code, an unusable signing key, or an ``out`` that may not be written (see :func:`check_output`).
     """
     run_dir, out = Path(run_dir), Path(out)
+    key = None
+    if sign_key is not None:
+        try:
+            key = signing.load_private_key(sign_key)
+        except signing.SignatureError as e:
+            raise ExportError(f"--sign-key: {e}") from None
     summary, cfg, ckpt = _read_run(run_dir)
     infos = {t["id"]: t for t in summary["territories"]}
     if territory not in infos:
@@ -113,10 +237,6 @@ def export_package(
             pd.Timestamp("2000-01-01").tz_localize(timezone)
         except Exception:
             raise ExportError(f"--timezone {timezone!r} is not an IANA time zone name (e.g. America/Los_Angeles)") from None
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} exists; choose another --out or pass --force to replace it")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise ExportError(f"{out} exists and is not a model package; refusing to replace it")
     if cfg["task"].get("covariates"):
         raise ExportError(f"run {run_dir} was trained with territory covariates (task.covariates=true, e.g. weather); "
                           "model packages carry calendar features only, so this run cannot be exported yet")
@@ -128,9 +248,13 @@ def export_package(
     if not Path(cfg["dataset"]["path"]).exists():
         raise ExportError(f"dataset.path {cfg['dataset']['path']} (from {run_dir / 'resolved_config.yaml'}) does not "
                           "exist here; pass --dataset-path to this territory's copy of the data")
+    check_output(out, run_dir, overwrite, protected=(Path(cfg["dataset"]["path"]),))
 
     # ---- the territory, rebuilt from the run's config, must be the one that trained
-    by_id = {t.name: t for t in load_territories(cfg)}
+    try:
+        by_id = {t.name: t for t in load_territories(cfg)}
+    except ValueError as e:  # fedldt.config refuses unknown loaders too
+        raise ExportError(f"{run_dir / 'resolved_config.yaml'}: {e}") from None
     ds = by_id.get(territory)
     info = infos[territory]
     if ds is None or ds.num_nodes != int(info["num_nodes"]):
@@ -168,27 +292,53 @@ def export_package(
                           "the data or code differ from the run's; export with the data and fedldt version of the run")
 
     local_file = run_dir / LOCAL_PARAMS_DIR / f"{territory}.pt"
-    local = torch.load(local_file, map_location="cpu", weights_only=True) if local_file.is_file() else None
+    local = load_weights_only(local_file, ExportError) if local_file.is_file() else None
+    if local is not None and not (isinstance(local, dict) and all(isinstance(v, torch.Tensor) for v in local.values())):
+        raise ExportError(f"{local_file}: not a state dict of tensors")
     if local is not None:
         model.load_state_dict({**model.state_dict(), **local}, strict=True)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create its parent folder ({e})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # written aside, then moved in place
     tmp.chmod(0o755)
     try:
         _write(tmp, summary, cfg, ckpt, model, model_cfg, task, territory, local, timezone, onnx, parity_windows,
-               reported, recomputed, run_dir)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+               reported, recomputed, run_dir, key)
+        _move_in_place(tmp, out, run_dir, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return ForecastPackage.load(out)
 
 
+def _move_in_place(tmp: Path, out: Path, run_dir: Path, overwrite: bool) -> None:
+    """Rename the written package ``tmp`` to ``out``. An existing ``out`` is first renamed aside,
+    checked again there (it may have changed since the first check), and deleted only if it is
+    still a valid package; otherwise it is put back and the export refused."""
+    if not out.exists() and not out.is_symlink():
+        tmp.rename(out)
+        return
+    check_output(out, run_dir, overwrite)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    old = aside / "package"
+    out.rename(old)
+    try:
+        check_package(old)
+    except PackageError as e:
+        old.rename(out)
+        aside.rmdir()
+        raise ExportError(f"{out} changed while exporting and is no longer a valid fedldt package ({e}); "
+                          "left untouched") from None
+    tmp.rename(out)
+    shutil.rmtree(aside)
+
+
 def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask, territory: str, local, timezone,
-           onnx: bool, parity_windows: int, reported: float, recomputed: float, run_dir: Path) -> None:
+           onnx: bool, parity_windows: int, reported: float, recomputed: float, run_dir: Path,
+           key: "signing.Ed25519PrivateKey | None" = None) -> None:
     ds = task.dataset
     (root / "weights").mkdir(parents=True)
     # the model's full state: the run's weights plus integer buffers it did not ship (inference ignores them)
@@ -242,8 +392,7 @@ def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask
     )
     (root / CARD_JSON).write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
     (root / CARD_MD).write_text(cards.render_markdown(card))
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    manifest = {
+    write_manifest(root, {
         "format": PACKAGE_FORMAT,
         "created": created,
         "fedldt_version": fedldt.__version__,
@@ -254,6 +403,6 @@ def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask
         "task": task_facts,
         "graph_hash": ghash,
         "onnx": onnx_info,
-        "files": {f: sha256_file(root / f) for f in files},
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    })
+    if key is not None:
+        sign_package(root, key)

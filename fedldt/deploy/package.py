@@ -3,7 +3,9 @@
 Layout (written by :func:`fedldt.deploy.export.export_package`)::
 
     package.json        manifest: format, model config, task (window, horizon, interval, time zone,
-                        covariates, channels, units), graph hash, ONNX info, sha256 of every file
+                        covariates, channels, units), graph hash, ONNX info, sha256 of every other
+                        file, ``field_sha256`` (one hash per field) and ``digest`` (over all of it)
+    package.sig         optional: Ed25519 signature of the digest (:mod:`fedldt.deploy.signing`)
     weights/global.pt   the global model's state dict (torch.save of tensors; loads with weights_only)
     weights/local.pt    optional: the territory's personalized parameters, overriding global keys
     scaler.json         the territory's z-score statistics ``mean``/``std`` ``[1, node, channel]``
@@ -13,17 +15,20 @@ Layout (written by :func:`fedldt.deploy.export.export_package`)::
     model_card.json     what the model was trained on and how well it did; MODEL_CARD.md the same
                         for people
 
-:class:`ForecastPackage` loads such a folder (checking every file against the manifest) and
-turns the latest observations into forecasts exactly as the training code computes its
-predictions (:meth:`fedldt.engine.TerritoryTask.predict`).
+:class:`ForecastPackage` loads such a folder and turns the latest observations into forecasts
+exactly as the training code computes its predictions (:meth:`fedldt.engine.TerritoryTask.predict`).
+Loading refuses a package that is not exactly what export wrote (:func:`check_package`): every
+file is listed and hashed, nothing else is in the folder, no name leaves it, and no manifest field
+was edited; with a public key it also requires a valid signature.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,8 +39,10 @@ from fedldt.data.windows import MaskedStandardScaler, model_inputs, time_feature
 from fedldt.deploy.observations import InputError, InputWindow, select_window, wall_clock
 from fedldt.models import build_model
 
-PACKAGE_FORMAT = "fedldt-model-package/1"
+#: Version 2 added ``field_sha256``, ``digest`` and complete file lists; version 1 packages are refused (re-export).
+PACKAGE_FORMAT = "fedldt-model-package/2"
 MANIFEST = "package.json"
+SIGNATURE = "package.sig"
 GLOBAL_WEIGHTS = "weights/global.pt"
 LOCAL_WEIGHTS = "weights/local.pt"
 SCALER = "scaler.json"
@@ -45,6 +52,10 @@ ONNX = "model.onnx"
 CARD_JSON = "model_card.json"
 CARD_MD = "MODEL_CARD.md"
 ENGINES = ("torch", "onnx")
+#: Largest ``package.json`` read, bytes.
+MAX_MANIFEST_BYTES = 1 << 20
+#: Manifest fields that hold the integrity data (not covered by ``field_sha256`` themselves).
+DIGEST_FIELD, FIELD_DIGESTS = "digest", "field_sha256"
 
 
 class PackageError(ValueError):
@@ -57,6 +68,238 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical JSON bytes of ``obj``: sorted keys, no spaces, ASCII, no NaN/Infinity."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _sha256_json(obj: Any) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def manifest_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's fields, two levels deep: ``"pilot"``, ``"task.units"``, ``"files.scaler.json"``, ...
+
+    Top-level objects are split into their entries (``task``, ``model_config``, ``weights``,
+    ``onnx``, ``files``); everything else is one field. ``digest`` and ``field_sha256`` are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in manifest.items():
+        if key in (DIGEST_FIELD, FIELD_DIGESTS):
+            continue
+        if isinstance(value, dict) and value:
+            out.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` of the canonical JSON (:func:`canonical_json`) of the manifest without
+    its ``digest`` field. It covers every file's sha256 and every field, ``field_sha256`` included;
+    it is what ``package.sig`` signs."""
+    return _sha256_json({k: v for k, v in manifest.items() if k != DIGEST_FIELD})
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with ``field_sha256`` (field -> sha256 of its canonical JSON value, see
+    :func:`manifest_fields`) and ``digest`` (:func:`manifest_digest`) added."""
+    body = {k: v for k, v in manifest.items() if k not in (DIGEST_FIELD, FIELD_DIGESTS)}
+    body[FIELD_DIGESTS] = {name: _sha256_json(v) for name, v in sorted(manifest_fields(body).items())}
+    body[DIGEST_FIELD] = manifest_digest(body)
+    return body
+
+
+def write_manifest(root: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Write ``package.json`` for the files now under ``root``: ``fields`` (format, task, ...) plus
+    ``files`` (every file's relative POSIX path -> sha256), sealed by :func:`seal_manifest`.
+
+    Returns:
+        The manifest written.
+    """
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    files = {f: sha256_file(root / f) for f in names if f not in (MANIFEST, SIGNATURE)}
+    manifest = seal_manifest({**fields, "files": files})
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return manifest
+
+
+def sign_package(root: Path, key: Any) -> Path:
+    """Write ``package.sig``: the Ed25519 signature (``key``, an ``Ed25519PrivateKey``) of the
+    ``digest`` of ``root/package.json`` (see :mod:`fedldt.deploy.signing`). Returns its path."""
+    from fedldt.deploy import signing
+
+    digest = _read_manifest(root)[DIGEST_FIELD]
+    path = root / SIGNATURE
+    path.write_text(json.dumps(signing.sign_digest(key, digest), indent=2) + "\n")
+    return path
+
+
+def _strict_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _member(root: Path, rel: Any) -> Path:
+    """The path of a file listed in the manifest; refuses names that could leave ``root``."""
+    where = root / MANIFEST
+    if (not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel or PurePosixPath(rel).is_absolute()
+            or any(part in ("", ".", "..") for part in rel.split("/")) or ":" in rel.split("/")[0]):
+        raise PackageError(f"{where}: file name {rel!r} in 'files' is not a plain relative path inside the package "
+                           "(absolute, '..', '.', empty or backslash parts); the package was altered: re-export it")
+    if rel in (MANIFEST, SIGNATURE):
+        raise PackageError(f"{where}: 'files' lists {rel!r}, which cannot be listed; the package was altered")
+    return root.joinpath(*rel.split("/"))
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise PackageError(f"{root} is not a folder; a fedldt model package is a folder (create one with `fedldt export`)")
+    if mpath.is_symlink() or not mpath.is_file():
+        raise PackageError(f"{root} is not a fedldt model package: {MANIFEST} not found or not a regular file "
+                           "(create one with `fedldt export`)")
+    with open(mpath, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes; not a fedldt manifest")
+    try:
+        manifest = json.loads(data, parse_constant=_strict_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise PackageError(f"{mpath}: not valid JSON ({e}); re-export the package") from None
+    if not isinstance(manifest, dict):
+        raise PackageError(f"{mpath}: not a JSON object; re-export the package")
+    if manifest.get("format") != PACKAGE_FORMAT:
+        raise PackageError(f"{mpath}: format {manifest.get('format')!r}; this fedldt reads {PACKAGE_FORMAT!r} "
+                           "(re-export the package with this fedldt)")
+    for key, kind in (("files", dict), ("task", dict), ("weights", dict), ("model_config", dict),
+                      (FIELD_DIGESTS, dict), (DIGEST_FIELD, str), ("graph_hash", str), ("territory", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise PackageError(f"{mpath}: field {key!r} missing or not a {kind.__name__}; re-export the package")
+    return manifest
+
+
+def _check_fields(manifest: dict[str, Any], mpath: Path) -> None:
+    """Each field against ``field_sha256`` (names the edited field), then the whole ``digest``."""
+    recorded = manifest[FIELD_DIGESTS]
+    fields = manifest_fields(manifest)
+    for name in sorted(set(recorded) | set(fields)):
+        if name not in fields:
+            raise PackageError(f"{mpath}: field {name!r} was removed after export; re-export the package")
+        if name not in recorded:
+            raise PackageError(f"{mpath}: field {name!r} was added after export; re-export the package")
+        if _sha256_json(fields[name]) != recorded[name]:
+            raise PackageError(f"{mpath}: field {name!r} was edited after export (its sha256 differs from "
+                               f"{FIELD_DIGESTS}); forecasts or their labels would change: re-export the package")
+    if manifest_digest(manifest) != manifest[DIGEST_FIELD]:
+        raise PackageError(f"{mpath}: {DIGEST_FIELD!r} does not match the manifest's content ({FIELD_DIGESTS} or "
+                           f"{DIGEST_FIELD} was edited); re-export the package")
+
+
+def expected_files(manifest: dict[str, Any]) -> set[str]:
+    """The files a package with this manifest holds besides ``package.json`` (and ``package.sig``)."""
+    names = {GLOBAL_WEIGHTS, SCALER, NODES, EDGES, CARD_JSON, CARD_MD}
+    if manifest.get("weights", {}).get("local"):
+        names.add(LOCAL_WEIGHTS)
+    if manifest.get("onnx"):
+        names.add(ONNX)
+    return names
+
+
+def check_package(path: str | Path, verify_key: str | Path | None = None) -> dict[str, Any]:
+    """Check that a folder is exactly a package written by ``fedldt export`` (without loading the model).
+
+    Checks, in order: ``package.json`` is a JSON object of format ``fedldt-model-package/2``;
+    every name in its ``files`` is a plain relative path (no absolute path, ``..``, ``.``,
+    backslash); no field was edited (``field_sha256``) and ``digest`` matches; with
+    ``verify_key``, ``package.sig`` is a valid Ed25519 signature of ``digest`` by that key (an
+    unsigned package is refused); the folder holds no symbolic link, special file, unlisted
+    file or folder (only ``package.json``, ``package.sig`` and the listed files); the listed
+    files are exactly those of the manifest (weights, scaler, nodes, edges, card, ONNX when
+    recorded); each file's sha256 matches.
+
+    Args:
+        path: the package folder.
+        verify_key: an Ed25519 public key file (PEM) the package must be signed with.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        PackageError: the first failed check; the message names the file or field and the fix.
+    """
+    from fedldt.deploy import signing
+
+    root = Path(path)
+    manifest = _read_manifest(root)
+    mpath = root / MANIFEST
+    files = manifest["files"]
+    members = {rel: _member(root, rel) for rel in files}
+    _check_fields(manifest, mpath)
+    sig = root / SIGNATURE
+    if verify_key is not None:
+        try:
+            pub = signing.load_public_key(verify_key)
+        except signing.SignatureError as e:
+            raise PackageError(f"--verify-key: {e}") from None
+        if not sig.exists() and not sig.is_symlink():
+            raise PackageError(f"{root}: the package is not signed ({SIGNATURE} not found) but --verify-key "
+                               f"{verify_key} requires a signature; sign it with `fedldt export --sign-key`")
+        if sig.is_symlink() or not sig.is_file():
+            raise PackageError(f"{sig}: not a regular file")
+        try:
+            signing.verify_signature(sig, manifest[DIGEST_FIELD], pub, verify_key)
+        except signing.SignatureError as e:
+            raise PackageError(str(e)) from None
+    # the folder: only regular files and folders, each listed (or the manifest / signature)
+    present, folders = set(), set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        for name in dirnames + filenames:
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                raise PackageError(f"{p}: a symbolic link; a package holds regular files only (the package was "
+                                   "altered: re-export it)")
+            if name in dirnames:
+                folders.add(rel)
+            elif not p.is_file():
+                raise PackageError(f"{p}: not a regular file; the package was altered: re-export it")
+            else:
+                present.add(rel)
+    unlisted = sorted(present - set(files) - {MANIFEST, SIGNATURE})
+    if unlisted:
+        raise PackageError(f"{root}: file(s) {unlisted} are not listed in {MANIFEST}: the package was altered or "
+                           "something else was put in its folder; remove them or re-export the package")
+    needed_folders = {"/".join(rel.split("/")[:i]) for rel in files for i in range(1, rel.count("/") + 1)}
+    extra = sorted(folders - needed_folders)
+    if extra:
+        raise PackageError(f"{root}: folder(s) {extra} are not part of the package; remove them or re-export")
+    missing = sorted(set(files) - present)
+    if missing:
+        raise PackageError(f"{members[missing[0]]}: missing from the package (listed in {MANIFEST}); re-export the package")
+    want = expected_files(manifest)
+    if set(files) != want:
+        raise PackageError(f"{mpath}: 'files' lists {sorted(files)}, a package of this manifest has {sorted(want)}; "
+                           "re-export the package")
+    if manifest["weights"].get("global") != GLOBAL_WEIGHTS or manifest["weights"].get("local") not in (None, LOCAL_WEIGHTS):
+        raise PackageError(f"{mpath}: 'weights' must name {GLOBAL_WEIGHTS} (and {LOCAL_WEIGHTS} or null)")
+    real_root = root.resolve()
+    for rel, f in members.items():
+        if not f.resolve().is_relative_to(real_root):
+            raise PackageError(f"{f}: resolves outside the package folder; the package was altered")
+        if sha256_file(f) != files[rel]:
+            raise PackageError(f"{f}: sha256 differs from {MANIFEST}: the file was altered; re-export the package")
+    if sig.exists() and verify_key is None:  # unverified, but it must at least belong to this manifest
+        try:
+            doc = signing.read_signature(sig)
+        except signing.SignatureError as e:
+            raise PackageError(str(e)) from None
+        if doc["digest"] != manifest[DIGEST_FIELD]:
+            raise PackageError(f"{sig}: signs another manifest digest than package.json's: the package was altered "
+                               "after signing")
+    return manifest
 
 
 def graph_hash(node_ids: Sequence[str], edge_index: torch.Tensor, edge_weight: torch.Tensor) -> str:
@@ -75,6 +318,29 @@ def graph_hash(node_ids: Sequence[str], edge_index: torch.Tensor, edge_weight: t
     h.update(np.ascontiguousarray(edge_index.numpy(), dtype="<i8").tobytes())
     h.update(np.ascontiguousarray(edge_weight.numpy(), dtype="<f4").tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def load_weights_only(path: Path, error: type[ValueError] | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, no
+    code runs while unpickling.
+
+    Raises:
+        ``error`` (default :class:`PackageError`): the file cannot be loaded that way (a pickle
+        that needs code, a corrupt file); the message names the file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise (error or PackageError)(f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}): not a "
+                                      "file fedldt wrote (fedldt never loads pickles that can run code)") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict of tensors (:func:`load_weights_only`)."""
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PackageError(f"{path}: not a state dict of tensors; re-export the package")
+    return state
 
 
 @dataclass
@@ -153,39 +419,28 @@ class ForecastPackage:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> "ForecastPackage":
+    def load(cls, path: str | Path, verify_key: str | Path | None = None) -> "ForecastPackage":
         """Load and check a package folder.
 
         Args:
             path: the package folder.
-            verify: check each file's sha256 and the graph hash against ``package.json``.
+            verify_key: Ed25519 public key file (PEM, from ``fedldt keygen``): require a valid
+                ``package.sig`` made with its private key; ``None`` = signature not required.
 
         Raises:
-            PackageError: a file is missing or altered, the format is unknown, or the graph,
-                scaler and model disagree (the file and the fix are named).
+            PackageError: the folder is not exactly what ``fedldt export`` wrote (see
+                :func:`check_package`: unlisted, missing or altered file, a name leaving the
+                folder, an edited field, a missing or invalid signature), or the graph, scaler
+                and model disagree (the file or field and the fix are named).
         """
         root = Path(path)
-        mpath = root / MANIFEST
-        if not mpath.is_file():
-            raise PackageError(f"{root} is not a fedldt model package: {MANIFEST} not found (create one with `fedldt export`)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise PackageError(f"{mpath}: not valid JSON ({e}); re-export the package") from None
-        if manifest.get("format") != PACKAGE_FORMAT:
-            raise PackageError(f"{mpath}: format {manifest.get('format')!r}; this fedldt reads {PACKAGE_FORMAT!r}")
-        for rel, digest in manifest["files"].items():
-            f = root / rel
-            if not f.is_file():
-                raise PackageError(f"{f}: missing from the package (listed in {MANIFEST}); re-export the package")
-            if verify and sha256_file(f) != digest:
-                raise PackageError(f"{f}: sha256 differs from {MANIFEST}: the file was altered; re-export the package")
+        manifest = check_package(root, verify_key)
         nodes = pd.read_csv(root / NODES, dtype={"sensor_id": str})
         node_ids = nodes["sensor_id"].tolist()
         edges = pd.read_csv(root / EDGES)
         edge_index = torch.as_tensor(edges[["source", "target"]].to_numpy(dtype=np.int64).T.copy())
         edge_weight = torch.as_tensor(edges["weight"].to_numpy(dtype=np.float32))
-        if verify and graph_hash(node_ids, edge_index, edge_weight) != manifest["graph_hash"]:
+        if graph_hash(node_ids, edge_index, edge_weight) != manifest["graph_hash"]:
             raise PackageError(f"{root / NODES} / {root / EDGES}: graph hash differs from {MANIFEST}; re-export the package")
         coords = {}
         if {"latitude", "longitude"} <= set(nodes.columns):
@@ -197,13 +452,16 @@ class ForecastPackage:
         n, c = len(node_ids), len(manifest["task"]["channels"])
         if scaler.mean.shape[-1] != c or scaler.mean.shape[1] not in (1, n) or scaler.std.shape != scaler.mean.shape:
             raise PackageError(f"{root / SCALER}: statistics of shape {scaler.mean.shape} do not fit {n} nodes x {c} channels")
-        model = build_model(manifest["model_config"])
-        state = torch.load(root / GLOBAL_WEIGHTS, map_location="cpu", weights_only=True)
+        try:
+            model = build_model(manifest["model_config"])
+        except (ValueError, TypeError) as e:
+            raise PackageError(f"{root / MANIFEST}: model_config: {e}") from None
+        state = _load_tensors(root / GLOBAL_WEIGHTS)
         if manifest["weights"].get("local"):
-            local = torch.load(root / manifest["weights"]["local"], map_location="cpu", weights_only=True)
+            local = _load_tensors(root / LOCAL_WEIGHTS)
             extra = sorted(set(local) - set(state))
             if extra:
-                raise PackageError(f"{root / manifest['weights']['local']}: parameters {extra} are not in the model")
+                raise PackageError(f"{root / LOCAL_WEIGHTS}: parameters {extra} are not in the model")
             state = {**state, **local}
         try:
             model.load_state_dict(state, strict=True)
