@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from fedldt.cli import main
-from fedldt.config import compose_config, resolve_config
+from fedldt.config import DATASET_LOADERS, PARTITIONS, compose_config, resolve_config
 from fedldt.deploy import signing
-from fedldt.deploy.export import ExportError, check_output, check_run_config, export_package, shipped_loaders
+from fedldt.deploy.export import ExportError, check_output, check_run_config, export_package
 from fedldt.deploy.package import (
     MANIFEST, PACKAGE_FORMAT, SIGNATURE, PackageError, check_package, manifest_digest, seal_manifest, sign_package,
     write_manifest,
@@ -343,12 +343,11 @@ def fake_run(root: Path, dataset: dict, **extra) -> Path:
     return root
 
 
-def test_shipped_loaders_pass_and_are_the_only_ones(tmp_path):
+def test_registered_loaders_pass_and_are_the_only_ones(tmp_path):
     cfg = resolve_config(compose_config(["pilot=los_loop_3"]), require_data=False)
     check_run_config(cfg, tmp_path / "resolved_config.yaml")  # fedldt's own config is accepted
-    loaders = shipped_loaders()
-    assert cfg["dataset"]["_target_"] in loaders["dataset"] and cfg["partition"]["_target_"] in loaders["partition"]
-    assert "fedldt.data.load_los_loop" in loaders["dataset"] and "builtins.exec" not in loaders["dataset"]
+    assert cfg["dataset"]["_target_"] in DATASET_LOADERS and cfg["partition"]["_target_"] in PARTITIONS
+    assert "fedldt.data.load_los_loop" in DATASET_LOADERS and "builtins.exec" not in DATASET_LOADERS
 
 
 def test_export_runs_no_code_named_by_the_run_config(tmp_path, capsys):

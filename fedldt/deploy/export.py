@@ -28,7 +28,7 @@ import torch
 import yaml
 
 import fedldt
-from fedldt.config import CONF_DIR, load_territories
+from fedldt.config import DATASET_LOADERS, PARTITIONS, load_territories
 from fedldt.data.windows import collate, time_features
 from fedldt.deploy import card as cards
 from fedldt.deploy.onnx_export import OPSET, FixedGraphForecaster, export_onnx, parity_error
@@ -60,25 +60,11 @@ LOADER_GROUPS = ("dataset", "partition")
 HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
-def shipped_loaders() -> dict[str, frozenset[str]]:
-    """group -> the ``_target_`` values of fedldt's own configs ``conf/<group>/*.yaml``: the only
-    loaders a run folder may name (e.g. ``dataset: fedldt.data.load_los_loop``)."""
-    out = {}
-    for group in LOADER_GROUPS:
-        targets = set()
-        for f in sorted((CONF_DIR / group).glob("*.yaml")):
-            doc = yaml.safe_load(f.read_text()) or {}
-            if isinstance(doc.get("_target_"), str):
-                targets.add(doc["_target_"])
-        out[group] = frozenset(targets)
-    return out
-
-
 def check_run_config(cfg: Any, where: Path) -> None:
     """Refuse a run config that would make :func:`fedldt.config.load_territories` run foreign code.
 
-    ``dataset._target_`` and ``partition._target_`` must be loaders of fedldt's own configs
-    (:func:`shipped_loaders`); no other Hydra key (``_target_``, ``_args_``, ...) may appear
+    ``dataset._target_`` and ``partition._target_`` must be loaders registered in
+    :data:`fedldt.config.DATASET_LOADERS` / :data:`fedldt.config.PARTITIONS`; no other Hydra key (``_target_``, ``_args_``, ...) may appear
     anywhere, and no ``${...}`` interpolation in ``dataset`` or ``partition``. Called before
     anything of the config is used.
 
@@ -87,7 +73,7 @@ def check_run_config(cfg: Any, where: Path) -> None:
     """
     if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in (*LOADER_GROUPS, "task", "train")):
         raise ExportError(f"{where}: not a fedldt run config (needs mappings dataset, partition, task, train)")
-    allowed = shipped_loaders()
+    allowed = {"dataset": DATASET_LOADERS, "partition": PARTITIONS}
     for group in LOADER_GROUPS:
         target = cfg[group].get("_target_")
         if target not in allowed[group]:
