@@ -327,3 +327,13 @@ def test_fab_ships_no_fedldt_and_its_clientapp_imports_the_installed_library(tmp
     assert client_file.startswith(str(project))
     assert fedldt_file == fedldt.__file__ and not fedldt_file.startswith(str(project))
     assert not egress_file.startswith(str(project))
+
+
+def test_docs_list_every_value_that_leaves_and_every_code():
+    from fedldt.config import checkout_root
+
+    doc = (checkout_root() / "docs" / "egress.md").read_text()
+    for key in (*QUERY_INFO, *TRAIN_METRICS, *(f"<f>.{k}" for k in SUM_KEYS)):
+        assert f"`{key}`" in doc, key
+    for code in Code:
+        assert f"| {int(code)} | `{code.name}` |" in doc, code
