@@ -7,7 +7,11 @@ comes from the SuperNode's node config (see ``docs/deploy.md``):
 * ``out-dir``: the territory's output folder (its egress log, ``egress.jsonl``);
 * ``fail-in-round``: TEST ONLY, makes training raise in that round.
 
-The run config arrives as JSON in every message. Every reply is logged by the egress audit mod.
+The run config arrives as JSON in every message. Every reply passes the egress mod of the
+territory's installed fedldt (:func:`fedldt.federation.audit.egress_audit_mod`): it is checked
+against the allow-lists of :mod:`fedldt.federation.egress` (refused if it carries anything else),
+logged, and an exception becomes an error reply with its type and a code only (the text stays in
+the territory's ``errors.log``). See ``docs/egress.md``.
 The territory's local entries (node embeddings, integer buffers, personalized layers) stay in
 ``context.state`` between rounds and are never put in a reply.
 """
@@ -21,9 +25,9 @@ from flwr.clientapp import ClientApp
 
 from fedldt.federation import client as territory
 from fedldt.federation.audit import egress_audit_mod
+from fedldt.federation.egress import CONFIG_KEY
 
 app = ClientApp(mods=[egress_audit_mod])
-CONFIG_KEY = "fedldt-config"
 LOCAL_KEY = "fedldt-local"  # context.state array record of this territory's local entries
 
 

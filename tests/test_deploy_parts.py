@@ -125,10 +125,11 @@ def test_fail_in_round_is_test_only_and_hits_one_round(own_data, tmp_path):
                                                      "fail-in-round": 1}, state=RecordDict(), run_config={})
     content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
                           "config": ConfigRecord({"fedldt-config": json.dumps(cfg), "server-round": 1})})
-    with pytest.raises(territory.InjectedFailure):  # Flower's runtime turns this into an error reply
-        app(Message(content, metadata=_md(MessageType.TRAIN)), ctx)
+    reply = app(Message(content, metadata=_md(MessageType.TRAIN)), ctx)  # the egress mod: a coded error reply
+    assert reply.has_error() and reply.error.reason == "InjectedFailure [fedldt-100]"
     (entry,) = [json.loads(line) for line in (out / EGRESS_LOG).read_text().splitlines()]
-    assert entry["records"] == [] and entry["error"].startswith("InjectedFailure: test-only") and entry["server_round"] == 1
+    assert entry["records"] == [] and entry["error"] == "InjectedFailure [fedldt-100]" and entry["server_round"] == 1
+    assert "test-only failure injected by node config fail-in-round=1" in (out / "errors.log").read_text()
 
 
 # -- failures in the strategy ----------------------------------------------------------------

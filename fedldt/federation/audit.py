@@ -1,10 +1,23 @@
-"""Egress audit: a client-side Flower mod that logs what every reply of a territory carries.
+"""Egress audit and enforcement: the client-side Flower mod every territory reply passes through.
 
 Attached to the ClientApp (``clients/client_app.py``), :func:`egress_audit_mod` wraps every
-handler (query, train, evaluate). For each reply it appends one JSON line to the territory's
-own log, ``<out-dir>/egress.jsonl`` (node config ``out-dir``; without it
-``<checkout>/outputs/territories/territory-<index>/egress.jsonl``). A line holds names and
-shapes only, never values::
+handler (query, train, evaluate). It is part of the territory's installed fedldt (the
+coordinator's app does not ship ``fedldt/``, see ``docs/egress.md``). For each request it
+
+1. runs the handler, catching every exception;
+2. checks the reply against the allow-lists (:func:`fedldt.federation.egress.check_reply`): a
+   reply that carries anything else is refused, not sent;
+3. appends one JSON line to the territory's own log, ``<out-dir>/egress.jsonl`` (node config
+   ``out-dir``; without it ``<checkout>/outputs/territories/territory-<index>/egress.jsonl``),
+   and only then lets the reply go. A failure to write the log sends an error instead: a
+   territory must not send what it cannot account for.
+
+When the handler raised or the reply was refused, the reply becomes an error reply that says
+only the exception type and a code (``"ValueError [fedldt-100]"``, see
+:class:`fedldt.federation.egress.Code`); the exception text and traceback go to
+``<out-dir>/errors.log`` and the SuperNode log gets a line naming that file.
+
+A line of ``egress.jsonl`` holds names and shapes only, never values::
 
     {"time": 1764430000.1, "run_id": 123, "node_id": 456, "territory": 0,
      "message_type": "train", "server_round": 1,
@@ -12,18 +25,22 @@ shapes only, never values::
                   "arrays": {"encoder.0.weight": {"shape": [64, 66], "dtype": "float32"}, ...}},
                  {"name": "metrics", "kind": "metric",
                   "metrics": {"num-examples": "scalar", "model.abs_err_sum": [12], ...}}],
-     "error": null}
+     "error": null, "refused": null}
 
 ``records[].kind`` is ``array``, ``metric`` or ``config``; a metric is ``"scalar"`` or the
-length of its list; a config entry is the Python type name of its value. ``error`` is set when
-the handler raised (the reply is then an error message carrying no records).
+length of its list; a config entry is the Python type name of its value. ``records`` is what
+left (``[]`` for an error reply). ``error`` is the error reply's reason as sent (type and code).
+``refused`` is set when the check refused the reply: ``{"code", "detail", "records"}`` with
+what the handler tried to send (names and shapes).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,8 +48,11 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedldt.config import checkout_root
+from fedldt.federation.egress import Code, EgressRefused, check_reply, error_reply
 
 EGRESS_LOG = "egress.jsonl"
+ERRORS_LOG = "errors.log"
+_log = logging.getLogger("flwr")  # Flower's logger: the SuperNode's (ClientApp process's) log
 
 
 def territory_out_dir(node_config: Mapping[str, Any]) -> Path:
@@ -81,21 +101,48 @@ def _server_round(msg: Message) -> int | None:
         return None
 
 
-def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower mod: run the handler, then log the reply's records (see the module docstring).
+def errors_log_path(node_config: Mapping[str, Any]) -> Path:
+    """Where :func:`egress_audit_mod` writes the text and traceback of every failed or refused
+    reply (``<out-dir>/errors.log``); only the type and code leave the territory."""
+    return territory_out_dir(node_config) / ERRORS_LOG
 
-    An exception from the handler is logged (``error``) and re-raised, so Flower still turns it
-    into an error reply. A failure to write the log fails the reply too: a territory must not
-    send what it cannot account for.
+
+def _append(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # short appends from concurrent processes stay whole
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: run the handler, enforce the allow-lists, log, reply (see the module docstring).
+
+    Never raises: every exception of the handler, of the check or of the logging becomes an
+    error reply carrying ``"<ExceptionType> [fedldt-<code>]"`` only
+    (:func:`fedldt.federation.egress.error_reply`), so Flower never puts an exception's text
+    (which may hold data) in the reply.
+
+    Returns:
+        The handler's reply when it passes :func:`fedldt.federation.egress.check_reply` and the
+        log is written; else an error reply to ``msg``.
     """
-    error: str | None = None
     reply: Message | None = None
+    failure: BaseException | None = None
+    refused: dict[str, Any] | None = None
     try:
         reply = call_next(msg, context)
-    except Exception as e:  # logged, then re-raised unchanged
-        error = f"{type(e).__name__}: {e}"
-        raise
-    finally:
+        if reply.has_error():
+            raise EgressRefused(Code.HANDLER_ERROR_REPLY, f"the handler returned an error reply of its own "
+                                                          f"(code {reply.error.code}, reason {reply.error.reason!r})")
+        check_reply(msg, reply)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a coded error reply
+        failure = e
+        if isinstance(e, EgressRefused):
+            tried = describe_content(reply) if reply is not None and not reply.has_error() else []
+            refused = {"code": int(e.code), "detail": e.detail, "records": tried}
+    out = reply if failure is None else error_reply(msg, failure)
+    try:
         entry = {
             "time": round(time.time(), 3),
             "run_id": int(msg.metadata.run_id),
@@ -103,13 +150,21 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
             "territory": context.node_config.get("territory", context.node_config.get("partition-id")),
             "message_type": str(msg.metadata.message_type),
             "server_round": _server_round(msg),
-            "records": describe_content(reply) if reply is not None and not reply.has_error() else [],
-            "error": error if error is not None else (str(reply.error.reason) if reply is not None and reply.has_error() else None),
+            "records": describe_content(out) if not out.has_error() else [],
+            "error": str(out.error.reason) if out.has_error() else None,
+            "refused": refused,
         }
-        path = egress_log_path(context.node_config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:  # one short line per reply; appends from concurrent processes stay whole
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    return reply
+        if failure is not None:
+            path = errors_log_path(context.node_config)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            _append(path, f"=== {stamp} run {entry['run_id']} territory {entry['territory']} {entry['message_type']} "
+                          f"round {entry['server_round']}: sent {entry['error']}\n"
+                          + "".join(traceback.format_exception(failure)) + "\n")
+            _log.error("fedldt: the %s reply became the error %s; its text and traceback are in %s",
+                       entry["message_type"], entry["error"], path)
+        _append(egress_log_path(context.node_config), json.dumps(entry, allow_nan=False) + "\n")
+    except Exception as e:  # noqa: BLE001 - the log cannot be written: send nothing but a coded error
+        _log.error("fedldt: cannot write this territory's egress/error log, so the %s reply is withheld: %s",
+                   msg.metadata.message_type, "".join(traceback.format_exception(e)))
+        return error_reply(msg, e, Code.AUDIT_FAILED)
+    return out

@@ -1,0 +1,326 @@
+"""What may leave a territory: the reply allow-lists, their check and the coded error replies.
+
+This module belongs to the territory's **own installation** of fedldt. The coordinator's app
+(the FAB) does not ship ``fedldt/`` (``[tool.flwr.app] fab-exclude`` in ``pyproject.toml``), so
+the ClientApp imports this file from the territory's installed package, not from the
+coordinator. See ``docs/egress.md`` for every value that leaves and why.
+
+:func:`check_reply` compares a reply with the request it answers and raises
+:class:`EgressRefused` (with a :class:`Code`) unless:
+
+* the reply carries exactly the records of its message type (``query``: one config record
+  ``info``; ``train``: one array record ``arrays`` and one metric record ``metrics``;
+  ``evaluate``: one metric record ``metrics``), nothing else (no config record, no second array
+  record);
+* ``train`` arrays have exactly the keys, shapes and dtypes of the global model's shared
+  parameters as the server sent them in the request's ``arrays`` record, are ``float32``
+  (:data:`ARRAY_DTYPES`), are finite and hold no bytes beyond their values;
+* metric and info keys are exactly those of :data:`TRAIN_METRICS`, :data:`EVALUATE_METRICS` and
+  :data:`QUERY_INFO`, each of its documented type, non-negative and finite, and every per-step
+  list has one value per horizon step (``task.horizon`` of the run config the server sent).
+
+:func:`error_reply` builds the error reply a territory sends instead: ``Error(code, reason)``
+with ``reason = "<ExceptionType> [fedldt-<code>]"``, never the exception's text (which may hold
+data, e.g. a cell's value and date); the text stays in the territory's own log
+(:mod:`fedldt.federation.audit`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+
+from fedldt.metrics import SUM_KEYS
+from fedldt.results import REFERENCES
+
+#: ConfigRecord of a request that holds the run config as JSON (``fedldt.federation.server``).
+CONFIG_KEY = "fedldt-config"
+#: dtypes a shared parameter may leave in (the global model is float32; float64 would double
+#: the bytes and never matches the global model).
+ARRAY_DTYPES = ("float32",)
+#: Longest ``territory-id`` string a query reply may carry.
+MAX_ID_LENGTH = 128
+
+
+class Code(IntEnum):
+    """Error codes of a territory's error replies (``Error.code``; Flower's own codes are 0-8).
+
+    The reply's reason is ``"<ExceptionType> [fedldt-<code>]"``; the territory's
+    ``<out-dir>/errors.log`` holds the text and traceback.
+    """
+
+    HANDLER_RAISED = 100  #: the handler (query/train/evaluate) raised; the exception type is named
+    HANDLER_ERROR_REPLY = 101  #: the handler returned an error reply of its own (its text is not sent)
+    AUDIT_FAILED = 102  #: the egress log could not be written, so nothing is sent
+    REQUEST = 103  #: the request cannot be checked against (unknown message type, no arrays, no horizon)
+    RECORDS = 110  #: the reply's records are not exactly those of its message type
+    ARRAY_KEYS = 111  #: reply array keys differ from the global model's shared keys
+    ARRAY_SHAPE = 112  #: a reply array's shape differs from the global model's
+    ARRAY_DTYPE = 113  #: a reply array's dtype differs from the global model's or is not float32
+    ARRAY_VALUE = 114  #: a reply array is not finite, not numpy-serialised or carries extra bytes
+    METRIC_KEY = 120  #: a metric/info key is not in the allow-list, or an allowed key is missing
+    METRIC_VALUE = 121  #: a metric/info value has the wrong type, is negative or not finite
+    METRIC_LENGTH = 122  #: a per-step metric list does not have one value per horizon step
+
+
+class EgressRefused(Exception):
+    """A reply does not fit the allow-lists; it is not sent.
+
+    Attributes:
+        code: what is wrong (:class:`Code`).
+        detail: which record/key and why (names and shapes only, never values); written to the
+            territory's own log, never sent.
+    """
+
+    def __init__(self, code: Code, detail: str) -> None:
+        super().__init__(f"[fedldt-{int(code)}] {detail}")
+        self.code = Code(code)
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """One value a territory may send.
+
+    Attributes:
+        kind: ``int`` (a count or index, >= 0), ``float`` (finite, >= 0; an int is accepted) or
+            ``str`` (an identifier of at most :data:`MAX_ID_LENGTH` printable characters).
+        per_step: a list with one value per horizon step (else a scalar).
+        why: why it leaves the territory (documented in ``docs/egress.md``).
+    """
+
+    kind: type
+    per_step: bool
+    why: str
+
+
+_SUM_WHY = {
+    "abs_err_sum": "sum of |forecast - target| per horizon step: MAE = abs_err_sum / num_valid",
+    "sq_err_sum": "sum of squared errors per step: RMSE = sqrt(sq_err_sum / num_valid)",
+    "ape_sum": "sum of |error| / |target| per step (targets != 0): MAPE = ape_sum / num_valid_ape",
+    "abs_target_sum": "sum of |target| per step: WAPE = abs_err_sum / abs_target_sum; reveals the territory's "
+                      "total absolute target (e.g. summed speed) over the split, per step",
+    "num_valid": "number of valid (mask = 1) targets per step: the MAE/RMSE denominator",
+    "num_valid_ape": "number of valid non-zero targets per step: the MAPE denominator",
+}
+_FORECASTS = {"model": "the federated model", "persistence": "the last-observed-value reference",
+              "historical_average": "the time-of-day/week average reference"}
+_TERRITORY = Allowed(int, False, "the territory's index (the server knows it from discovery; names the reply)")
+
+#: Train reply metrics (record ``metrics``).
+TRAIN_METRICS: dict[str, Allowed] = {
+    "num-examples": Allowed(int, False, "training windows: the FedAvg weight"),
+    "train_loss": Allowed(float, False, "mean scaled training MAE of the last local epoch (progress report)"),
+    "territory": _TERRITORY,
+}
+#: Evaluate reply metrics (record ``metrics``): counts plus, for the model and each reference
+#: forecast, the error sums of :data:`fedldt.metrics.SUM_KEYS`, one per horizon step.
+EVALUATE_METRICS: dict[str, Allowed] = {
+    "num-examples": Allowed(int, False, "evaluated windows"),
+    "territory": _TERRITORY,
+    **{f"{p}.{k}": Allowed(int if k.startswith("num_") else float, True, f"{_SUM_WHY[k]} ({_FORECASTS[p]})")
+       for p in ("model", *REFERENCES) for k in SUM_KEYS},
+}
+#: Query reply (record ``info``): the sizes the server needs to build the global model.
+QUERY_INFO: dict[str, Allowed] = {
+    "territory": _TERRITORY,
+    "territory-id": Allowed(str, False, "the territory's name from the run config (reports)"),
+    "num-nodes": Allowed(int, False, "sensors of the territory (reports; the node count is not secret to the server, "
+                                     "which sends the partition config)"),
+    "num-train": Allowed(int, False, "training windows (min_train checks, reports)"),
+    "num-val": Allowed(int, False, "validation windows (reports)"),
+    "num-test": Allowed(int, False, "test windows (reports)"),
+    "in-channels": Allowed(int, False, "model input channels (global model size)"),
+    "out-channels": Allowed(int, False, "model output channels (global model size)"),
+    "horizon": Allowed(int, False, "forecast steps (global model size)"),
+}
+
+#: Record name -> record type a reply carries, per message type.
+REPLY_RECORDS: dict[str, dict[str, type]] = {
+    "query": {"info": ConfigRecord},
+    "train": {"arrays": ArrayRecord, "metrics": MetricRecord},
+    "evaluate": {"metrics": MetricRecord},
+}
+#: Allow-list of each record a reply carries.
+ALLOW_LISTS: dict[tuple[str, str], dict[str, Allowed]] = {
+    ("query", "info"): QUERY_INFO,
+    ("train", "metrics"): TRAIN_METRICS,
+    ("evaluate", "metrics"): EVALUATE_METRICS,
+}
+
+
+def message_category(msg: Message) -> str:
+    """``train``, ``evaluate`` or ``query`` (the part of the message type before any ``.action``)."""
+    return str(msg.metadata.message_type).split(".", 1)[0]
+
+
+def request_arrays_spec(request: Message) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shared key -> ``(shape, dtype)`` of the global model as the server sent it (the train
+    request's ``arrays`` record).
+
+    Raises:
+        EgressRefused: ``REQUEST``, the request has no ``arrays`` array record.
+    """
+    rec = request.content.array_records.get("arrays")
+    if rec is None:
+        raise EgressRefused(Code.REQUEST, "the train request has no 'arrays' record to compare the reply with")
+    return {k: (tuple(int(d) for d in a.shape), str(a.dtype)) for k, a in rec.items()}
+
+
+def request_horizon(request: Message) -> int:
+    """``task.horizon`` of the run config the request carries (``config`` record, JSON).
+
+    Raises:
+        EgressRefused: ``REQUEST``, no run config or no positive integer horizon in it.
+    """
+    try:
+        horizon = json.loads(str(request.content.config_records["config"][CONFIG_KEY]))["task"]["horizon"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise EgressRefused(Code.REQUEST, f"the request's run config has no task.horizon ({type(e).__name__})") from None
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise EgressRefused(Code.REQUEST, "the request's task.horizon is not a positive integer")
+    return horizon
+
+
+def check_reply(request: Message, reply: Message) -> None:
+    """Refuse a reply that carries anything beyond what its message type may carry.
+
+    Args:
+        request: the server's message (its ``arrays`` record is the global model; its run config
+            gives the horizon).
+        reply: the handler's reply (not an error reply).
+
+    Raises:
+        EgressRefused: with the :class:`Code` of the first problem found; ``detail`` names the
+            record, key, shape or dtype (never a value).
+    """
+    category = message_category(request)
+    expected = REPLY_RECORDS.get(category)
+    if expected is None:
+        raise EgressRefused(Code.REQUEST, f"message type '{category}' has no egress allow-list")
+    records = dict(reply.content.items())
+    if set(records) != set(expected):
+        raise EgressRefused(Code.RECORDS, f"{category} reply has records {sorted(records)}; only {sorted(expected)} may "
+                                          "leave")
+    for name, kind in expected.items():
+        if not isinstance(records[name], kind):
+            raise EgressRefused(Code.RECORDS, f"{category} reply record '{name}' is a {type(records[name]).__name__}, "
+                                              f"not a {kind.__name__}")
+    if category == "train":
+        check_arrays(request_arrays_spec(request), records["arrays"])
+    horizon = request_horizon(request) if category == "evaluate" else None
+    for (cat, name), allowed in ALLOW_LISTS.items():
+        if cat == category:
+            check_values(records[name], allowed, horizon, f"{category} reply '{name}'")
+
+
+def check_arrays(spec: Mapping[str, tuple[tuple[int, ...], str]], arrays: ArrayRecord) -> None:
+    """The reply's arrays are exactly the global model's shared parameters.
+
+    Args:
+        spec: shared key -> ``(shape, dtype)`` (:func:`request_arrays_spec`).
+        arrays: the reply's array record.
+
+    Raises:
+        EgressRefused: ``ARRAY_KEYS`` (a key missing or extra: local entries such as node
+            embeddings stay home), ``ARRAY_SHAPE``, ``ARRAY_DTYPE`` (differs from the global
+            model or not in :data:`ARRAY_DTYPES`) or ``ARRAY_VALUE`` (not finite, not a numpy
+            array, or bytes beyond its values).
+    """
+    missing, extra = sorted(set(spec) - set(arrays.keys())), sorted(set(arrays.keys()) - set(spec))
+    if missing or extra:
+        raise EgressRefused(Code.ARRAY_KEYS, f"reply arrays differ from the global model's shared keys: missing {missing}, "
+                                             f"not shared {extra}")
+    for key, (shape, dtype) in spec.items():
+        arr = arrays[key]
+        if tuple(int(d) for d in arr.shape) != tuple(shape):
+            raise EgressRefused(Code.ARRAY_SHAPE, f"array '{key}' has shape {list(arr.shape)}, the global model {list(shape)}")
+        if str(arr.dtype) != dtype or dtype not in ARRAY_DTYPES:
+            raise EgressRefused(Code.ARRAY_DTYPE, f"array '{key}' is {arr.dtype}, the global model {dtype}; only "
+                                                  f"{list(ARRAY_DTYPES)} may leave")
+        _check_array_bytes(key, arr, shape, dtype)
+
+
+def _check_array_bytes(key: str, arr: Array, shape: tuple[int, ...], dtype: str) -> None:
+    try:
+        value = arr.numpy()  # np.load(allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any failure to read it back means it is not a plain array
+        raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' is not a numpy array ({type(e).__name__})") from None
+    if tuple(value.shape) != tuple(shape) or str(value.dtype) != dtype:
+        raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' declares {list(arr.shape)} {arr.dtype} but holds "
+                                              f"{list(value.shape)} {value.dtype}")
+    if len(arr.data) != len(Array(np.ascontiguousarray(value)).data):
+        raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' carries {len(arr.data)} bytes, more than its values need")
+    if not np.isfinite(value).all():
+        raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' is not finite")
+
+
+def check_values(record: Mapping[str, Any], allowed: Mapping[str, Allowed], horizon: int | None, where: str) -> None:
+    """Keys exactly ``allowed``; each value of its kind, >= 0, finite; per-step lists of length ``horizon``.
+
+    Raises:
+        EgressRefused: ``METRIC_KEY``, ``METRIC_VALUE`` or ``METRIC_LENGTH``.
+    """
+    keys = set(record.keys())
+    extra, missing = sorted(keys - set(allowed)), sorted(set(allowed) - keys)
+    if extra or missing:
+        raise EgressRefused(Code.METRIC_KEY, f"{where}: keys not in the allow-list {extra}, missing {missing}")
+    for key, spec in allowed.items():
+        value = record[key]
+        if spec.per_step:
+            if not isinstance(value, list):
+                raise EgressRefused(Code.METRIC_VALUE, f"{where}: '{key}' must be a list (one value per horizon step)")
+            if horizon is None or len(value) != horizon:
+                raise EgressRefused(Code.METRIC_LENGTH, f"{where}: '{key}' has {len(value)} values, the horizon is "
+                                                        f"{horizon}")
+            for v in value:
+                _check_value(v, spec.kind, where, key)
+        else:
+            _check_value(value, spec.kind, where, key)
+
+
+_ID = re.compile(r"[\w.:@+-]+")
+
+
+def _check_value(value: Any, kind: type, where: str, key: str) -> None:
+    if kind is str:
+        if not isinstance(value, str) or len(value) > MAX_ID_LENGTH or not _ID.fullmatch(value):
+            raise EgressRefused(Code.METRIC_VALUE, f"{where}: '{key}' must be an identifier of at most {MAX_ID_LENGTH} "
+                                                   "letters, digits and ._:@+-")
+        return
+    ok_types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types):
+        raise EgressRefused(Code.METRIC_VALUE, f"{where}: '{key}' must be {kind.__name__}, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise EgressRefused(Code.METRIC_VALUE, f"{where}: '{key}' must be finite and >= 0")
+
+
+def error_reason(error: BaseException, code: Code | None = None) -> str:
+    """``"<ExceptionType> [fedldt-<code>]"``: what an error reply says (type and code, no text).
+
+    ``code`` defaults to :func:`error_code` of ``error``.
+    """
+    name = type(error).__name__
+    name = name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name) else "Exception"
+    return f"{name} [fedldt-{int(error_code(error) if code is None else code)}]"
+
+
+def error_code(error: BaseException) -> Code:
+    """The :class:`Code` of an exception: its own for :class:`EgressRefused`, else ``HANDLER_RAISED``."""
+    return error.code if isinstance(error, EgressRefused) else Code.HANDLER_RAISED
+
+
+def error_reply(request: Message, error: BaseException, code: Code | None = None) -> Message:
+    """The error reply to ``request``: ``Error(code, reason=error_reason(error, code))``, no text.
+
+    ``code`` defaults to :func:`error_code` of ``error``.
+    """
+    code = error_code(error) if code is None else Code(code)
+    return Message(error=Error(code=int(code), reason=error_reason(error, code)), reply_to=request)
