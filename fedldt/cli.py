@@ -3,6 +3,7 @@
     fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--no-onnx] [--force]
     fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing]
     fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx]
+    fedldt gateway --listen HOST:PORT --superlink 127.0.0.1:PORT --ca CA --cert CERT --key KEY  (docs/deploy.md)
 
 Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
 names the file, field or sensor and the fix), 2 for command-line usage errors. See
@@ -58,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
+
+    from fedldt.federation import gateway  # the coordinator's Fleet-only gateway (docs/deploy.md)
+    gateway.add_arguments(sub.add_parser("gateway", help="Fleet-only TLS gateway in front of a loopback SuperLink",
+                                         description=gateway.__doc__.split("\n\n")[0]))
     return p
 
 
@@ -135,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedldt.deploy.package import PackageError
 
     try:
+        if args.command == "gateway":
+            from fedldt.federation.gateway import run as _gateway
+            return _gateway(args)
         return {"export": _export, "predict": _predict, "serve": _serve}[args.command](args)
     except (ExportError, InputError, PackageError) as e:
         print(f"fedldt {args.command}: error: {e}", file=sys.stderr)

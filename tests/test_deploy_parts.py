@@ -283,3 +283,35 @@ def test_egress_log_default_is_under_the_checkout_outputs():
     with pytest.raises(ValueError, match="absolute"):
         egress_log_path({"out-dir": "rel/dir"})
     assert os.path.isabs(egress_log_path({"out-dir": "/tmp/x"}))
+
+
+# -- the Fleet-only gateway, in process (the real SuperLink behind it: tests/test_deploy.py) -----
+def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_superlink(tmp_path):
+    from starlette.testclient import TestClient
+
+    from fedldt.federation.gateway import ALLOWED, FLEET_CALLS, create_app, parse_address
+
+    pki = make_server_pki(tmp_path / "pki")
+    port = 9  # discard port: nothing listens, so a forwarded call can only fail with 502
+    with TestClient(create_app(f"127.0.0.1:{port}", pki.ca_cert, max_body_bytes=1000)) as c:
+        for method, path in [("POST", "/v1/control/start-run"), ("POST", "/v1/control/list-runs"),
+                             ("POST", "/v1/control/register-node"), ("POST", "/v1/runtime/acquire-task"),
+                             ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/"), ("GET", "/v1/fleet/pull-messages"),
+                             ("POST", "/v1/fleet/pull-messages/"), ("POST", "/v1/fleet/../control/list-runs"),
+                             ("POST", "/v1/fleet/pull-messages?node=1"), ("DELETE", "/health"), ("PROPFIND", "/health")]:
+            r = c.request(method, path, content=b"x")
+            assert (r.status_code, r.content) == (403, b""), (method, path)
+        r = c.post("/v1/fleet/register-node", content=b"")
+        assert r.status_code == 412 and r.json() == {
+            "code": 2001, "detail": "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."}
+        assert c.post("/v1/fleet/push-object", content=b"\0" * 1001).status_code == 413
+        assert c.post("/v1/fleet/push-object", content=b"\0" * 10, headers={"content-length": "99999"}).status_code == 413
+        assert c.post("/v1/fleet/push-object", content=b"\0" * 1000).status_code == 502  # allowed: forwarded, no SuperLink
+        assert c.get("/health").status_code == 502
+    assert len(FLEET_CALLS) == 10 and ("POST", "/v1/fleet/register-node") not in ALLOWED
+    assert parse_address("[::1]:9092", "--listen") == ("::1", 9092)
+    for bad in ("127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", ":9092", "host:port"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_address(bad, "--listen")
+    with pytest.raises(FileNotFoundError, match="--ca"):
+        create_app("127.0.0.1:9091", tmp_path / "missing.crt")
