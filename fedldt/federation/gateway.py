@@ -20,7 +20,9 @@ for the server side, httpx for the upstream side) that:
 * answers everything else (another path or method, a query string, ``/v1/control/*``,
   ``/v1/runtime/*``, ``/docs``, percent-encoded tricks) with ``403`` and an empty body;
 * refuses request bodies over ``max_body_bytes`` with ``413`` (default 64 MiB; Flower sends
-  arrays in chunks of at most 5 MiB);
+  arrays in chunks of at most 5 MiB): a declared ``Content-Length`` is checked before anything
+  is forwarded, a chunked body is counted while it streams to the SuperLink (the gateway never
+  holds a whole body in memory) and the upstream call is aborted at the cap;
 * passes the request headers and body through unchanged (the SuperLink checks each SuperNode's
   signed-timestamp headers itself; hop-by-hop headers and ``Host`` are not forwarded) and
   streams the response back unchanged;
@@ -99,6 +101,10 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _TooLarge(Exception):
+    """A request body passed the gateway's cap while it was being forwarded."""
+
+
 class _Proxy:
     """The ASGI endpoint behind the catch-all route (every method reaches it)."""
 
@@ -138,19 +144,29 @@ class _Proxy:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return _refuse(request, 413, f"content-length {declared[:20]!r} over {self.max_body_bytes}")
-        body = bytearray()
-        try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > self.max_body_bytes:
-                    return _refuse(request, 413, f"body over {self.max_body_bytes} bytes")
-        except ClientDisconnect:
-            return Response(status_code=400)
         assert self.client is not None, "gateway started without its lifespan"
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _NOT_FORWARDED_UP]
-        upstream = self.client.build_request(method, self.upstream + path, headers=headers, content=bytes(body))
+        # The body is streamed to the SuperLink as it arrives (the gateway never holds a whole
+        # body), counting bytes: a chunked body that passes the cap aborts the upstream call.
+        cap = self.max_body_bytes
+
+        async def body() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > cap:
+                    raise _TooLarge
+                yield chunk
+
+        keep = _NOT_FORWARDED_UP - ({b"content-length"} if declared is not None else set())
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in keep]
+        upstream = self.client.build_request(method, self.upstream + path, headers=headers,
+                                             content=body() if method == "POST" else None)
         try:
             reply = await self.client.send(upstream, stream=True)
+        except _TooLarge:
+            return _refuse(request, 413, f"body over {self.max_body_bytes} bytes")
+        except ClientDisconnect:
+            return Response(status_code=400)
         except httpx.HTTPError as e:
             log.error("SuperLink %s unreachable for %s %s: %s", self.upstream, method, path, type(e).__name__)
             return Response(status_code=502)
