@@ -399,7 +399,7 @@ class LocalFederation:
                   "orphans_stopped": [p.pid for p in orphans],
                   "left_over": [{"pid": p.pid, "cmdline": _cmdline(p)} for p in left]}
         self.logs.mkdir(parents=True, exist_ok=True)
-        (self.logs / "processes.json").write_text(json.dumps(record, indent=2) + "\n")
+        (self.logs / "processes.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
         self.stopped = record
