@@ -6,6 +6,7 @@
                    [--verify-key KEY.pub]
     fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx] [--verify-key KEY.pub]
     fedldt keygen --out KEY
+    fedldt gateway --listen HOST:PORT --superlink 127.0.0.1:PORT --ca CA --cert CERT --key KEY  (docs/deploy.md)
 
 Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
 names the file, field or sensor and the fix), 2 for command-line usage errors. See
@@ -73,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Write an Ed25519 private key (PEM, mode 0600) to --out and its public key to "
                                    "OUT.pub; never overwrites a file.")
     k.add_argument("--out", required=True, type=Path, help="private key file to create; the public key goes to OUT.pub")
+
+    from fedldt.federation import gateway  # the coordinator's Fleet-only gateway (docs/deploy.md)
+    gateway.add_arguments(sub.add_parser("gateway", help="Fleet-only TLS gateway in front of a loopback SuperLink",
+                                         description=gateway.__doc__.split("\n\n")[0]))
     return p
 
 
@@ -163,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedldt.deploy.signing import SignatureError
 
     try:
+        if args.command == "gateway":
+            from fedldt.federation.gateway import run as _gateway
+            return _gateway(args)
         return {"export": _export, "predict": _predict, "serve": _serve, "keygen": _keygen}[args.command](args)
     except (ExportError, InputError, PackageError, SignatureError) as e:
         print(f"fedldt {args.command}: error: {e}", file=sys.stderr)

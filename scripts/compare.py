@@ -5,7 +5,7 @@ on the same territory splits, with one seed.
 
 Writes comparison.json, comparison.md and PNG plots to the Hydra run directory (the three runs
 in its federated/, centralized/, local/ subfolders), and copies the artifacts to
-``compare.publish_dir`` when set.
+``compare.publish_dir`` when set. Ctrl-C or SIGTERM stops every process started (exit status 130 / 143).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from fedldt.compare import run_comparison
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
-from fedldt.federation.launch import RunFailed
+from fedldt.federation.launch import RunFailed, interruptible
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -26,11 +26,12 @@ def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)
     hc = HydraConfig.get()
     publish = checkout_path(resolved.get("compare", {}).get("publish_dir"))
-    try:
-        run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
-    except RunFailed as e:
-        print(f"fedldt: run failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    with interruptible():
+        try:
+            run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
+        except RunFailed as e:
+            print(f"fedldt: run failed: {e}", file=sys.stderr)
+            sys.exit(1)
     print((__import__("pathlib").Path(hc.runtime.output_dir) / "comparison.md").read_text())
     print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
 

@@ -6,12 +6,11 @@ territory, over loopback, with TLS and SuperNode authentication.
 Same pilots and overrides as scripts/simulate.py, same results folder (summary.json, history.csv,
 model.pt, resolved_config.yaml), plus logs/ (superlink.log, supernode-<i>.log, server.log,
 processes.json) and territories/territory-<i>/egress.jsonl (what each territory sent).
-Every process started is stopped at the end, also on error, Ctrl-C or SIGTERM.
+Every process started is stopped at the end, also on error, Ctrl-C or SIGTERM (exit status 130 / 143).
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
@@ -21,12 +20,8 @@ from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, num_territories, resolve_config
 from fedldt.federation.deploy import LocalFederation
-from fedldt.federation.launch import RunFailed
+from fedldt.federation.launch import RunFailed, interruptible
 from fedldt.results import summary_table
-
-
-def _sigterm(signum, frame):  # turn SIGTERM into the same clean shutdown as Ctrl-C
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -34,18 +29,14 @@ def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        # Every territory reads the data from its own node config (data-root), here the same folder.
-        with LocalFederation(run_dir, num_territories(resolved), data_root=Path(resolved["dataset"]["path"]).parent) as fed:
-            summary = fed.run(list(hc.overrides.task), run_dir)
-    except RunFailed as e:
-        print(f"fedldt: federation failed: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"fedldt: interrupted; every process started was stopped (see {run_dir / 'logs' / 'processes.json'})",
-              file=sys.stderr)
-        sys.exit(130)
+    with interruptible(f" (see {run_dir / 'logs' / 'processes.json'})"):
+        try:
+            # Every territory reads the data from its own node config (data-root), here the same folder.
+            with LocalFederation(run_dir, num_territories(resolved), data_root=Path(resolved["dataset"]["path"]).parent) as fed:
+                summary = fed.run(list(hc.overrides.task), run_dir)
+        except RunFailed as e:
+            print(f"fedldt: federation failed: {e}", file=sys.stderr)
+            sys.exit(1)
     print()
     print(summary_table(summary))
     print(f"\nresults: {run_dir}")

@@ -5,7 +5,8 @@ or one of the reference modes on the same territory splits.
                                [train.rounds=N] [seed=N] [hydra.run.dir=DIR]
 
 Results (summary.json, history.csv, model.pt, resolved_config.yaml, logs/) go to the Hydra run
-directory (default outputs/<pilot>/<date>_<time>).
+directory (default outputs/<pilot>/<date>_<time>). Ctrl-C or SIGTERM stops every process started
+(exit status 130 / 143).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, resolve_config
-from fedldt.federation.launch import RunFailed
+from fedldt.federation.launch import RunFailed, interruptible
 from fedldt.results import summary_table
 from fedldt.runner import run_mode
 
@@ -26,11 +27,12 @@ from fedldt.runner import run_mode
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
     hc = HydraConfig.get()
-    try:
-        summary = run_mode(resolved, list(hc.overrides.task), hc.runtime.output_dir)
-    except RunFailed as e:
-        print(f"fedldt: run failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    with interruptible():
+        try:
+            summary = run_mode(resolved, list(hc.overrides.task), hc.runtime.output_dir)
+        except RunFailed as e:
+            print(f"fedldt: run failed: {e}", file=sys.stderr)
+            sys.exit(1)
     print()
     print(summary_table(summary))
     print(f"\nresults: {hc.runtime.output_dir}")

@@ -5,7 +5,8 @@
 
 The combinations are ``sweep.models`` x ``sweep.strategies`` (conf/config.yaml). Writes
 models_strategies.json and models_strategies.md to the Hydra run directory (each run in its own
-subfolder) after every run, and copies them to ``sweep.publish_dir`` when set.
+subfolder) after every run, and copies them to ``sweep.publish_dir`` when set. Ctrl-C or SIGTERM stops every process started
+(exit status 130 / 143).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
-from fedldt.federation.launch import RunFailed
+from fedldt.federation.launch import RunFailed, interruptible
 from fedldt.sweep import ARTIFACTS, run_sweep
 
 
@@ -27,11 +28,12 @@ def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)
     hc = HydraConfig.get()
     publish = checkout_path(resolved["sweep"].get("publish_dir"))
-    try:
-        run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
-    except RunFailed as e:
-        print(f"fedldt: run failed: {e}", file=sys.stderr)
-        sys.exit(1)
+    with interruptible():
+        try:
+            run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
+        except RunFailed as e:
+            print(f"fedldt: run failed: {e}", file=sys.stderr)
+            sys.exit(1)
     print((Path(hc.runtime.output_dir) / ARTIFACTS[1]).read_text())
     print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
 

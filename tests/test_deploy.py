@@ -6,8 +6,9 @@ Two federations, each reused by several tests (the deployment round trip costs ~
 * ``deployed``: ``scripts/federation_local.py pilot=los_loop_3 train.rounds=2`` end to end
   (the real Los-loop data), compared with the simulation engine's run of the same config;
 * ``federation``: a :class:`LocalFederation` on small synthetic territories whose server has
-  no data at all, territory 1 failing in round 1 (test-only node config), used for refusals,
-  failures, a killed and restarted SuperNode, and the minimum-territories error.
+  no data at all, territory 1 failing in round 1 (test-only node config), used for refusals
+  (of SuperNodes, and of the Control/runtime APIs at the Fleet-only gateway), failures, a killed
+  and restarted SuperNode, and the minimum-territories error.
 """
 
 import json
@@ -19,18 +20,20 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import psutil
 import pytest
 import torch
 import yaml
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedldt.config import checkout_root, load_territories
 from fedldt.federation.audit import EGRESS_LOG, ERRORS_LOG
 from fedldt.federation.certs import make_territory_key
 from fedldt.federation.client import SCALAR_METRICS
 from fedldt.federation.deploy import LocalFederation
-from fedldt.federation.launch import RunFailed, free_port
+from fedldt.federation.launch import RunFailed, flwr_env, free_port, processes_with_home
 from fedldt.metrics import SUM_KEYS
 from fedldt.results import REFERENCES
 from tests.conftest import write_los_loop_like
@@ -97,18 +100,22 @@ def test_deployment_used_tls_authentication_and_own_node_config(deployed):
     out, _, _ = deployed
     rec = json.loads((out / "logs" / "processes.json").read_text())
     by_name = {p["name"]: p for p in rec["started"]}
-    assert sorted(by_name) == ["superlink", "supernode-0", "supernode-1", "supernode-2"]
+    assert sorted(by_name) == ["gateway", "superlink", "supernode-0", "supernode-1", "supernode-2"]
     link = by_name["superlink"]["args"]
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
                  "--disable-runtime-dependency-installation"):
         assert flag in link
     assert "--insecure" not in link and link[link.index("--host") + 1] == "127.0.0.1"
     link_port = link[link.index("--port") + 1]
+    gw = by_name["gateway"]["args"]  # territories dial the Fleet-only gateway, which forwards to the SuperLink
+    assert gw[1:3] == ["-m", "fedldt.federation.gateway"] and gw[gw.index("--superlink") + 1] == f"127.0.0.1:{link_port}"
+    gw_addr = gw[gw.index("--listen") + 1]
+    assert gw_addr != f"127.0.0.1:{link_port}"
     ports = set()
     for i in range(3):
         args = by_name[f"supernode-{i}"]["args"]
         assert "--insecure" not in args and "--root-certificates" in args and "--auth-supernode-private-key" in args
-        assert args[args.index("--superlink") + 1] == f"127.0.0.1:{link_port}"
+        assert args[args.index("--superlink") + 1] == gw_addr
         ports.add(args[args.index("--port") + 1])
         nc = args[args.index("--node-config") + 1]
         assert nc.startswith(f"territory={i} ") and f'out-dir="{out}/territories/territory-{i}"' in nc
@@ -163,7 +170,8 @@ def test_every_reply_carried_only_model_parameters_and_allowed_metrics(deployed)
 def _alive_flower(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and any(w in " ".join(p.cmdline()) for w in ("flower-", "flwr"))
+        return p.status() != psutil.STATUS_ZOMBIE and any(
+            w in " ".join(p.cmdline()) for w in ("flower-", "flwr", "fedldt.federation.gateway"))
     except psutil.Error:
         return False
 
@@ -184,42 +192,98 @@ def test_deployment_left_no_process(deployed):
     rec = json.loads((out / "logs" / "processes.json").read_text())
     assert rec["left_over"] == []
     pids = [p["pid"] for p in rec["started"]] + [d for p in rec["started"] for d in p["descendants"]]
-    assert len(pids) >= 4 + 3  # SuperLink, 3 SuperNodes and at least their flower-superexec helpers
+    assert len(pids) >= 5 + 3  # SuperLink, gateway, 3 SuperNodes and at least their flower-superexec helpers
     assert not [pid for pid in pids if _alive_flower(pid)]
     assert not Path(rec["work_dir"]).exists()  # keys, certificates and Flower homes deleted
     assert _processes_pointing_into(rec["work_dir"]) == []
 
 
-def test_ctrl_c_mid_run_stops_every_process(tmp_path):
-    """SIGINT (Ctrl-C) while a run is in flight: the script stops the SuperLink, the SuperNodes,
-    the ServerApp and every ClientApp it started, and exits 130."""
+def _start_script(script: str, tmp_path: Path, sigint_default: bool = False) -> tuple[subprocess.Popen, list[str], Path]:
+    """Start ``scripts/<script>`` on a tiny synthetic pilot (2 territories, 1 round), reading its output."""
     write_los_loop_like(tmp_path / "data" / "los_loop", num_nodes=8, num_steps=300)
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, str(checkout_root() / "scripts" / "federation_local.py"), "pilot=los_loop_3",
+        [sys.executable, str(checkout_root() / "scripts" / script), "pilot=los_loop_3",
          f"paths.data_root={tmp_path / 'data'}", "partition.num_territories=2", "model.hidden=8", "train.rounds=1",
          f"hydra.run.dir={out}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # as from an interactive terminal: a test runner started in the background (`cmd &`)
         # passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if sigint_default else None,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     deadline = time.monotonic() + 600
     while not any("submitted" in x for x in lines) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert any("submitted" in x for x in lines), "".join(lines)[-3000:]
     time.sleep(5)  # the ServerApp is up and talking to the territories
-    proc.send_signal(2)  # SIGINT, as Ctrl-C
-    assert proc.wait(timeout=180) == 130, "".join(lines)[-3000:]
-    reader.join(timeout=10)
-    assert "interrupted; every process started was stopped" in "".join(lines)
+    return proc, lines, out
+
+
+def _wait_gone(pids, flwr_homes, seconds=30.0) -> list[str]:
+    """Processes still alive after ``seconds``: any of ``pids``, or any with one of ``flwr_homes``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [_describe(pid) for pid in pids if _alive(pid)]
+        alive += [_describe(p.pid) for h in flwr_homes for p in processes_with_home(h)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1.0)
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid} {' '.join(psutil.Process(pid).cmdline())}"
+    except psutil.Error:
+        return f"{pid} (gone while listed)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_run_stops_every_process(tmp_path, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (timeout, Slurm, Kubernetes, systemd) while a run is in flight:
+    federation_local.py stops the SuperLink, the gateway, the SuperNodes, the ServerApp and every
+    ClientApp it started, and exits 130 / 143."""
+    proc, lines, out = _start_script("federation_local.py", tmp_path, sigint_default=True)
+    started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(sig)
+    assert proc.wait(timeout=180) == 128 + sig, "".join(lines)[-3000:]
+    time.sleep(1)
+    how = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
+    assert f"interrupted by {how}; every process started was stopped" in "".join(lines)
     rec = json.loads((out / "logs" / "processes.json").read_text())
-    assert rec["left_over"] == [] and len(rec["started"]) == 3
+    assert rec["left_over"] == [] and sorted(s["name"] for s in rec["started"]) == [
+        "gateway", "superlink", "supernode-0", "supernode-1"]
+    assert len(started) >= 4 + 2  # the four above and at least the SuperNodes' flower-superexec helpers
     assert not [pid for s in rec["started"] for pid in [s["pid"], *s["descendants"]] if _alive_flower(pid)]
+    assert _wait_gone(started, []) == []
     assert _processes_pointing_into(rec["work_dir"]) == []
+
+
+def test_sigterm_stops_a_simulation_and_every_process_it_started(tmp_path):
+    """`timeout 120 python scripts/simulate.py ...` must not leave flower-superlink, flower-superexec,
+    the ServerApp or Ray behind: SIGTERM goes through the same path as Ctrl-C
+    (fedldt.federation.launch.interruptible, shared by simulate, compare, sweep and federation_local)."""
+    proc, lines, out = _start_script("simulate.py", tmp_path)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    links = [p for p in started if "flower-superlink" in " ".join(p.cmdline())]
+    assert len(links) == 1, [p.cmdline() for p in started]
+    home = Path(links[0].environ()["FLWR_HOME"])
+    assert len(processes_with_home(home)) >= 3  # SuperLink, its flower-superexec, the ServerApp / simulation
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=180) == 143, "".join(lines)[-3000:]
+    time.sleep(1)
+    assert "fedldt: interrupted by SIGTERM; every process started was stopped" in "".join(lines)
+    assert _wait_gone([p.pid for p in started], [home]) == []
+    assert not home.exists()
+    assert not (out / "summary.json").exists()
 
 
 # -- a federation of synthetic territories: refusals, failures, restarts ---------------------------
@@ -268,9 +332,97 @@ def test_supernode_without_tls_is_refused(federation, tmp_path):
     rc, log = _refused(federation, tmp_path, "insecure-with-key", key=key, tls=False)
     assert rc != 0 and "Exit Code: 303" in log and "TLS is not enabled" in log, log[-2000:]
     assert federation.supernodes()[node_id] == "registered"  # never online
-    # TLS but no key: the SuperLink only admits registered SuperNodes.
+    # TLS but no key: such a SuperNode asks to register itself (Fleet register-node), which the
+    # gateway does not forward: it answers as the SuperLink does under --enable-supernode-auth.
     rc, log = _refused(federation, tmp_path, "nokey", key=None)
     assert rc != 0 and "Exit Code: 305" in log and "must be registered" in log, log[-2000:]
+    assert "refused POST '/v1/fleet/register-node'" in (federation.logs / "gateway.log").read_text()
+
+
+def _flwr_at(address: str, ca: Path, home: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``flwr ARGS CONN`` with a connection to ``address``: plain, then ``--format json`` (parsed)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "gw"\n\n[superlink.gw]\naddress = "{address}"\n'
+                                      f'root-certificates = "{ca}"\n')
+    env = flwr_env(home)
+    cmd = [str(Path(sys.executable).parent / "flwr"), *args, "gw"]
+    plain = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=300)
+    as_json = subprocess.run([*cmd, "--format", "json"], env=env, cwd=home, capture_output=True, text=True, timeout=300)
+    return plain, json.loads(as_json.stdout)
+
+
+def test_a_territory_with_the_ca_and_its_key_cannot_register_list_or_submit(federation, tmp_path):
+    """Closed federation: the public (gateway) port serves the Fleet API only. Someone holding
+    ca.crt and a registered territory's private key can neither register a SuperNode key, nor
+    list runs or nodes, nor submit a run, with the flwr CLI or with Flower's own HTTP clients
+    signed by that key; the SuperLink's node and run lists are unchanged (checked by the
+    operator on the internal port)."""
+    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest  # Flower's own clients, as an intruder's
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    fed = federation
+    gw = f"127.0.0.1:{fed.gateway_port}"
+    ca = fed.pki.ca_cert
+    nodes_before, runs_before = fed.supernodes(), fed.runs()
+    assert [nodes_before[t.node_id] for t in fed.territories] == ["online"] * 3
+    _, new_pub = make_territory_key(tmp_path / "intruder")
+
+    # 1. the flwr CLI, pointed at the public address (the only one a territory can reach)
+    for args, call in ((["supernode", "register", str(new_pub)], "register-node"), (["ls"], "list-runs"),
+                       (["supernode", "ls"], "list-nodes"), (["run", str(checkout_root())], "start-run")):
+        plain, out = _flwr_at(gw, ca, tmp_path / "intruder-home", *args)
+        refused = f"Client error '403 Forbidden' for url 'https://{gw}/v1/control/{call}'"
+        assert plain.returncode == 1, (args, plain.stdout, plain.stderr)
+        assert "403 Forbidden" in plain.stderr and f"/v1/control/{call}" in plain.stderr, plain.stderr
+        # (with --format json, flwr 1.42 exits 0 and reports success false)
+        assert out["success"] is False and refused in out["error-message"], out
+
+    # 2. Flower's own clients, every request signed with territory 0's registered key
+    t0 = fed.territories[0]
+    key = load_ssh_private_key(t0.key.read_bytes(), None)
+    signer = NodeAuthHttpInterceptor(key, key.public_key())
+    control = ControlHttpClient.from_server_address(gw, False, str(ca), [signer])
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        control.ListRuns(ListRunsRequest())
+    assert exc.value.response.status_code == 403 and exc.value.response.content == b""
+    with pytest.raises(httpx.HTTPStatusError) as exc:
+        control.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key.public_key())))
+    assert exc.value.response.status_code == 403
+    fleet = FleetHttpClient.from_server_address(gw, False, str(ca), [signer])
+    reply = fleet.PullMessages(PullMessagesRequest(node=Node(node_id=int(t0.node_id))))
+    assert isinstance(reply, PullMessagesResponse) and len(reply.messages_list) == 0  # Fleet works; no run now
+
+    # 3. raw HTTPS: only Fleet calls and /health are forwarded
+    with httpx.Client(base_url=f"https://{gw}", verify=str(ca)) as c:
+        for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/control/start-run",
+                     "/v1/runtime/acquire-task", "/v1/runtime/push-task-output",
+                     "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet//pull-messages",
+                     "/docs", "/openapi.json", "/v1/fleet/pull-messages?x=1"):
+            r = c.post(path, content=b"", headers={"content-type": "application/protobuf"})
+            assert (r.status_code, r.content) == (403, b""), path
+        for method in ("GET", "PUT", "DELETE", "OPTIONS", "PATCH"):
+            assert c.request(method, "/v1/fleet/pull-messages").status_code == 403, method
+        assert c.get("/docs").status_code == 403 and c.get("/health").status_code == 200
+        for path, code in (("/v1/fleet/register-node", 2001), ("/v1/fleet/unregister-node", 2002)):  # never forwarded
+            r = c.post(path, content=b"", headers={"content-type": "application/protobuf"})
+            assert r.status_code == 412 and r.json()["code"] == code and "via the CLI" in r.json()["detail"], path
+        # unsigned Fleet call: forwarded, and the SuperLink itself refuses it
+        r = c.post("/v1/fleet/pull-messages", content=b"", headers={"content-type": "application/protobuf"})
+        assert r.status_code == 401 and r.json() == {"detail": "Invalid SuperNode authentication"}
+        # a body over the gateway's cap (64 MiB) is cut off with 413, streamed without content-length
+        big = (b"\0" * (1 << 20) for _ in range(65))
+        r = c.post("/v1/fleet/push-object", content=big, headers={"content-type": "application/protobuf"})
+        assert r.status_code == 413
+
+    # 4. nothing changed on the SuperLink (the operator's view, internal port)
+    assert fed.supernodes() == nodes_before and fed.runs() == runs_before
+    gateway_log = (fed.logs / "gateway.log").read_text()
+    assert "refused POST '/v1/control/register-node'" in gateway_log and "refused POST '/v1/control/start-run'" in gateway_log
 
 
 def test_failed_and_restarted_territories_rejoin_later_rounds(federation):

@@ -4,6 +4,7 @@ how the strategy records failed replies. The real processes are in tests/test_de
 
 import json
 import os
+import stat
 import time
 
 import numpy as np
@@ -18,7 +19,7 @@ from clients.client_app import app
 from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
 from fedldt.federation import client as territory
 from fedldt.federation.audit import EGRESS_LOG, egress_log_path
-from fedldt.federation.certs import make_server_pki, make_territory_key
+from fedldt.federation.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
 from fedldt.federation.deploy import node_config_arg
 from fedldt.federation.server import min_train_territories
 from fedldt.federation.strategy import FedLDTAvg, FederationError
@@ -62,6 +63,91 @@ def test_territory_key_is_an_openssh_nist_p384_pair(tmp_path):
     assert priv.stat().st_mode & 0o777 == 0o600
     other, _ = make_territory_key(tmp_path / "keys" / "territory-3")
     assert other.read_bytes() != priv.read_bytes()
+
+
+@pytest.mark.parametrize("old_mode", [0o644, 0o666])
+def test_rewritten_private_keys_are_0600_whatever_the_old_mode_and_umask(tmp_path, old_mode):
+    """Over an existing world-readable key, --force writes a new 0600 file (the old mode is not kept)."""
+    pki = make_server_pki(tmp_path / "pki")
+    priv, pub = make_territory_key(tmp_path / "keys" / "territory-0")
+    old = {p: p.read_bytes() for p in (pki.ca_key, pki.server_key, priv)}
+    for p in old:
+        os.chmod(p, old_mode)
+    umask = os.umask(0)  # the most permissive umask: modes must still be exact
+    try:
+        pki2 = make_server_pki(tmp_path / "pki", overwrite=True)
+        priv2, pub2 = make_territory_key(tmp_path / "keys" / "territory-0", overwrite=True)
+    finally:
+        os.umask(umask)
+    for p in (pki2.ca_key, pki2.server_key, priv2):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        assert p.read_bytes() != old[p]  # a new key was written
+    for p in (pki2.ca_cert, pki2.server_cert, pub2):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    assert load_ssh_private_key(priv2.read_bytes(), None).public_key().public_numbers() == \
+        load_ssh_public_key(pub2.read_bytes()).public_numbers()
+    assert sorted(x.name for x in (tmp_path / "pki").iterdir()) == ["ca.crt", "ca.key", "server.key", "server.pem"]
+
+
+def test_key_writers_never_replace_what_fedldt_did_not_make(tmp_path):
+    pki = make_server_pki(tmp_path / "pki")
+    before = {p: p.read_bytes() for p in (pki.ca_cert, pki.ca_key, pki.server_cert, pki.server_key)}
+    # Without overwrite, an existing file (even fedldt's own) is refused and nothing is written.
+    with pytest.raises(KeyFileError, match=r"ca\.crt already exists.*--force"):
+        make_server_pki(tmp_path / "pki")
+    assert {p: p.read_bytes() for p in before} == before
+    # With overwrite, a file that is not a key/certificate fedldt writes is refused too.
+    mine = tmp_path / "mine"
+    (mine / "keys").mkdir(parents=True)
+    (mine / "keys" / "territory-0").write_text("my notes, not a key\n")
+    with pytest.raises(KeyFileError, match="not what fedldt writes there .an unencrypted OpenSSH private key"):
+        make_territory_key(mine / "keys" / "territory-0", overwrite=True)
+    assert (mine / "keys" / "territory-0").read_text() == "my notes, not a key\n"
+    assert not (mine / "keys" / "territory-0.pub").exists()
+    # A certificate from another CA (here: a self-signed one) is not fedldt's either.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "server.pem").write_bytes(_self_signed_pem())
+    with pytest.raises(KeyFileError, match="server.pem exists and is not what fedldt writes there .a certificate issued by"):
+        make_server_pki(other, overwrite=True)
+    assert sorted(x.name for x in other.iterdir()) == ["server.pem"]  # all-or-nothing: no CA written
+    # The command line says so and exits 1.
+    with pytest.raises(SystemExit) as exc:
+        certs_main(["territory-key", "--out", str(mine / "keys" / "territory-0"), "--force"])
+    assert exc.value.code == 1
+
+
+def test_key_writers_refuse_symbolic_links(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("do not touch\n")
+    os.chmod(target, 0o644)
+    link = tmp_path / "keys" / "territory-0"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    for overwrite in (False, True):
+        with pytest.raises(KeyFileError, match="symbolic link"):
+            make_territory_key(link, overwrite=overwrite)
+    assert target.read_text() == "do not touch\n" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "ca.key").symlink_to(target)
+    with pytest.raises(KeyFileError, match="symbolic link"):
+        make_server_pki(tmp_path / "pki", overwrite=True)
+    assert target.read_text() == "do not touch\n"
+
+
+def _self_signed_pem() -> bytes:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def test_node_config_arg_quotes_strings_and_refuses_spaces():
@@ -198,3 +284,35 @@ def test_egress_log_default_is_under_the_checkout_outputs():
     with pytest.raises(ValueError, match="absolute"):
         egress_log_path({"out-dir": "rel/dir"})
     assert os.path.isabs(egress_log_path({"out-dir": "/tmp/x"}))
+
+
+# -- the Fleet-only gateway, in process (the real SuperLink behind it: tests/test_deploy.py) -----
+def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_superlink(tmp_path):
+    from starlette.testclient import TestClient
+
+    from fedldt.federation.gateway import ALLOWED, FLEET_CALLS, create_app, parse_address
+
+    pki = make_server_pki(tmp_path / "pki")
+    port = 9  # discard port: nothing listens, so a forwarded call can only fail with 502
+    with TestClient(create_app(f"127.0.0.1:{port}", pki.ca_cert, max_body_bytes=1000)) as c:
+        for method, path in [("POST", "/v1/control/start-run"), ("POST", "/v1/control/list-runs"),
+                             ("POST", "/v1/control/register-node"), ("POST", "/v1/runtime/acquire-task"),
+                             ("GET", "/docs"), ("GET", "/openapi.json"), ("POST", "/"), ("GET", "/v1/fleet/pull-messages"),
+                             ("POST", "/v1/fleet/pull-messages/"), ("POST", "/v1/fleet/../control/list-runs"),
+                             ("POST", "/v1/fleet/pull-messages?node=1"), ("DELETE", "/health"), ("PROPFIND", "/health")]:
+            r = c.request(method, path, content=b"x")
+            assert (r.status_code, r.content) == (403, b""), (method, path)
+        r = c.post("/v1/fleet/register-node", content=b"")
+        assert r.status_code == 412 and r.json() == {
+            "code": 2001, "detail": "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."}
+        assert c.post("/v1/fleet/push-object", content=b"\0" * 1001).status_code == 413
+        assert c.post("/v1/fleet/push-object", content=b"\0" * 10, headers={"content-length": "99999"}).status_code == 413
+        assert c.post("/v1/fleet/push-object", content=b"\0" * 1000).status_code == 502  # allowed: forwarded, no SuperLink
+        assert c.get("/health").status_code == 502
+    assert len(FLEET_CALLS) == 10 and ("POST", "/v1/fleet/register-node") not in ALLOWED
+    assert parse_address("[::1]:9092", "--listen") == ("::1", 9092)
+    for bad in ("127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", ":9092", "host:port"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_address(bad, "--listen")
+    with pytest.raises(FileNotFoundError, match="--ca"):
+        create_app("127.0.0.1:9091", tmp_path / "missing.crt")

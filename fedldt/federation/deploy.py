@@ -1,34 +1,41 @@
 """A real federation on one machine: a SuperLink and one SuperNode per territory over loopback.
 
 Unlike the simulation engine (:mod:`fedldt.federation.launch`), every territory here is its own
-``flower-supernode`` process talking to the ``flower-superlink`` over TLS, authenticated by its
-own ECDSA key, exactly as in a multi-machine deployment (``docs/deploy.md``) but with every
+``flower-supernode`` process talking to the coordinator over TLS, authenticated by its own
+ECDSA key, exactly as in a multi-machine deployment (``docs/deploy.md``) but with every
 address on 127.0.0.1. :class:`LocalFederation`:
 
 1. creates a CA, the SuperLink certificate (SAN ``IP:127.0.0.1``) and one key pair per
    territory (:mod:`fedldt.federation.certs`) in a private work folder;
 2. starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and runtime dependency
-   installation disabled, on a free loopback port;
-3. registers each territory's public key (``flwr supernode register``);
-4. starts one ``flower-supernode`` per territory with its own runtime ``--port`` and node
-   config ``territory=<i> data-root="..." out-dir="<run_dir>/territories/territory-<i>"``,
+   installation disabled, on a free loopback port: the *internal* port, which only the
+   operator's ``flwr`` CLI uses (Control API: register keys, submit and list runs);
+3. starts the Fleet-only gateway (:mod:`fedldt.federation.gateway`) on a second port, the
+   *public* one: it forwards only the Fleet calls of authenticated SuperNodes to the SuperLink
+   and refuses the Control and runtime APIs (403);
+4. registers each territory's public key (``flwr supernode register``, on the internal port);
+5. starts one ``flower-supernode`` per territory, dialling the gateway, with its own runtime
+   ``--port`` and node config ``territory=<i> data-root="..." out-dir="<run_dir>/territories/territory-<i>"``,
    and waits until the SuperLink lists every node as online;
-5. :meth:`LocalFederation.run` submits the pilot with ``flwr run``, streams its log, checks
+6. :meth:`LocalFederation.run` submits the pilot with ``flwr run``, streams its log, checks
    that it *finished:completed* and returns ``summary.json``;
-6. :meth:`LocalFederation.stop` stops every process it started (process groups and every
-   descendant, by pid), also on error or Ctrl-C (use it as a context manager), and writes
-   ``logs/processes.json``.
+7. :meth:`LocalFederation.stop` stops every process it started (process groups and every
+   descendant, by pid), also on error, Ctrl-C or SIGTERM (use it as a context manager), and
+   writes ``logs/processes.json``.
 
-Logs (``<run_dir>/logs/``): ``superlink.log``, ``supernode-<i>.log``, ``server.log`` (the
-ServerApp, via ``flwr log``), ``processes.json``.
+Logs (``<run_dir>/logs/``): ``superlink.log``, ``gateway.log`` (refused requests),
+``supernode-<i>.log``, ``server.log`` (the ServerApp, via ``flwr log``), ``processes.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,7 +45,8 @@ from typing import Any, Mapping, Sequence
 import psutil
 
 from fedldt.federation.certs import ServerPKI, make_server_pki, make_territory_key
-from fedldt.federation.launch import RunFailed, _bin, flwr_env, flwr_json, free_port, run_flwr_app, stop_all, stop_process, wait_http
+from fedldt.federation.launch import (RunFailed, _bin, flwr_env, flwr_json, free_port, processes_with_home, run_flwr_app,
+                                      stop_all, stop_process, wait_http)
 
 #: Name of the CLI connection (in the private ``FLWR_HOME/config.toml``).
 CONNECTION = "fedldt-local"
@@ -80,7 +88,12 @@ class Territory:
 
 
 class LocalFederation:
-    """SuperLink + one SuperNode per territory on 127.0.0.1, with TLS and SuperNode authentication.
+    """SuperLink + Fleet-only gateway + one SuperNode per territory on 127.0.0.1, with TLS and
+    SuperNode authentication.
+
+    Attributes (after :meth:`start`): ``port`` is the SuperLink's internal port (operator only),
+    ``gateway_port`` the public port SuperNodes dial, ``pki`` the CA and server files,
+    ``territories`` the SuperNodes.
 
     Args:
         run_dir: results folder (absolute or relative to the working directory); logs go to
@@ -107,7 +120,8 @@ class LocalFederation:
         self.startup_timeout = float(startup_timeout)
         self.work: Path | None = None
         self.pki: ServerPKI | None = None
-        self.port: int | None = None
+        self.port: int | None = None  # the SuperLink (internal: the operator's flwr CLI)
+        self.gateway_port: int | None = None  # the Fleet-only gateway (public: SuperNodes)
         self.territories: list[Territory] = []
         self._procs: list[tuple[str, subprocess.Popen]] = []  # everything started, in order
         self._log_files: list[Any] = []
@@ -136,6 +150,8 @@ class LocalFederation:
         self.pki = make_server_pki(self.work / "pki", san=["127.0.0.1"])
         self.port = free_port()
         self._start_superlink()
+        self.gateway_port = free_port()
+        self._start_gateway()
         cli_home = self.work / "home-cli"
         cli_home.mkdir()
         (cli_home / "config.toml").write_text(
@@ -159,8 +175,9 @@ class LocalFederation:
         for t in self.territories:
             self.start_territory(t.index)
         self.wait_online([t.node_id for t in self.territories], self.startup_timeout)
-        print(f"[fedldt] SuperLink https://127.0.0.1:{self.port} (TLS, SuperNode auth); {self.num_territories} SuperNodes "
-              f"online on runtime ports {[t.port for t in self.territories]}; logs: {self.logs}", flush=True)
+        print(f"[fedldt] SuperLink https://127.0.0.1:{self.port} (TLS, SuperNode auth; operator only), Fleet gateway "
+              f"https://127.0.0.1:{self.gateway_port}; {self.num_territories} SuperNodes online on runtime ports "
+              f"{[t.port for t in self.territories]}; logs: {self.logs}", flush=True)
         return self
 
     def _popen(self, name: str, args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
@@ -187,6 +204,21 @@ class LocalFederation:
         except (TimeoutError, RunFailed) as e:
             raise RunFailed(f"the SuperLink did not start: {e}; see {self.logs / 'superlink.log'}") from e
 
+    def _start_gateway(self) -> None:
+        assert self.work is not None and self.pki is not None and self.gateway_port is not None
+        proc = self._popen(
+            "gateway",
+            [sys.executable, "-m", "fedldt.federation.gateway", "--listen", f"127.0.0.1:{self.gateway_port}",
+             "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.pki.ca_cert), "--cert", str(self.pki.server_cert),
+             "--key", str(self.pki.server_key)],
+            flwr_env(self.work / "home-gateway"), self.logs / "gateway.log", self.work,
+        )
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        try:  # /health through the gateway: gateway up, and it reaches the SuperLink
+            wait_http(f"https://127.0.0.1:{self.gateway_port}/health", timeout=self.startup_timeout, proc=proc, context=ctx)
+        except (TimeoutError, RunFailed) as e:
+            raise RunFailed(f"the Fleet gateway did not start: {e}; see {self.logs / 'gateway.log'}") from e
+
     def register(self, public_key: Path) -> int:
         """Register a territory's public key on the SuperLink (``flwr supernode register``).
 
@@ -204,9 +236,14 @@ class LocalFederation:
         out = flwr_json(["supernode", "ls", CONNECTION], self._cli_env, self._require_work())
         return {int(n["node-id"]): str(n["status"]) for n in out.get("nodes", [])}
 
+    def runs(self) -> dict[int, str]:
+        """Run id -> status (``finished:completed``, ...) as the SuperLink lists them (``flwr ls``)."""
+        out = flwr_json(["ls", CONNECTION], self._cli_env, self._require_work())
+        return {int(r["run-id"]): str(r["status"]) for r in out.get("runs", [])}
+
     def start_supernode(self, *, key: Path | None, port: int, node_config: Mapping[str, Any], home: Path, log: Path,
                         tls: bool = True, max_retries: int | None = None, name: str = "supernode") -> subprocess.Popen:
-        """Start one ``flower-supernode`` against this SuperLink (also used to test refusals).
+        """Start one ``flower-supernode`` against this federation's gateway (also used to test refusals).
 
         Args:
             key: private authentication key (``None``: start without one).
@@ -218,9 +255,9 @@ class LocalFederation:
             max_retries: connection attempts before it gives up (``None``: Flower's default, forever).
             name: label in ``processes.json``.
         """
-        assert self.pki is not None and self.port is not None
+        assert self.pki is not None and self.gateway_port is not None
         home.mkdir(parents=True, exist_ok=True)
-        args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+        args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.gateway_port}", "--port", str(port),
                 "--node-config", node_config_arg(node_config)]
         args += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
         if key is not None:
@@ -255,7 +292,7 @@ class LocalFederation:
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
             if t.proc.poll() is not None:  # refused: try again shortly
-                stop_all(_processes_with_home(t.home))  # its orphaned helpers (flower-superexec)
+                stop_all(processes_with_home(t.home))  # its orphaned helpers (flower-superexec)
                 time.sleep(5.0)
                 t.proc = self.start_supernode(key=t.key, port=t.port, node_config=t.node_config, home=t.home, log=t.log,
                                               name=f"supernode-{index}")
@@ -279,6 +316,18 @@ class LocalFederation:
         if not hard:
             stop_process(t.proc, grace=10.0)
             return
+        helpers = processes_with_home(t.home)
+        try:
+            os.killpg(t.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in helpers:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        t.proc.wait(timeout=10.0)
+
     def wait_online(self, node_ids: Sequence[int | None], timeout: float) -> None:
         """Wait until the SuperLink lists every node in ``node_ids`` as online.
 
@@ -334,7 +383,8 @@ class LocalFederation:
         if self.stopped is not None:
             return self.stopped
         started = []
-        for name, proc in sorted(self._procs, key=lambda np: np[0] == "superlink"):  # SuperLink last
+        # SuperNodes first (they say goodbye through the gateway), then the gateway, the SuperLink last.
+        for name, proc in sorted(self._procs, key=lambda np: {"gateway": 1, "superlink": 2}.get(np[0], 0)):
             desc = stop_process(proc, grace=10.0)
             started.append({"name": name, "pid": proc.pid, "args": [str(a) for a in proc.args], "returncode": proc.returncode,
                             "descendants": desc})
@@ -349,7 +399,7 @@ class LocalFederation:
                   "orphans_stopped": [p.pid for p in orphans],
                   "left_over": [{"pid": p.pid, "cmdline": _cmdline(p)} for p in left]}
         self.logs.mkdir(parents=True, exist_ok=True)
-        (self.logs / "processes.json").write_text(json.dumps(record, indent=2) + "\n")
+        (self.logs / "processes.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
         self.stopped = record
@@ -370,7 +420,7 @@ class LocalFederation:
             try:
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
-                ours = p.pid in pids and any(w in _cmdline(p) for w in ("flower-", "flwr"))
+                ours = p.pid in pids and any(w in _cmdline(p) for w in ("flower-", "flwr", "fedldt.federation.gateway"))
                 if ours or (marker and any(marker in v for v in p.environ().values())):
                     out.append(p)
             except psutil.Error:
@@ -381,18 +431,6 @@ class LocalFederation:
         if self.work is None:
             raise RuntimeError("LocalFederation.start() has not run")
         return self.work
-
-
-def _processes_with_home(home: Path) -> list[psutil.Process]:
-    """Live processes whose ``FLWR_HOME`` is ``home``."""
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get("FLWR_HOME") == str(home) and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
 
 
 def _cmdline(p: psutil.Process) -> str:

@@ -5,6 +5,12 @@ loopback port with its own ``FLWR_HOME``, runtime dependency installation disabl
 run uses this environment's CPU torch), the app (this checkout) is submitted with
 ``flwr run``, its log is streamed, its final status is checked (``flwr run`` alone reports
 success even when a run failed) and every process started here is stopped at the end.
+
+Stopping: every script (``scripts/simulate.py``, ``compare.py``, ``sweep.py``,
+``federation_local.py``) runs inside :func:`interruptible`, which turns SIGTERM (what
+``timeout``, Slurm, Kubernetes and systemd send) into the same path as Ctrl-C: a
+``KeyboardInterrupt`` raised in the main thread, so every ``finally`` here and in
+:class:`fedldt.federation.deploy.LocalFederation` stops the processes it started.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import psutil
 
@@ -30,6 +37,44 @@ from fedldt.config import checkout_root
 
 class RunFailed(RuntimeError):
     """The Flower run did not finish with status ``finished:completed``."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal (SIGTERM) arrived; handled exactly like Ctrl-C (``KeyboardInterrupt``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = int(signum)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    # A second SIGTERM while the first one's cleanup runs must not cut that cleanup short.
+    signal.signal(signum, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextmanager
+def interruptible(note: str = "") -> Iterator[None]:
+    """Run a script's body so that SIGTERM stops it as Ctrl-C does, then exit with a clear status.
+
+    Inside the block the first SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
+    the main thread, so the ``finally`` blocks of :func:`run_simulation` and
+    :class:`~fedldt.federation.deploy.LocalFederation` stop every process started; further
+    SIGTERMs are ignored while they do. On leaving by Ctrl-C or SIGTERM it prints
+    ``fedldt: interrupted by <Ctrl-C|SIGTERM>; every process started was stopped<note>`` on
+    stderr and exits with status 130 (Ctrl-C) or 143 (128 + SIGTERM), as shells report.
+
+    Must be entered from the main thread (Python delivers signals there only).
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        how = signal.Signals(e.signum).name if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"fedldt: interrupted by {how}; every process started was stopped{note}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _bin(name: str) -> str:
@@ -133,6 +178,19 @@ def stop_all(procs: Sequence[psutil.Process], grace: float = 10.0) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=grace)
+
+
+def processes_with_home(home: Path) -> list[psutil.Process]:
+    """Live processes whose ``FLWR_HOME`` is ``home`` (every Flower child inherits it, also one
+    whose parent has already exited)."""
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("FLWR_HOME") == str(home) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
 
 
 def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
@@ -242,6 +300,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         )
     finally:
         stop_process(link)
+        stop_all(processes_with_home(home))  # helpers whose parent exited first (orphans)
         link_log.close()
         shutil.rmtree(home, ignore_errors=True)
     summary_path = run_dir / "summary.json"
