@@ -10,6 +10,7 @@ import pytest
 from fedldt.cli import main
 from fedldt.deploy import ForecastPackage, InputError
 from fedldt.deploy.ngsi import ENTITY_TYPE, mapping_for, table_from_entities
+from fedldt.deploy.observations import select_window
 
 SPEED = mapping_for(("speed",), ("mph",))
 KMH_PER_MPH = 1.609344
@@ -81,8 +82,9 @@ def test_bad_entities_are_named():
                             ids, SPEED)
     with pytest.raises(InputError, match="no time: give dateObserved"):
         table_from_entities([{"id": "urn:x:717804", "type": ENTITY_TYPE, "averageVehicleSpeed": 90.0}], ids, SPEED)
-    with pytest.raises(InputError, match="value 'fast' is not a number"):
-        table_from_entities([entity("717804", "2012-03-07T18:00:00Z", "fast")], ids, SPEED)
+    fast, _ = table_from_entities([entity("717804", "2012-03-07T18:00:00Z", "fast")], ids, SPEED)
+    with pytest.raises(InputError, match=r"sensor 717804 at 2012-03-07 18:00:00\+00:00: 'fast' \(a string, not a number\)"):
+        select_window(fast, ids, 1, pd.Timedelta("5min"), timezone="UTC")  # refused (or masked) naming sensor and time
     twice = [entity("717804", "2012-03-07T18:00:00Z", 90.0), entity("717804", "2012-03-07T18:00:00Z", 91.0)]
     with pytest.raises(InputError, match="two observations of sensor 717804 at 2012-03-07 18:00:00"):
         table_from_entities(twice, ids, SPEED)

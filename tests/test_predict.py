@@ -114,7 +114,7 @@ def test_bad_observations_are_refused_naming_the_problem(pkg, in_run):
     assert np.isfinite(pkg.forecast(gap).values).all()
     text = table.astype(object)
     text.loc["2012-03-07T11:55:00", ids[0]] = "fast"
-    with pytest.raises(InputError, match=rf"sensor {ids[0]}: non-numeric value"):
+    with pytest.raises(InputError, match=rf"invalid value\(s\) .*: sensor {ids[0]} at 2012-03-07 11:55:00-08:00: 'fast' \(not a number\)"):
         pkg.forecast(text)
     with pytest.raises(InputError, match="not ISO 8601"):
         pkg.forecast(table.set_axis(["07/03/2012 10:00"] * len(table)))

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # needs the session's real federated run
 
 @pytest.fixture(scope="module")
 def client(package_dir):
-    with TestClient(create_app(package_dir)) as c:
+    with TestClient(create_app(package_dir), base_url="http://localhost") as c:
         yield c
 
 
@@ -98,7 +98,7 @@ def test_bad_requests_get_422_naming_the_problem(client, body):
     ok = client.post("/forecast", json={**gap, "allow_missing": True})
     assert ok.status_code == 200 and ok.json()["missing_inputs"] == {first: 1}
     wrong = {**body, "sensors": {**body["sensors"], first: ["fast"] + body["sensors"][first][1:]}}
-    assert f"sensors\", \"{first}\", 0" in detail(wrong)  # pydantic locates the bad value
+    assert f"sensor {first} at 2012-03-07 07:00:00-08:00: \\\"fast\\\" (a string, not a number)" in detail(wrong)
     assert f"sensors: {first} has 11 value(s) for 12 timestamps" in detail({**body, "sensors": {**body["sensors"], first: [1.0] * 11}})
     assert "not both" in detail({**body, "entities": [{"type": "TrafficFlowObserved"}]})
     assert "no observations" in detail({})
@@ -108,7 +108,7 @@ def test_bad_requests_get_422_naming_the_problem(client, body):
 
 
 def test_onnx_engine_serves_the_same_forecasts_within_1e4(package_dir, client, body):
-    with TestClient(create_app(package_dir, engine="onnx")) as onnx_client:
+    with TestClient(create_app(package_dir, engine="onnx"), base_url="http://localhost") as onnx_client:
         assert onnx_client.get("/health").json()["engine"] == "onnx"
         a = onnx_client.post("/forecast", json=body).json()["forecasts"]
     b = client.post("/forecast", json=body).json()["forecasts"]
