@@ -45,7 +45,10 @@ class InputError(ValueError):
 
 
 def _short(text: Any, limit: int = MAX_SHOWN) -> str:
+    """``text`` on one line (control characters escaped), cut to ``limit`` characters."""
     text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -121,7 +124,7 @@ def parse_timestamps(values: Iterable, where: str = "timestamps") -> pd.Datetime
         return _plausible_years(pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601")), where)
     except (ValueError, TypeError, OverflowError) as e:
         if "Mixed timezones" not in str(e):
-            raise InputError(f"{where}: not ISO 8601 date-times ({_short(e, 200)}); "
+            raise InputError(f"{where}: not ISO 8601 date-times ({_short(str(e).splitlines()[0], 200)}); "
                              "write them like 2012-03-07T10:05:00") from None
     stamps = [pd.Timestamp(v) for v in values]
     naive = [str(v) for v, s in zip(values, stamps) if s.tzinfo is None]
