@@ -167,13 +167,20 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from fedldt.deploy.observations import InputError
+    from fedldt.deploy.package import PackageError
     from fedldt.deploy.schemas import RequestLimits
     from fedldt.deploy.service import create_app
 
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
-    app = create_app(_load_package(args.package), engine=args.engine, invalid=args.invalid,
-                     max_body_bytes=args.max_body_bytes, limits=RequestLimits(args.max_sensors, args.max_steps),
-                     allowed_hosts=hosts)
+    pkg = _load_package(args.package)
+    try:
+        app = create_app(pkg, engine=args.engine, invalid=args.invalid, max_body_bytes=args.max_body_bytes,
+                         limits=RequestLimits(args.max_sensors, args.max_steps), allowed_hosts=hosts)
+    except PackageError:
+        raise
+    except ValueError as e:
+        raise InputError(f"--allowed-hosts: {e}" if "allowed hosts" in str(e) else str(e)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"fedldt serve: warning: listening on {args.host}: the service has no authentication", file=sys.stderr)
         if args.host not in hosts and "*" not in hosts:

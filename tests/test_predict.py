@@ -308,6 +308,12 @@ def test_files_that_broke_predict_give_messages(pkg, in_run, tmp_path, capsys):
     (broken / "package.json").write_text(json.dumps(manifest))
     err = error(broken, "--input", tmp_path / "huge.json")
     assert err.startswith(f"fedldt predict: error: {broken}") and "Traceback" not in err and err.count("\n") == 1
+    assert main(["serve", str(broken), "--port", "1"]) == 1  # fails before listening
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedldt serve: error: {broken}") and err.count("\n") == 1
+    assert main(["serve", str(pkg.root), "--port", "1", "--allowed-hosts", "a*b.org"]) == 1
+    assert capsys.readouterr().err == ("fedldt serve: error: --allowed-hosts: allowed hosts ['a*b.org']: give host names "
+                                       "(forecast.example.org), patterns like *.example.org, or * for any\n")
 
 
 def test_csv_with_byte_order_mark_gives_the_same_forecast(pkg, in_run, tmp_path):

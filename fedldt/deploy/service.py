@@ -88,7 +88,7 @@ def create_app(
 
     Raises:
         PackageError: the folder is not a valid package; ValueError: unknown engine or policy,
-            or a limit below 1.
+            a limit below 1, or no or malformed allowed hosts.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} must be one of {ENGINES}")
@@ -97,6 +97,11 @@ def create_app(
     limits = limits or RequestLimits()
     if min(max_body_bytes, limits.max_sensors, limits.max_steps) < 1:
         raise ValueError("max_body_bytes, max_sensors and max_steps must be at least 1")
+    allowed_hosts = list(allowed_hosts)
+    odd = [h for h in allowed_hosts if not h or "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*."))]
+    if odd or not allowed_hosts:
+        raise ValueError(f"allowed hosts {odd or allowed_hosts}: give host names (forecast.example.org), patterns like "
+                         "*.example.org, or * for any")
     pkg = package if isinstance(package, ForecastPackage) else ForecastPackage.load(package)
     if engine == "onnx":
         pkg.onnx_session()  # fail at start-up, not on the first request
@@ -112,7 +117,7 @@ def create_app(
                      f"{limits.max_steps} time steps; implausible values: {invalid}."),
     )
     app.state.package = pkg
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
