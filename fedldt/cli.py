@@ -99,12 +99,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_package(path: Path):
-    """The model package at ``path``; any failure to load it is a PackageError naming the folder."""
+def _load_package(path: Path, **options):
+    """``ForecastPackage.load(path, **options)``; any failure to load it is a PackageError naming the folder."""
     from fedldt.deploy.package import ForecastPackage, PackageError
 
     try:
-        return ForecastPackage.load(path)
+        return ForecastPackage.load(path, **options)
     except PackageError:
         raise
     except Exception as e:  # a damaged or foreign folder: a message, not a traceback
