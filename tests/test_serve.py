@@ -170,6 +170,9 @@ def test_impossible_values_get_422_naming_sensor_and_time(client, body):
     nothing = {**body, "sensors": {s: [None] * 12 for s in body["sensors"]}, "allow_missing": True}
     r = client.post("/forecast", json=nothing)
     assert r.status_code == 422 and r.json()["detail"].startswith("no valid observation in the 12 most recent steps")
+    for flag in ("yes", 1):
+        r = client.post("/forecast", json={**body, "allow_missing": flag})
+        assert r.status_code == 422 and r.json()["detail"] == "request: allow_missing: Input should be a valid boolean"
     r = client.post("/forecast", content=json.dumps(body).replace("[", "[NaN, ", 1), headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"] == \
         "request body: not valid JSON (NaN is not a JSON number; send null for a missing value)"

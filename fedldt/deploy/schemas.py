@@ -69,7 +69,8 @@ class ForecastRequest(BaseModel):
         None, description="NGSI-LD TrafficFlowObserved entities instead of the table (see docs/ngsi_ld.md)")
     output: OutputFormat = Field("json", description="'json' (this API's forecast object) or 'ngsi-ld' (entities)")
     allow_missing: bool = Field(
-        False, description="feed missing values of the window to the model as masked entries instead of refusing")
+        False, strict=True,  # true or false only: "yes" or 1 is not a yes
+        description="feed missing values of the window to the model as masked entries instead of refusing")
 
     @model_validator(mode="before")
     @classmethod
