@@ -3,8 +3,9 @@
     fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--no-onnx] [--force]
                   [--sign-key KEY]
     fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing]
-                   [--verify-key KEY.pub]
+                   [--verify-key KEY.pub] [--invalid error|mask]
     fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx] [--verify-key KEY.pub]
+                 [--invalid error|mask] [--allowed-hosts H,H] [--max-body-bytes N] [--max-sensors N] [--max-steps N]
     fedldt keygen --out KEY
     fedldt gateway --listen HOST:PORT --superlink 127.0.0.1:PORT --ca CA --cert CERT --key KEY  (docs/deploy.md)
 
@@ -23,6 +24,19 @@ from typing import Sequence
 
 FORMATS = ("csv", "json", "ngsi-ld")
 SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonld": "ngsi-ld"}
+INVALID_HELP = ("what to do with implausible observations in the window (not a number, a boolean, infinite, beyond "
+                "float32's range, outside the package's valid range): 'error' refuses them (default), 'mask' feeds "
+                "them to the model as missing entries and reports how many per sensor")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
     r.add_argument("--verify-key", type=Path, default=None,
                    help="Ed25519 public key (KEY.pub): refuse a package not signed with its private key")
+    r.add_argument("--invalid", choices=("error", "mask"), default="error", help=INVALID_HELP)
 
     s = sub.add_parser("serve", help="run the forecast HTTP service of a model package",
                        description="Run the forecast service (POST /forecast, GET /model, GET /health) with uvicorn.")
@@ -69,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=("torch", "onnx"), default="torch", help="inference engine (default torch)")
     s.add_argument("--verify-key", type=Path, default=None,
                    help="Ed25519 public key (KEY.pub): refuse a package not signed with its private key")
+    s.add_argument("--invalid", choices=("error", "mask"), default="error", help=INVALID_HELP)
+    s.add_argument("--allowed-hosts", default="localhost,127.0.0.1",
+                   help="comma-separated Host header values served, e.g. forecast.example.org (default "
+                        "localhost,127.0.0.1; others get 400)")
+    s.add_argument("--max-body-bytes", type=_positive, default=1_000_000,
+                   help="largest request body in bytes (default 1000000; larger get 413)")
+    s.add_argument("--max-sensors", type=_positive, default=5000, help="most sensors per request (default 5000)")
+    s.add_argument("--max-steps", type=_positive, default=2016, help="most time steps per request (default 2016)")
 
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing model packages",
                        description="Write an Ed25519 private key (PEM, mode 0600) to --out and its public key to "
@@ -97,55 +120,95 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_package(path: Path, **options):
+    """``ForecastPackage.load(path, **options)``; any failure to load it is a PackageError naming the folder."""
+    from fedldt.deploy.package import ForecastPackage, PackageError
+
+    from fedldt.deploy.signing import SignatureError
+
+    try:
+        return ForecastPackage.load(path, **options)
+    except (PackageError, SignatureError):
+        raise
+    except Exception as e:  # a damaged or foreign folder: a message, not a traceback
+        raise PackageError(f"{path}: not a loadable fedldt model package ({type(e).__name__}: {str(e)[:200]}); "
+                           "re-export it with `fedldt export`") from None
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from fedldt.deploy.observations import InputError, read_csv_table
-    from fedldt.deploy.package import ForecastPackage
+    from fedldt.deploy.observations import InputError, load_json, read_csv_table
     from fedldt.deploy.schemas import ForecastRequest, answer, forecast_ngsi
 
-    pkg = ForecastPackage.load(args.package, verify_key=args.verify_key)
     suffix = args.input.suffix.lower()
+    if suffix not in (".csv", ".json", ".jsonld"):
+        raise InputError(f"{args.input}: unknown input type {suffix!r}; use a .csv or .json/.jsonld file")
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        raise InputError(f"--output {args.output}: " + ("is a folder; name a file" if args.output.is_dir() else
+                         f"folder {args.output.parent} does not exist; create it first"))
+    pkg = _load_package(args.package, verify_key=args.verify_key)
     fmt = args.format or SUFFIX_FORMATS.get(args.output.suffix.lower() if args.output else "")
     if suffix == ".csv":
         table = read_csv_table(args.input, args.time_column)
-        fc = pkg.forecast(table, allow_missing=args.allow_missing, engine=args.engine)
+        fc = pkg.forecast(table, allow_missing=args.allow_missing, engine=args.engine, invalid=args.invalid)
         fmt = fmt or "csv"
         body = forecast_ngsi(pkg, fc) if fmt == "ngsi-ld" else fc.to_json()
-    elif suffix in (".json", ".jsonld"):
+    else:
         try:
-            data = json.loads(args.input.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read JSON input {args.input}: {e}") from None
-        req = ForecastRequest.parse(data, where=str(args.input))
+            raw = args.input.read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read JSON input {args.input}: {e.strerror}") from None
+        req = ForecastRequest.parse(load_json(raw, str(args.input)), where=str(args.input))
         if args.allow_missing:
             req.allow_missing = True
         if fmt is None:
             fmt = req.output if "output" in req.model_fields_set else ("ngsi-ld" if req.entities is not None else "json")
-        body, fc = answer(pkg, req, engine=args.engine, output="ngsi-ld" if fmt == "ngsi-ld" else "json")
-    else:
-        raise InputError(f"{args.input}: unknown input type {suffix!r}; use a .csv or .json/.jsonld file")
+        body, fc = answer(pkg, req, engine=args.engine, output="ngsi-ld" if fmt == "ngsi-ld" else "json",
+                          invalid=args.invalid)
     if fmt == "csv":
         text = fc.to_frame().to_csv(index=False)
     else:
-        text = json.dumps(body, indent=1) + "\n"
+        text = json.dumps(body, indent=1, allow_nan=False) + "\n"
     if args.output:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as e:
+            raise InputError(f"cannot write --output {args.output}: {e.strerror}") from None
     else:
         sys.stdout.write(text)
-    if fc.missing_inputs:
-        print(f"fedldt predict: warning: {sum(fc.missing_inputs.values())} missing input value(s) of "
-              f"{len(fc.missing_inputs)} sensor(s) were fed to the model as masked entries", file=sys.stderr)
+    for what, counts in (("missing", fc.missing_inputs), ("invalid", fc.invalid_inputs)):
+        if counts:
+            print(f"fedldt predict: warning: {sum(counts.values())} {what} input value(s) of {len(counts)} sensor(s) "
+                  f"({', '.join(list(counts)[:8])}{' ...' if len(counts) > 8 else ''}) were fed to the model as "
+                  "masked entries", file=sys.stderr)
+    for sensor, why in list(fc.unavailable.items())[:8]:
+        print(f"fedldt predict: warning: no forecast of sensor {sensor}: {why}", file=sys.stderr)
+    if len(fc.unavailable) > 8:
+        print(f"fedldt predict: warning: and {len(fc.unavailable) - 8} more sensor(s) without forecast", file=sys.stderr)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from fedldt.deploy.package import ForecastPackage
+    from fedldt.deploy.observations import InputError
+    from fedldt.deploy.package import PackageError
+    from fedldt.deploy.schemas import RequestLimits
     from fedldt.deploy.service import create_app
 
-    app = create_app(ForecastPackage.load(args.package, verify_key=args.verify_key), engine=args.engine)
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    pkg = _load_package(args.package, verify_key=args.verify_key)
+    try:
+        app = create_app(pkg, engine=args.engine, invalid=args.invalid, max_body_bytes=args.max_body_bytes,
+                         limits=RequestLimits(args.max_sensors, args.max_steps), allowed_hosts=hosts)
+    except PackageError:
+        raise
+    except ValueError as e:
+        raise InputError(f"--allowed-hosts: {e}" if "allowed hosts" in str(e) else str(e)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"fedldt serve: warning: listening on {args.host}: the service has no authentication", file=sys.stderr)
+        if args.host not in hosts and "*" not in hosts:
+            print(f"fedldt serve: warning: Host headers other than {', '.join(hosts)} get 400; name the service's "
+                  "host names with --allowed-hosts", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

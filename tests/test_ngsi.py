@@ -10,6 +10,7 @@ import pytest
 from fedldt.cli import main
 from fedldt.deploy import ForecastPackage, InputError
 from fedldt.deploy.ngsi import ENTITY_TYPE, mapping_for, table_from_entities
+from fedldt.deploy.observations import select_window
 
 SPEED = mapping_for(("speed",), ("mph",))
 KMH_PER_MPH = 1.609344
@@ -81,8 +82,9 @@ def test_bad_entities_are_named():
                             ids, SPEED)
     with pytest.raises(InputError, match="no time: give dateObserved"):
         table_from_entities([{"id": "urn:x:717804", "type": ENTITY_TYPE, "averageVehicleSpeed": 90.0}], ids, SPEED)
-    with pytest.raises(InputError, match="value 'fast' is not a number"):
-        table_from_entities([entity("717804", "2012-03-07T18:00:00Z", "fast")], ids, SPEED)
+    fast, _ = table_from_entities([entity("717804", "2012-03-07T18:00:00Z", "fast")], ids, SPEED)
+    with pytest.raises(InputError, match=r"sensor 717804 at 2012-03-07 18:00:00\+00:00: 'fast' \(a string, not a number\)"):
+        select_window(fast, ids, 1, pd.Timedelta("5min"), timezone="UTC")  # refused (or masked) naming sensor and time
     twice = [entity("717804", "2012-03-07T18:00:00Z", 90.0), entity("717804", "2012-03-07T18:00:00Z", 91.0)]
     with pytest.raises(InputError, match="two observations of sensor 717804 at 2012-03-07 18:00:00"):
         table_from_entities(twice, ids, SPEED)
@@ -127,3 +129,36 @@ def test_ngsi_ld_round_trip_gives_the_table_forecast(package_dir, in_run, tmp_pa
         for t, v in zip(utc, local[s])]} for s in reversed(pkg.node_ids)]
     table, _ = table_from_entities(temporal, pkg.node_ids, SPEED)
     assert np.array_equal(pkg.forecast(table).values, expected.values)
+
+
+@pytest.mark.slow
+def test_implausible_ngsi_ld_values_are_refused_or_masked(package_dir, in_run):
+    pkg = ForecastPackage.load(package_dir)
+    ds = in_run.task.dataset
+    end = int(ds.timestamps.get_loc(pd.Timestamp("2012-03-07 18:00")))
+    utc = pd.DatetimeIndex(ds.timestamps[end - 12:end]).tz_localize("America/Los_Angeles").tz_convert("UTC")
+    stamps = [t.strftime("%Y-%m-%dT%H:%M:%SZ") for t in utc]
+
+    def entities(**odd):
+        """One observation per sensor and step (mph); ``odd`` = {"<node>_<step>": value} replaces values."""
+        return [entity(s, t, odd.get(f"{j}_{i}", float(ds.values[end - 12 + i, j, 0])), unit="HM")
+                for j, s in enumerate(ds.node_ids) for i, t in enumerate(stamps)]
+
+    ids = ds.node_ids.tolist()
+    for value, shown in [(1e300, "1e+300 (beyond float32's range, about 3.4e38)"), (True, "True (a boolean, not a number)"),
+                         (-1000, "-1000 (outside the valid range 0 to 120 mph)"), ("fast", "'fast' (a string, not a number)"),
+                         (10 ** 400, "an integer of 401 digits (beyond float32's range, about 3.4e38)")]:
+        table, _ = table_from_entities(entities(**{"3_5": value}), pkg.node_ids, SPEED)
+        with pytest.raises(InputError) as e:
+            pkg.forecast(table)
+        assert str(e.value).startswith(f"invalid value(s) in the 12 most recent steps: sensor {ids[3]} at "
+                                       f"2012-03-07 17:25:00-08:00: {shown}; send plausible observations"), str(e.value)
+    # 200 km/h written as 124.27 mph: the range applies in the model's unit, after conversion
+    kmh = [entity(s, t, float(ds.values[end - 12 + i, j, 0]) * KMH_PER_MPH, unit="KMH")
+           for j, s in enumerate(ds.node_ids) for i, t in enumerate(stamps)]
+    kmh[0]["averageVehicleSpeed"]["value"] = 200.0
+    with pytest.raises(InputError, match=rf"sensor {ids[0]} at 2012-03-07 17:00:00-08:00: 124.274 \(outside the valid range 0 to 120 mph\)"):
+        pkg.forecast(table_from_entities(kmh, pkg.node_ids, SPEED)[0])
+    table, _ = table_from_entities(entities(**{"3_5": 1e300, "3_6": "fast", "7_0": -1}), pkg.node_ids, SPEED)
+    fc = pkg.forecast(table, invalid="mask")
+    assert fc.invalid_inputs == {ids[3]: 2, ids[7]: 1} and fc.missing_inputs == {} and np.isfinite(fc.values).all()

@@ -3,6 +3,7 @@ observations are refused with a message naming what is wrong."""
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from fedldt.cli import main
 from fedldt.data.windows import collate
 from fedldt.deploy import ForecastPackage, InputError
+from fedldt.deploy.observations import read_csv_table
 from fedldt.engine import TerritoryTask
 
 pytestmark = pytest.mark.slow  # needs the session's real federated run
@@ -114,7 +116,7 @@ def test_bad_observations_are_refused_naming_the_problem(pkg, in_run):
     assert np.isfinite(pkg.forecast(gap).values).all()
     text = table.astype(object)
     text.loc["2012-03-07T11:55:00", ids[0]] = "fast"
-    with pytest.raises(InputError, match=rf"sensor {ids[0]}: non-numeric value"):
+    with pytest.raises(InputError, match=rf"invalid value\(s\) .*: sensor {ids[0]} at 2012-03-07 11:55:00-08:00: 'fast' \(not a number\)"):
         pkg.forecast(text)
     with pytest.raises(InputError, match="not ISO 8601"):
         pkg.forecast(table.set_axis(["07/03/2012 10:00"] * len(table)))
@@ -167,3 +169,160 @@ def test_console_script_reports_errors_with_exit_status_1(pkg, in_run, tmp_path)
     proc = subprocess.run([str(fedldt_bin), "predict", str(pkg.root), "--input", str(tmp_path / "x.txt")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "use a .csv or .json/.jsonld file" in proc.stderr
+
+
+# ------------------------------------------------------------------ plausible inputs only (issue 10)
+
+def predict_json(pkg_dir, csv_path: Path, out: Path, *extra) -> tuple[int, dict | None]:
+    rc = main(["predict", str(pkg_dir), "--input", str(csv_path), "--format", "json", "--output", str(out), *extra])
+    return rc, (json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the output")) if rc == 0 else None)
+
+
+def test_package_carries_the_declared_valid_range(pkg):
+    assert pkg.manifest["task"]["valid_range"] == {"speed": {"min": 0, "max": 120, "type": "number"}}
+    assert pkg.valid_range["speed"].describe("mph") == "0 to 120 mph"
+
+
+@pytest.mark.parametrize("cell, shown", [
+    ("1e300", "'1e300' (beyond float32's range, about 3.4e38)"), ("-1000", "'-1000' (outside the valid range 0 to 120 mph)"),
+    ("1e6", "'1e6' (outside the valid range 0 to 120 mph)"), ("true", "'true' (not a number)"), ("inf", "'inf' (infinite)"),
+])
+def test_impossible_inputs_exit_1_naming_sensor_and_time(cell, shown, pkg, in_run, tmp_path, capsys):
+    task = in_run.task
+    ids = task.dataset.node_ids.tolist()
+    table = observations(task, step_of(task, "2012-03-07 12:00"), steps=12).astype(object)
+    table.loc["2012-03-07T11:15:00", ids[4]] = cell
+    rc, _ = predict_json(pkg.root, write_csv(table, tmp_path / "bad.csv"), tmp_path / "o.json")
+    err = capsys.readouterr().err
+    assert rc == 1 and not (tmp_path / "o.json").exists()
+    assert err == (f"fedldt predict: error: invalid value(s) in the 12 most recent steps: sensor {ids[4]} at "
+                   f"2012-03-07 11:15:00-08:00: {shown}; send plausible observations (0 to 120 mph, null or an empty "
+                   "cell for a missing one), or mask invalid values (--invalid mask) to feed them to the model as "
+                   "missing entries\n")
+
+
+def test_invalid_mask_policy_equals_missing_values_and_says_so(pkg, in_run, tmp_path, capsys):
+    task = in_run.task
+    ids = task.dataset.node_ids.tolist()
+    table = observations(task, step_of(task, "2012-03-07 12:00"), steps=12)
+    bad, gaps = table.astype(object), table.copy()
+    for when, sensor, value in (("2012-03-07T11:15:00", ids[4], "1e300"), ("2012-03-07T11:50:00", ids[4], "-3"),
+                                ("2012-03-07T11:00:00", ids[9], "fast")):
+        bad.loc[when, sensor], gaps.loc[when, sensor] = value, np.nan
+    rc, masked = predict_json(pkg.root, write_csv(bad, tmp_path / "bad.csv"), tmp_path / "m.json", "--invalid", "mask")
+    assert rc == 0 and masked["invalid_inputs"] == {ids[4]: 2, ids[9]: 1} and "missing_inputs" not in masked
+    assert "missing or invalid" in masked["note"]
+    assert capsys.readouterr().err == (f"fedldt predict: warning: 3 invalid input value(s) of 2 sensor(s) ({ids[4]}, "
+                                       f"{ids[9]}) were fed to the model as masked entries\n")
+    rc, missing = predict_json(pkg.root, write_csv(gaps, tmp_path / "gaps.csv"), tmp_path / "g.json", "--allow-missing")
+    assert rc == 0 and missing["missing_inputs"] == {ids[4]: 2, ids[9]: 1}
+    assert masked["forecasts"] == missing["forecasts"]  # masked invalid values enter the model exactly as gaps do
+    assert masked["forecasts"] != pkg.forecast(table).to_json()["forecasts"]
+
+
+def test_all_missing_windows_are_refused_and_a_silent_sensor_has_no_forecast(pkg, in_run, tmp_path, capsys):
+    task = in_run.task
+    ids = task.dataset.node_ids.tolist()
+    table = observations(task, step_of(task, "2012-03-07 12:00"), steps=12)
+    rc, _ = predict_json(pkg.root, write_csv(table * np.nan, tmp_path / "none.csv"), tmp_path / "o.json", "--allow-missing")
+    assert rc == 1 and capsys.readouterr().err.startswith(
+        "fedldt predict: error: no valid observation in the 12 most recent steps: every value is missing or invalid")
+    silent = table.copy()
+    silent[ids[2]] = np.nan
+    rc, out = predict_json(pkg.root, write_csv(silent, tmp_path / "silent.csv"), tmp_path / "o.json", "--allow-missing")
+    assert rc == 0 and out["unavailable"] == {ids[2]: "no valid observation of this sensor in the 12 most recent steps"}
+    assert sorted(out["forecasts"]) == sorted(set(ids) - {ids[2]})
+    assert f"fedldt predict: warning: no forecast of sensor {ids[2]}: no valid observation" in capsys.readouterr().err
+    assert main(["predict", str(pkg.root), "--input", str(tmp_path / "silent.csv"), "--allow-missing",
+                 "--output", str(tmp_path / "o.csv")]) == 0
+    assert list(pd.read_csv(tmp_path / "o.csv").columns) == ["timestamp", "horizon_step"] + [s for s in ids if s != ids[2]]
+
+
+class NonFinite(ForecastPackage):
+    """The loaded package, whose model output is made non-finite for some sensors (the output guard's test)."""
+
+    bad: tuple = ()
+
+    def predict_window(self, win, engine="torch"):
+        y = super().predict_window(win, engine).copy()
+        for j, v in self.bad:
+            y[3, j, 0] = v
+        return y
+
+
+def test_non_finite_forecasts_are_absent_with_a_reason(pkg, in_run):
+    task = in_run.task
+    ids = task.dataset.node_ids.tolist()
+    table = observations(task, step_of(task, "2012-03-07 12:00"), steps=12)
+    odd = NonFinite(pkg.root, pkg.manifest, pkg.model, pkg.scaler, pkg.node_ids, pkg.edge_index, pkg.edge_weight, pkg.coords)
+    odd.bad = ((1, np.nan), (5, np.inf))
+    fc = odd.forecast(table)
+    reason = "the model gave no finite forecast (NaN or infinity)"
+    assert fc.unavailable == {ids[1]: reason, ids[5]: reason}
+    body = fc.to_json()
+    text = json.dumps(body, allow_nan=False)  # valid JSON
+    assert ids[1] not in body["forecasts"] and ids[5] not in body["forecasts"] and len(body["forecasts"]) == len(ids) - 2
+    assert body["unavailable"] == {ids[1]: reason, ids[5]: reason}
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the output")) == body
+    assert ids[1] not in fc.to_frame().columns and np.isfinite(fc.to_frame()[ids[0]]).all()
+    odd.bad = tuple((j, np.nan) for j in range(len(ids)))
+    with pytest.raises(InputError) as e:
+        odd.forecast(table)
+    assert str(e.value) == f"no forecast can be made: {ids[0]}: {reason}, {ids[1]}: {reason} and {len(ids) - 2} more"
+
+
+def test_files_that_broke_predict_give_messages(pkg, in_run, tmp_path, capsys):
+    def error(*argv) -> str:
+        assert main(["predict", *map(str, argv)]) == 1
+        return capsys.readouterr().err
+
+    (tmp_path / "bin.csv").write_bytes(bytes(range(256)) * 4)
+    assert error(pkg.root, "--input", tmp_path / "bin.csv") == \
+        f"fedldt predict: error: {tmp_path / 'bin.csv'}: a binary file, not CSV text; export the observations as UTF-8 CSV\n"
+    (tmp_path / "latin.csv").write_bytes("timestamp,vitesse moyenne \xe0 Paris\n".encode("latin-1"))
+    assert error(pkg.root, "--input", tmp_path / "latin.csv") == \
+        f"fedldt predict: error: {tmp_path / 'latin.csv'}: not UTF-8 text (byte 26, b'\\xe0'); save the CSV as UTF-8\n"
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert error(pkg.root, "--input", tmp_path / "deep.json") == \
+        f"fedldt predict: error: {tmp_path / 'deep.json'}: JSON nested more than 32 levels deep\n"
+    task = in_run.task
+    table = observations(task, step_of(task, "2012-03-07 12:00"), steps=12)
+    first = table.columns[0]
+    body = {"timestamps": list(table.index), "sensors": {s: table[s].tolist() for s in table.columns}}
+    body["sensors"][first][-1] = int("9" * 4000)
+    (tmp_path / "huge.json").write_text(json.dumps(body))
+    assert f"sensor {first} at 2012-03-07 11:55:00-08:00: an integer of 4000 digits (beyond float32's range" in \
+        error(pkg.root, "--input", tmp_path / "huge.json")
+    body["sensors"][first][-1] = "HUGE"
+    (tmp_path / "huger.json").write_text(json.dumps(body).replace('"HUGE"', "9" * 5000))  # beyond Python's int parsing
+    assert "huger.json: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion" in \
+        error(pkg.root, "--input", tmp_path / "huger.json")
+    # the output folder is checked before anything is computed (even before the package is read)
+    assert error(tmp_path / "no-package", "--input", tmp_path / "huge.json", "--output", tmp_path / "no" / "fc.json") == \
+        f"fedldt predict: error: --output {tmp_path / 'no' / 'fc.json'}: folder {tmp_path / 'no'} does not exist; create it first\n"
+    # a manifest without `files`: a message, never a traceback
+    broken = tmp_path / "broken"
+    shutil.copytree(pkg.root, broken)
+    manifest = json.loads((broken / "package.json").read_text())
+    del manifest["files"]
+    (broken / "package.json").write_text(json.dumps(manifest))
+    err = error(broken, "--input", tmp_path / "huge.json")
+    assert err.startswith(f"fedldt predict: error: {broken}") and "Traceback" not in err and err.count("\n") == 1
+    assert main(["serve", str(broken), "--port", "1"]) == 1  # fails before listening
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedldt serve: error: {broken}") and err.count("\n") == 1
+    assert main(["serve", str(pkg.root), "--port", "1", "--allowed-hosts", "a*b.org"]) == 1
+    assert capsys.readouterr().err == ("fedldt serve: error: --allowed-hosts: allowed hosts ['a*b.org']: give host names "
+                                       "(forecast.example.org), patterns like *.example.org, or * for any\n")
+
+
+def test_csv_with_byte_order_mark_gives_the_same_forecast(pkg, in_run, tmp_path):
+    task = in_run.task
+    plain = write_csv(observations(task, step_of(task, "2012-03-07 12:00"), steps=12), tmp_path / "plain.csv")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert (tmp_path / "bom.csv").read_bytes()[:12] == b"\xef\xbb\xbftimestamp"
+    pd.testing.assert_frame_equal(read_csv_table(plain), read_csv_table(tmp_path / "bom.csv"))
+    for name in ("plain", "bom"):
+        assert main(["predict", str(pkg.root), "--input", str(tmp_path / f"{name}.csv"),
+                     "--output", str(tmp_path / f"{name}-fc.json")]) == 0
+    assert (tmp_path / "plain-fc.json").read_bytes() == (tmp_path / "bom-fc.json").read_bytes()

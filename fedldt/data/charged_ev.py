@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedldt.data.ranges import check_data, parse_valid_ranges
 from fedldt.data.territory import TerritoryDataset
 
 #: Weather columns usable as territory-level covariates (hourly, no NaN in the shared files).
@@ -146,15 +147,29 @@ def load_charged_city(path: str | Path, city: str, graph: dict | None = None, we
 
 
 def load_charged_cities(path: str | Path, cities: Sequence[str], graph: dict | None = None, weather: bool = True,
-                        name: str = "charged_ev") -> list[TerritoryDataset]:
+                        name: str = "charged_ev", valid_range: dict | None = None) -> list[TerritoryDataset]:
     """Several CHARGED cities, one territory each (see :func:`load_charged_city`).
 
+    ``valid_range`` declares plausible values of ``energy`` and of the weather covariates (see
+    :mod:`fedldt.data.ranges`); each city's data is checked against it, and ``fedldt export``
+    writes the channel's range into model packages.
+
     Raises:
-        ValueError: no city given, or the cities' time axes differ.
+        ValueError: no city given, the cities' time axes differ, ``valid_range`` names something
+            that is neither ``energy`` nor a weather column, or a value is outside its range.
     """
     if not cities:
         raise ValueError("dataset.cities is empty: name at least one CHARGED city (JHB, MEL, SPO)")
+    ranges = parse_valid_ranges(valid_range, "dataset.valid_range")
+    unknown = sorted(set(ranges) - {"energy", *WEATHER_COLUMNS})
+    if unknown:
+        raise ValueError(f"dataset.valid_range: {unknown} are neither the channel (energy) nor weather columns "
+                         f"{list(WEATHER_COLUMNS)} of CHARGED")
     out = [load_charged_city(path, c, graph, weather) for c in cities]
+    for t in out:
+        check_data(t.values, t.mask, t.channels, ranges, f"CHARGED city {t.name}", t.units)
+        if "covariates" in t.extra:
+            check_data(t.extra["covariates"], None, t.extra["covariate_names"], ranges, f"CHARGED city {t.name} weather")
     for t in out[1:]:
         if not t.timestamps.equals(out[0].timestamps):
             raise ValueError(f"CHARGED cities {out[0].name} and {t.name} cover different hours")

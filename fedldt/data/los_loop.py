@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch_geometric.utils import dense_to_sparse
 
+from fedldt.data.ranges import check_data, parse_valid_ranges
 from fedldt.data.territory import TerritoryDataset
 
 
@@ -24,6 +25,7 @@ def load_los_loop(
     zero_is_missing: bool = False,
     self_loops: bool = True,
     name: str = "los_loop",
+    valid_range: dict | None = None,
 ) -> TerritoryDataset:
     """Load Los-loop speeds (mph, 5-min), its 207x207 adjacency and the sensor coordinates.
 
@@ -36,14 +38,22 @@ def load_los_loop(
             interpolated and has no zeros, so the default is False).
         self_loops: keep the diagonal of ``los_adj.csv`` (weight 1) as self-loop edges.
         name: dataset name carried into results.
+        valid_range: plausible speeds, ``{"speed": {"min": 0, "max": 120}}`` (see
+            :mod:`fedldt.data.ranges`); the data is checked against it and ``fedldt export``
+            writes it into model packages. ``None`` = not declared.
 
     Returns:
         A :class:`TerritoryDataset` with values ``[2016, 207, 1]``.
 
     Raises:
         FileNotFoundError: a file is missing (its path is named).
-        ValueError: the files disagree (sizes, sensor ids), naming the file.
+        ValueError: the files disagree (sizes, sensor ids), naming the file, or a speed is
+            outside ``valid_range``.
     """
+    ranges = parse_valid_ranges(valid_range, "dataset.valid_range")
+    unknown = sorted(set(ranges) - {"speed"})
+    if unknown:
+        raise ValueError(f"dataset.valid_range: {unknown} are not channels of Los-loop (its channel: speed)")
     root = Path(path)
     speed_f, adj_f = root / "los_speed.csv", root / "los_adj.csv"
     loc_f = root / "metr_la_sensor_graph" / "graph_sensor_locations.csv"
@@ -76,6 +86,7 @@ def load_los_loop(
     if zero_is_missing:
         mask &= values != 0
     values = np.where(mask, values, 0.0)
+    check_data(values[:, :, None], mask[:, :, None], ("speed",), ranges, str(speed_f), ("mph",))
     edge_index, edge_weight = dense_to_sparse(torch.from_numpy(adj).float())
     timestamps = pd.date_range(start=start, periods=values.shape[0], freq=freq)
     return TerritoryDataset(

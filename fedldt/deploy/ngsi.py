@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from fedldt.deploy.observations import InputError, _listing, parse_timestamps
+from fedldt.deploy.observations import InputError, NotANumber, _json_kind, _listing, _short, cell_value, parse_timestamps
 
 ENTITY_TYPE = "TrafficFlowObserved"
 SDM_CONTEXT = "https://raw.githubusercontent.com/smart-data-models/dataModel.Transportation/master/context.jsonld"
@@ -142,7 +142,9 @@ def table_from_entities(
     ``dateObserved``, else the attribute's ``observedAt``) or, in the temporal representation,
     a list of attribute instances each with ``observedAt``. Values are converted to the model's
     unit (``unitCode``, default the data model's: km/h for ``averageVehicleSpeed``); ``null``
-    is a missing value.
+    is a missing value. A value that is not a plausible number (text, a boolean, infinite,
+    beyond float32's range) is kept unconverted, so that forecasting refuses (or masks) it
+    naming sensor and time (see :func:`fedldt.deploy.observations.select_window`).
 
     Args:
         entities: NGSI-LD entities (dicts), compacted with the Smart Data Models context.
@@ -154,8 +156,8 @@ def table_from_entities(
         ``refs`` = sensor id -> ``refRoadSegment`` URI (sensors that had one).
 
     Raises:
-        InputError: not an entity list, a wrong type, no time or value, a non-numeric value, an
-            unknown sensor, or two values for the same sensor and time (each named).
+        InputError: not an entity list, a wrong type, no time or value, an unknown sensor, or two
+            values for the same sensor and time (each named).
     """
     if not isinstance(entities, Sequence) or isinstance(entities, (str, bytes)) or not entities:
         raise InputError("entities: expected a non-empty list of NGSI-LD TrafficFlowObserved entities")
@@ -167,10 +169,10 @@ def table_from_entities(
         where = f"entities[{i}]"
         if not isinstance(ent, Mapping):
             raise InputError(f"{where}: expected an NGSI-LD entity (a JSON object), got {type(ent).__name__}")
-        where += f" (id {ent.get('id')!r})"
-        etype = str(ent.get("type", ""))
-        if etype.rsplit("/", 1)[-1] != ENTITY_TYPE:
-            raise InputError(f"{where}: type {etype!r}; expected {ENTITY_TYPE}")
+        where += f" (id {_short(repr(ent.get('id')), 60)})"
+        etype = ent.get("type", "")
+        if not isinstance(etype, str) or etype.rsplit("/", 1)[-1] != ENTITY_TYPE:
+            raise InputError(f"{where}: type {_short(repr(etype), 60)}; expected {ENTITY_TYPE}")
         sensor, ref = sensor_key(ent, known)
         if sensor not in known:
             unknown.setdefault(sensor, where)
@@ -190,11 +192,15 @@ def table_from_entities(
             if t is None:
                 raise InputError(f"{w}: no time: give dateObserved, dateObservedFrom or observedAt")
             v = _value(inst)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise InputError(f"{w}: {mapping.attribute} value {v!r} is not a number")
             code = inst.get("unitCode") if isinstance(inst, Mapping) else None
-            v = np.nan if v is None else mapping.to_package(float(v), code, w)
-            sensors.append(sensor); times.append(t); values.append(v); origins.append(w)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                v = NotANumber(_short(repr(v), 40) if isinstance(v, (str, bool)) else _json_kind(v), _json_kind(v))
+            elif v is None:
+                v = np.nan
+            elif cell_value(v)[1] is None:  # a finite number within float32's range, in the model's unit
+                v = mapping.to_package(cell_value(v)[0], code, w)
+            sensors.append(sensor); times.append(t if isinstance(t, str) else _short(t, 60)); values.append(v)
+            origins.append(w)
     if unknown:
         raise InputError(f"unknown sensor id(s) {_listing([f'{s} ({w})' for s, w in unknown.items()])}: not among "
                          f"the model's {len(node_ids)} sensors (sensor = refRoadSegment, else the entity id)")
@@ -240,7 +246,8 @@ def forecast_entities(
         provider: the ``dataProvider`` text.
 
     Returns:
-        A list of JSON-able entities, each with its ``@context``.
+        A list of JSON-able entities, each with its ``@context``; sensors in
+        ``forecast.unavailable`` have none.
     """
     refs = refs or {}
     out = []
@@ -248,9 +255,13 @@ def forecast_entities(
         end = start + forecast.interval
         t_from, t_to = _iso(start), _iso(end)
         for j, sensor in enumerate(forecast.node_ids):
+            if sensor in forecast.unavailable:  # no forecast of this sensor (the JSON reply says why)
+                continue
             value = mapping.from_package(float(forecast.values[h, j, 0]))
             missing = forecast.missing_inputs.get(sensor, 0)
+            invalid = forecast.invalid_inputs.get(sensor, 0)
             note = f"; {missing} missing input value(s) fed to the model as masked entries" if missing else ""
+            note += f"; {invalid} invalid input value(s) fed to the model as masked entries" if invalid else ""
             prop: dict[str, Any] = {"type": "Property", "value": value}
             if mapping.wire_code:
                 prop["unitCode"] = mapping.wire_code

@@ -12,15 +12,31 @@ what is wrong, anything that would give a silently wrong forecast.
 from __future__ import annotations
 
 import csv
+import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from fedldt.data.ranges import FLOAT32_MAX, ValidRange
+
 #: At most this many offending items (sensors, timestamps) are listed in one error message.
 MAX_LISTED = 8
+#: Items quoted in messages (sensor ids, values, parser errors) are cut to this many characters.
+MAX_SHOWN = 80
+#: What to do with implausible observations (see :func:`select_window`): refuse them, or feed them
+#: to the model as masked (missing) entries and say so.
+INVALID_POLICIES = ("error", "mask")
+#: Timestamps outside these years are refused (they are typing errors, and forecast times must
+#: stay representable).
+YEARS = (1900, 2200)
+#: JSON inputs nested deeper than this are refused (NGSI-LD entities need about 6 levels).
+MAX_JSON_DEPTH = 32
+#: Text cells read as missing values.
+MISSING_TEXT = frozenset({"", "NaN", "nan", "NA"})
 
 
 class InputError(ValueError):
@@ -28,9 +44,58 @@ class InputError(ValueError):
     sensor or timestamp at fault, and what to change."""
 
 
-def _listing(items: Sequence, limit: int = MAX_LISTED) -> str:
-    shown = ", ".join(str(i) for i in list(items)[:limit])
+def _short(text: Any, limit: int = MAX_SHOWN) -> str:
+    """``text`` on one line (control characters escaped), cut to ``limit`` characters."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _listing(items: Sequence, limit: int = MAX_LISTED, width: int = MAX_SHOWN) -> str:
+    shown = ", ".join(_short(i, width) for i in list(items)[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+@dataclass(frozen=True)
+class NotANumber:
+    """A JSON cell that is not a number or ``null`` (a string, a boolean, a list, an object):
+    kept as is by :func:`table_from_columns` so that :func:`select_window` refuses it, naming the
+    sensor and timestamp (or masks it under ``invalid="mask"``)."""
+
+    shown: str
+    kind: str
+
+
+def _json_kind(v: Any) -> str:
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def load_json(data: bytes | str, where: str) -> Any:
+    """Decode JSON text strictly: UTF-8 (a byte-order mark is allowed), no ``NaN``/``Infinity``
+    literals, no integers of more than 4300 digits, nesting within Python's recursion limit.
+
+    Raises:
+        InputError: the text is not such JSON (where and why, briefly).
+    """
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number; send null for a missing value")
+
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, (bytes, bytearray)) else data.removeprefix("\ufeff")
+        value = json.loads(text, parse_constant=no_constant)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not UTF-8 text (byte {e.start}); send JSON encoded as UTF-8") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError, huge integers, NaN/Infinity
+        raise InputError(f"{where}: not valid JSON ({_short(e, 200)})") from None
+    level: list[Any] = [value]
+    for _ in range(MAX_JSON_DEPTH):  # breadth-first, one level of containers per pass, without recursion
+        level = [c for x in level if isinstance(x, (dict, list)) for c in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return value
+    raise InputError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 def parse_timestamps(values: Iterable, where: str = "timestamps") -> pd.DatetimeIndex:
@@ -56,16 +121,25 @@ def parse_timestamps(values: Iterable, where: str = "timestamps") -> pd.Datetime
     if empty:
         raise InputError(f"{where}: empty timestamp at position(s) {_listing(empty)}")
     try:
-        return pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601"))
-    except (ValueError, TypeError) as e:
+        return _plausible_years(pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601")), where)
+    except (ValueError, TypeError, OverflowError) as e:
         if "Mixed timezones" not in str(e):
-            raise InputError(f"{where}: not ISO 8601 date-times ({e}); write them like 2012-03-07T10:05:00") from None
+            raise InputError(f"{where}: not ISO 8601 date-times ({_short(str(e).splitlines()[0], 200)}); "
+                             "write them like 2012-03-07T10:05:00") from None
     stamps = [pd.Timestamp(v) for v in values]
     naive = [str(v) for v, s in zip(values, stamps) if s.tzinfo is None]
     if naive:
         raise InputError(f"{where}: some timestamps have a UTC offset and some ({_listing(naive)}) have none; "
                          "give all of them an offset (or none)")
-    return pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601", utc=True))
+    return _plausible_years(pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601", utc=True)), where)
+
+
+def _plausible_years(times: pd.DatetimeIndex, where: str) -> pd.DatetimeIndex:
+    bad = times[(times.year < YEARS[0]) | (times.year >= YEARS[1])]
+    if len(bad):
+        raise InputError(f"{where}: timestamp(s) {_listing(bad.astype(str))} are not between the years "
+                         f"{YEARS[0]} and {YEARS[1]}; check the dates")
+    return times
 
 
 def localize(times: pd.DatetimeIndex, timezone: str | None, where: str = "timestamps") -> pd.DatetimeIndex:
@@ -107,7 +181,9 @@ def wall_clock(times: pd.DatetimeIndex) -> pd.DatetimeIndex:
 def read_csv_table(path: str | Path, time_column: str = "timestamp") -> pd.DataFrame:
     """Read a CSV of observations: a time column plus one column per sensor id.
 
-    Empty cells become NaN (missing). Sensor ids are read as text (``717804`` stays ``"717804"``).
+    The file must be UTF-8 text; a UTF-8 byte-order mark before the header is ignored (the file
+    reads exactly as without it). Empty cells (and ``NaN``, ``nan``, ``NA``) become NaN (missing).
+    Sensor ids are read as text (``717804`` stays ``"717804"``).
 
     Args:
         path: the CSV file.
@@ -117,31 +193,44 @@ def read_csv_table(path: str | Path, time_column: str = "timestamp") -> pd.DataF
         A table: index = timestamps as text (parsed later), columns = sensor ids, values as read.
 
     Raises:
-        InputError: the file is unreadable, has no ``time_column`` or repeats a column name.
+        InputError: the file is unreadable, binary or not UTF-8, not CSV, has no ``time_column``
+            or repeats a column name.
     """
     path = Path(path)
     try:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
+        raw = path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read input file {path}: {e.strerror}") from None
-    header = [h.strip() for h in header]
-    dups = sorted({h for h in header if header.count(h) > 1})
-    if dups:
-        raise InputError(f"{path}: column(s) {_listing(dups)} appear more than once; give each sensor one column")
-    if time_column not in header:
-        raise InputError(f"{path}: no '{time_column}' column (columns: {_listing(header)}); "
-                         f"name the time column '{time_column}' or pass --time-column")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    if b"\x00" in raw:
+        raise InputError(f"{path}: a binary file, not CSV text; export the observations as UTF-8 CSV")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}, {raw[e.start:e.start + 1]!r}); "
+                         "save the CSV as UTF-8") from None
+    try:
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
+        header = [h.strip() for h in header]
+        dups = sorted({h for h in header if header.count(h) > 1})
+        if dups:
+            raise InputError(f"{path}: column(s) {_listing(dups)} appear more than once; give each sensor one column")
+        if time_column not in header:
+            raise InputError(f"{path}: no '{time_column}' column (columns: {_listing(header)}); "
+                             f"name the time column '{time_column}' or pass --time-column")
+        table = pd.read_csv(io.StringIO(text, newline=""), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (csv.Error, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise InputError(f"{path}: not a readable CSV table ({_short(e, 200)})") from None
     table.columns = [str(c).strip() for c in table.columns]
     table = table.set_index(time_column)
-    return table.replace({"": np.nan, "NaN": np.nan, "nan": np.nan, "NA": np.nan})
+    return table.replace({t: np.nan for t in MISSING_TEXT})
 
 
 def table_from_columns(timestamps: Sequence, sensors: dict[str, Sequence]) -> pd.DataFrame:
     """A table from the JSON column form ``{"timestamps": [...], "sensors": {"id": [...]}}``.
 
-    ``null`` values become NaN (missing).
+    ``null`` values become NaN (missing); numbers are kept as they are (a Python ``int`` of any
+    size stays an ``int``); anything else (a string, a boolean, a list, an object) becomes a
+    :class:`NotANumber`, which :func:`select_window` refuses (or masks) naming sensor and time.
 
     Raises:
         InputError: a sensor's list is not as long as ``timestamps``.
@@ -150,8 +239,16 @@ def table_from_columns(timestamps: Sequence, sensors: dict[str, Sequence]) -> pd
     wrong = [f"{s} has {len(v)}" for s, v in sensors.items() if len(v) != n]
     if wrong:
         raise InputError(f"sensors: {_listing(wrong)} value(s) for {n} timestamps; give one value (or null) per timestamp")
-    data = {str(s): [np.nan if v is None else v for v in vals] for s, vals in sensors.items()}
-    return pd.DataFrame(data, index=pd.Index(list(timestamps), dtype=object))
+
+    def cell(v: Any) -> Any:
+        if v is None:
+            return np.nan
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+        return NotANumber(_short(json.dumps(v) if isinstance(v, (str, bool)) else _json_kind(v), 40), _json_kind(v))
+
+    data = {str(s): [cell(v) for v in vals] for s, vals in sensors.items()}
+    return pd.DataFrame(data, index=pd.Index(list(timestamps), dtype=object), dtype=object)
 
 
 @dataclass
@@ -161,15 +258,72 @@ class InputWindow:
     Attributes:
         values: ``[window, node, channel]`` float32 observations in data units; missing entries 0.
         mask: ``[window, node, channel]`` float32, 1 = observed, 0 = missing (only with
-            ``allow_missing``; otherwise all ones).
+            ``allow_missing``) or masked as invalid (only with ``invalid="mask"``); otherwise all ones.
         times: ``[window]`` timestamps (tz-aware in the package's time zone, or naive).
         missing: sensor id -> number of missing values in the window (only sensors with some).
+        invalid: sensor id -> number of implausible values masked (``invalid="mask"``; only sensors with some).
+        unavailable: sensor id -> why no forecast of it can be made (no valid value in the window).
     """
 
     values: np.ndarray
     mask: np.ndarray
     times: pd.DatetimeIndex
     missing: dict[str, int] = field(default_factory=dict)
+    invalid: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def cell_value(v: Any) -> tuple[float, str | None]:
+    """One observation as a float64, or why it is not a plausible number.
+
+    Returns:
+        ``(value, problem)``: ``(x, None)`` for a number within float32's range; ``(nan, None)``
+        for a missing value (``None``, NaN, an empty or ``NaN``/``nan``/``NA`` text cell);
+        ``(nan, reason)`` for a boolean, text that is not a number, any other object, an
+        infinite value or one beyond float32's range (about 3.4e38). Integers of any size are
+        compared exactly, never converted first.
+    """
+    if v is None:
+        return np.nan, None
+    if isinstance(v, NotANumber):
+        return np.nan, f"{v.kind}, not a number"
+    if isinstance(v, (bool, np.bool_)):
+        return np.nan, "a boolean, not a number"
+    if isinstance(v, (int, np.integer)):
+        if abs(int(v)) > FLOAT32_MAX:
+            return np.nan, "beyond float32's range, about 3.4e38"
+        return float(v), None
+    if isinstance(v, str):
+        text = v.strip()
+        if text in MISSING_TEXT:
+            return np.nan, None
+        try:
+            v = float(text)
+        except ValueError:
+            return np.nan, "not a number"
+    if isinstance(v, (float, np.floating)):
+        x = float(v)
+        if np.isnan(x):
+            return np.nan, None
+        if np.isinf(x):
+            return np.nan, "infinite"
+        if abs(x) > FLOAT32_MAX:
+            return np.nan, "beyond float32's range, about 3.4e38"
+        return x, None
+    return np.nan, f"{_json_kind(v)}, not a number"
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, NotANumber):
+        return v.shown
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):g}"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        text = str(v) if abs(int(v)) < 10 ** 30 else f"an integer of {len(str(abs(int(v))))} digits"
+        return _short(text, 40)
+    if isinstance(v, (str, bool, np.bool_)):
+        return _short(repr(v), 40)
+    return _json_kind(v)
 
 
 def select_window(
@@ -180,11 +334,18 @@ def select_window(
     timezone: str | None = None,
     allow_missing: bool = False,
     territory: str = "?",
+    valid_range: ValidRange | None = None,
+    unit: str = "",
+    invalid: str = "error",
 ) -> InputWindow:
     """Check observations against a model and take the ``window`` most recent steps.
 
     Columns are matched to the model's sensors by id, so their order does not matter; rows
     are sorted by time. Only the ``window`` most recent rows are used (older rows are ignored).
+
+    A value in the window is *invalid* when it is not a number (text, a boolean, a list...),
+    infinite, beyond float32's range, or outside ``valid_range``; *missing* when it is NaN,
+    ``None`` or an empty cell.
 
     Args:
         table: index = timestamps (text or datetime), columns = sensor ids, one channel.
@@ -192,18 +353,28 @@ def select_window(
         window: steps the model reads.
         interval: the data's fixed sampling interval.
         timezone: see :func:`localize`.
-        allow_missing: treat NaN (or empty) values in the window as missing (mask 0, the model
+        allow_missing: treat missing values in the window as masked entries (mask 0, the model
             input is value x mask as in training) instead of refusing them.
         territory: territory id, for messages.
+        valid_range: plausible values of the channel (data units), from the package; ``None`` =
+            only float32's range.
+        unit: the channel's unit, for messages.
+        invalid: ``"error"`` refuses invalid values; ``"mask"`` feeds them to the model as masked
+            entries and counts them in :attr:`InputWindow.invalid`.
 
     Returns:
-        An :class:`InputWindow` in ``node_ids`` order.
+        An :class:`InputWindow` in ``node_ids`` order. A sensor with no valid value in the window
+        is listed in :attr:`InputWindow.unavailable` (it has no forecast).
 
     Raises:
         InputError: an unknown or missing sensor, a repeated timestamp, fewer than ``window``
-            steps, steps not ``interval`` apart, a non-numeric or infinite value, or NaN in the
-            window without ``allow_missing``.
+            steps, steps not ``interval`` apart, an invalid value (``invalid="error"``, each
+            named with sensor and timestamp), a missing value without ``allow_missing``, or no
+            valid value at all in the window.
+        ValueError: ``invalid`` is not one of :data:`INVALID_POLICIES`.
     """
+    if invalid not in INVALID_POLICIES:
+        raise ValueError(f"invalid={invalid!r} must be one of {INVALID_POLICIES}")
     cols = [str(c) for c in table.columns]
     if len(set(cols)) != len(cols):
         raise InputError(f"sensor(s) {_listing(sorted({c for c in cols if cols.count(c) > 1}))} given more than once")
@@ -236,26 +407,47 @@ def select_window(
         )
     rows = table.iloc[order]
     values = np.empty((window, len(node_ids)), dtype=np.float64)
+    problems: list[tuple[int, int, str]] = []  # (step, node, "value (why)")
     for j, s in enumerate(node_ids):
-        try:
-            values[:, j] = pd.to_numeric(rows[s], errors="raise").to_numpy(dtype=np.float64)
-        except (ValueError, TypeError) as e:
-            raise InputError(f"sensor {s}: non-numeric value in the {window} most recent steps ({e})") from None
-    if np.isinf(values).any():
-        j = int(np.flatnonzero(np.isinf(values).any(axis=0))[0])
-        raise InputError(f"sensor {node_ids[j]}: infinite value in the {window} most recent steps")
+        for i, v in enumerate(rows[s].tolist()):
+            x, why = cell_value(v)
+            if why is None and not np.isnan(x) and valid_range is not None:
+                why = valid_range.problem(x, unit)
+                x = np.nan if why else x
+            values[i, j] = x
+            if why:
+                problems.append((i, j, f"{_shown(v)} ({why})"))
+    if problems and invalid == "error":
+        where = [f"sensor {node_ids[j]} at {times[i]}: {what}" for i, j, what in sorted(problems)]
+        allowed = valid_range.describe(unit) if valid_range is not None else "finite numbers"
+        raise InputError(
+            f"invalid value(s) in the {window} most recent steps: {_listing(where, width=200)}; send plausible "
+            "observations "
+            f"({allowed}, null or an empty cell for a missing one), or mask invalid values "
+            "(--invalid mask) to feed them to the model as missing entries"
+        )
+    flagged = np.zeros(values.shape, dtype=bool)
+    for i, j, _ in problems:
+        flagged[i, j] = True
     nan = np.isnan(values)
-    missing = {node_ids[j]: int(nan[:, j].sum()) for j in np.flatnonzero(nan.any(axis=0))}
+    gaps_only = nan & ~flagged
+    missing = {node_ids[j]: int(gaps_only[:, j].sum()) for j in np.flatnonzero(gaps_only.any(axis=0))}
     if missing and not allow_missing:
-        where = [f"{node_ids[j]} at {times[i]}" for i, j in zip(*np.nonzero(nan))]
+        where = [f"{node_ids[j]} at {times[i]}" for i, j in zip(*np.nonzero(gaps_only))]
         raise InputError(
             f"missing value(s) (NaN or empty) in the {window} most recent steps: {_listing(where)}; "
             "send complete observations, or allow missing values (--allow-missing, \"allow_missing\": true) "
             "to feed them to the model as masked entries"
         )
+    if nan.all():
+        raise InputError(f"no valid observation in the {window} most recent steps: every value is missing or invalid; "
+                         "no forecast can be made")
+    masked = {node_ids[j]: int(flagged[:, j].sum()) for j in np.flatnonzero(flagged.any(axis=0))}
+    unavailable = {node_ids[j]: f"no valid observation of this sensor in the {window} most recent steps"
+                   for j in np.flatnonzero(nan.all(axis=0))}
     mask = (~nan).astype(np.float32)[:, :, None]
     values = np.where(nan, 0.0, values).astype(np.float32)[:, :, None]
-    return InputWindow(values=values, mask=mask, times=times, missing=missing)
+    return InputWindow(values=values, mask=mask, times=times, missing=missing, invalid=masked, unavailable=unavailable)
 
 
 def _fmt_interval(delta: pd.Timedelta) -> str:

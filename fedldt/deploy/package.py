@@ -35,8 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedldt.data.ranges import ValidRange, parse_valid_ranges
 from fedldt.data.windows import MaskedStandardScaler, model_inputs, time_features
-from fedldt.deploy.observations import InputError, InputWindow, select_window, wall_clock
+from fedldt.deploy.observations import InputError, InputWindow, _listing, select_window, wall_clock
 from fedldt.models import build_model
 
 #: Version 2 added ``field_sha256``, ``digest`` and complete file lists; version 1 packages are refused (re-export).
@@ -357,6 +358,9 @@ class Forecast:
         issued_after: time of the last observation used.
         territory: the territory id.
         missing_inputs: sensor id -> missing values fed as masked entries (``allow_missing``).
+        invalid_inputs: sensor id -> implausible values fed as masked entries (``invalid="mask"``).
+        unavailable: sensor id -> why it has no forecast (no valid input, or a non-finite model
+            output); such sensors are left out of :meth:`to_frame` and :meth:`to_json`.
     """
 
     values: np.ndarray
@@ -368,11 +372,14 @@ class Forecast:
     issued_after: pd.Timestamp
     territory: str
     missing_inputs: dict[str, int] = field(default_factory=dict)
+    invalid_inputs: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
-        """Wide table: ``timestamp``, ``horizon_step`` (1..H), then one column per sensor
-        (channel 0, data units, float64 so that text output round-trips the float32 values)."""
+        """Wide table: ``timestamp``, ``horizon_step`` (1..H), then one column per sensor with a
+        forecast (channel 0, data units, float64 so that text output round-trips the float32 values)."""
         frame = pd.DataFrame(self.values[:, :, 0].astype(np.float64), columns=self.node_ids)
+        frame = frame.drop(columns=list(self.unavailable))
         frame.insert(0, "horizon_step", np.arange(1, len(self.timestamps) + 1))
         frame.insert(0, "timestamp", [t.isoformat() for t in self.timestamps])
         return frame
@@ -386,12 +393,18 @@ class Forecast:
             "interval_s": int(self.interval.total_seconds()),
             "issued_after": self.issued_after.isoformat(),
             "timestamps": [t.isoformat() for t in self.timestamps],
-            "forecasts": {s: self.values[:, j, 0].astype(np.float64).tolist() for j, s in enumerate(self.node_ids)},
+            "forecasts": {s: self.values[:, j, 0].astype(np.float64).tolist() for j, s in enumerate(self.node_ids)
+                          if s not in self.unavailable},
         }
+        if self.unavailable:
+            out["unavailable"] = dict(self.unavailable)
+        if self.invalid_inputs:
+            out["invalid_inputs"] = dict(self.invalid_inputs)
         if self.missing_inputs:
             out["missing_inputs"] = dict(self.missing_inputs)
-            out["note"] = ("some inputs were missing and entered the model as masked values (value x mask = 0); "
-                           "the model was trained on complete data, so these forecasts are less reliable")
+        if self.missing_inputs or self.invalid_inputs:
+            out["note"] = ("some inputs were missing or invalid and entered the model as masked values "
+                           "(value x mask = 0); the model was trained on complete data, so these forecasts are less reliable")
         return out
 
 
@@ -499,12 +512,25 @@ class ForecastPackage:
     def units(self) -> tuple[str, ...]:
         return tuple(self.manifest["task"]["units"])
 
+    @property
+    def valid_range(self) -> dict[str, ValidRange]:
+        """Channel -> plausible observations (``task.valid_range`` of the manifest; empty for
+        packages exported before ranges were recorded: then only float32's range applies).
+
+        Raises:
+            PackageError: the recorded ranges are malformed.
+        """
+        try:
+            return parse_valid_ranges(self.manifest["task"].get("valid_range"), f"{MANIFEST} task.valid_range")
+        except ValueError as e:
+            raise PackageError(f"{self.root / MANIFEST}: {e}; re-export the package") from None
+
     def card(self) -> dict[str, Any]:
         """The model card (``model_card.json``)."""
         return json.loads((self.root / CARD_JSON).read_text())
 
     # ------------------------------------------------------------------ forecasting
-    def input_window(self, table: pd.DataFrame, allow_missing: bool = False) -> InputWindow:
+    def input_window(self, table: pd.DataFrame, allow_missing: bool = False, invalid: str = "error") -> InputWindow:
         """Check an observations table and take its ``window`` most recent steps (see
         :func:`fedldt.deploy.observations.select_window`).
 
@@ -515,7 +541,8 @@ class ForecastPackage:
         if len(self.channels) != 1:
             raise InputError(f"this package forecasts {len(self.channels)} channels {list(self.channels)}; "
                              "observation tables carry one value per sensor and step")
-        return select_window(table, self.node_ids, self.window, self.interval, self.timezone, allow_missing, self.territory)
+        return select_window(table, self.node_ids, self.window, self.interval, self.timezone, allow_missing,
+                             self.territory, self.valid_range.get(self.channels[0]), self.units[0], invalid)
 
     def calendar(self, times: pd.DatetimeIndex) -> np.ndarray:
         """``[time, k]`` float32 calendar covariates of (local wall-clock) ``times``, as in training."""
@@ -557,21 +584,34 @@ class ForecastPackage:
             self._onnx_session = ort.InferenceSession(str(self.root / ONNX), providers=["CPUExecutionProvider"])
         return self._onnx_session
 
-    def forecast(self, table: pd.DataFrame, allow_missing: bool = False, engine: str = "torch") -> Forecast:
+    def forecast(self, table: pd.DataFrame, allow_missing: bool = False, engine: str = "torch",
+                 invalid: str = "error") -> Forecast:
         """Forecast every sensor for the ``horizon`` steps after the table's last time step.
 
         Args:
             table: observations, index = timestamps, columns = sensor ids (any order), data units.
             allow_missing: feed NaN values in the window as masked entries instead of refusing them.
             engine: ``"torch"`` or ``"onnx"``.
+            invalid: ``"error"`` refuses implausible values, ``"mask"`` masks them (see
+                :func:`~fedldt.deploy.observations.select_window`).
+
+        Returns:
+            The forecast; a sensor whose forecast cannot be made (no valid input in the window, or
+            a non-finite model output) is in :attr:`Forecast.unavailable` with the reason.
 
         Raises:
-            InputError: the observations cannot give a correct forecast (the message says why).
+            InputError: the observations cannot give a correct forecast, or no sensor has one
+                (the message says why).
         """
-        win = self.input_window(table, allow_missing)
+        win = self.input_window(table, allow_missing, invalid)
         values = self.predict_window(win, engine)
+        unavailable = dict(win.unavailable)
+        for j in np.flatnonzero(~np.isfinite(values).all(axis=(0, 2))):
+            unavailable.setdefault(self.node_ids[j], "the model gave no finite forecast (NaN or infinity)")
+        if len(unavailable) == len(self.node_ids):
+            raise InputError(f"no forecast can be made: {_listing([f'{s}: {r}' for s, r in unavailable.items()], 2)}")
         last = win.times[-1]
         steps = pd.DatetimeIndex([last + h * self.interval for h in range(1, self.horizon + 1)])
         return Forecast(values=values, timestamps=steps, node_ids=list(self.node_ids), channels=self.channels,
                         units=self.units, interval=self.interval, issued_after=last, territory=self.territory,
-                        missing_inputs=win.missing)
+                        missing_inputs=win.missing, invalid_inputs=win.invalid, unavailable=unavailable)
