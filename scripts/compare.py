@@ -10,7 +10,6 @@ in its federated/, centralized/, local/ subfolders), and copies the artifacts to
 
 from __future__ import annotations
 
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,7 +17,7 @@ from omegaconf import DictConfig
 
 from fedldt.compare import run_comparison
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
-from fedldt.federation.launch import RunFailed, interruptible
+from fedldt.federation.launch import interruptible
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
@@ -27,11 +26,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     publish = checkout_path(resolved.get("compare", {}).get("publish_dir"))
     with interruptible():
-        try:
-            run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
-        except RunFailed as e:
-            print(f"fedldt: run failed: {e}", file=sys.stderr)
-            sys.exit(1)
+        run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
     print((__import__("pathlib").Path(hc.runtime.output_dir) / "comparison.md").read_text())
     print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
 

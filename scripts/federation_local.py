@@ -11,7 +11,6 @@ Every process started is stopped at the end, also on error, Ctrl-C or SIGTERM (e
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, num_territories, resolve_config
 from fedldt.federation.deploy import LocalFederation
-from fedldt.federation.launch import RunFailed, interruptible
+from fedldt.federation.launch import interruptible
 from fedldt.results import summary_table
 
 
@@ -30,13 +29,9 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     with interruptible(f" (see {run_dir / 'logs' / 'processes.json'})"):
-        try:
-            # Every territory reads the data from its own node config (data-root), here the same folder.
-            with LocalFederation(run_dir, num_territories(resolved), data_root=Path(resolved["dataset"]["path"]).parent) as fed:
-                summary = fed.run(list(hc.overrides.task), run_dir)
-        except RunFailed as e:
-            print(f"fedldt: federation failed: {e}", file=sys.stderr)
-            sys.exit(1)
+        # Every territory reads the data from its own node config (data-root), here the same folder.
+        with LocalFederation(run_dir, num_territories(resolved), data_root=Path(resolved["dataset"]["path"]).parent) as fed:
+            summary = fed.run(list(hc.overrides.task), run_dir)
     print()
     print(summary_table(summary))
     print(f"\nresults: {run_dir}")

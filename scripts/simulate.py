@@ -11,14 +11,13 @@ directory (default outputs/<pilot>/<date>_<time>). Ctrl-C or SIGTERM stops every
 
 from __future__ import annotations
 
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, resolve_config
-from fedldt.federation.launch import RunFailed, interruptible
+from fedldt.federation.launch import interruptible
 from fedldt.results import summary_table
 from fedldt.runner import run_mode
 
@@ -28,11 +27,7 @@ def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
     hc = HydraConfig.get()
     with interruptible():
-        try:
-            summary = run_mode(resolved, list(hc.overrides.task), hc.runtime.output_dir)
-        except RunFailed as e:
-            print(f"fedldt: run failed: {e}", file=sys.stderr)
-            sys.exit(1)
+        summary = run_mode(resolved, list(hc.overrides.task), hc.runtime.output_dir)
     print()
     print(summary_table(summary))
     print(f"\nresults: {hc.runtime.output_dir}")

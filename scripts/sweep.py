@@ -11,7 +11,6 @@ subfolder) after every run, and copies them to ``sweep.publish_dir`` when set. C
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
-from fedldt.federation.launch import RunFailed, interruptible
+from fedldt.federation.launch import interruptible
 from fedldt.sweep import ARTIFACTS, run_sweep
 
 
@@ -29,11 +28,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     publish = checkout_path(resolved["sweep"].get("publish_dir"))
     with interruptible():
-        try:
-            run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
-        except RunFailed as e:
-            print(f"fedldt: run failed: {e}", file=sys.stderr)
-            sys.exit(1)
+        run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
     print((Path(hc.runtime.output_dir) / ARTIFACTS[1]).read_text())
     print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
 

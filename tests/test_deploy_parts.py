@@ -316,3 +316,13 @@ def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_super
             parse_address(bad, "--listen")
     with pytest.raises(FileNotFoundError, match="--ca"):
         create_app("127.0.0.1:9091", tmp_path / "missing.crt")
+
+
+def test_interruptible_turns_a_failed_run_into_exit_1_with_its_reason(capsys):
+    from fedldt.federation.launch import RunFailed, interruptible
+
+    with pytest.raises(SystemExit) as exit_info:
+        with interruptible():
+            raise RunFailed("the run ended as finished:failed; see logs/server.log")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "fedldt: run failed: the run ended as finished:failed; see logs/server.log\n"

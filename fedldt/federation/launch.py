@@ -62,7 +62,8 @@ def interruptible(note: str = "") -> Iterator[None]:
     :class:`~fedldt.federation.deploy.LocalFederation` stop every process started; further
     SIGTERMs are ignored while they do. On leaving by Ctrl-C or SIGTERM it prints
     ``fedldt: interrupted by <Ctrl-C|SIGTERM>; every process started was stopped<note>`` on
-    stderr and exits with status 130 (Ctrl-C) or 143 (128 + SIGTERM), as shells report.
+    stderr and exits with status 130 (Ctrl-C) or 143 (128 + SIGTERM), as shells report. A
+    :class:`RunFailed` from the block prints ``fedldt: run failed: <reason>`` and exits with 1.
 
     Must be entered from the main thread (Python delivers signals there only).
     """
@@ -73,6 +74,9 @@ def interruptible(note: str = "") -> Iterator[None]:
         how = signal.Signals(e.signum).name if isinstance(e, Terminated) else "Ctrl-C"
         print(f"fedldt: interrupted by {how}; every process started was stopped{note}", file=sys.stderr, flush=True)
         sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
+    except RunFailed as e:
+        print(f"fedldt: run failed: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
