@@ -65,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--input", required=True, type=Path,
                    help="CSV (a timestamp column + one column per sensor id) or JSON (timestamps + sensors, "
                         "or NGSI-LD TrafficFlowObserved entities)")
-    r.add_argument("--output", type=Path, default=None, help="output file (default: standard output)")
+    r.add_argument("--output", type=Path, default=None,
+                   help="output file (default: standard output); an existing file is refused unless --force")
+    r.add_argument("--force", action="store_true",
+                   help="replace an existing --output file, only if it is a forecast fedldt predict wrote")
     r.add_argument("--format", choices=FORMATS, default=None,
                    help="output format (default: from --output's suffix .csv/.json/.jsonld, else like the input)")
     r.add_argument("--time-column", default="timestamp", help="time column of a CSV input (default: timestamp)")
@@ -135,6 +138,53 @@ def _load_package(path: Path, **options):
                            "re-export it with `fedldt export`") from None
 
 
+def check_output_file(path: Path, force: bool) -> None:
+    """Refuse an ``--output`` that fedldt must not write: a folder, a missing parent folder, a
+    symbolic link, or an existing file unless ``force`` and it is a forecast ``fedldt predict``
+    wrote (CSV starting ``timestamp,horizon_step``; JSON with ``forecasts`` and ``issued_after``;
+    NGSI-LD entities whose ids are fedldt forecasts). Never deletes or overwrites anything else.
+
+    Raises:
+        InputError: names the path and the fix.
+    """
+    from fedldt.deploy.observations import InputError
+
+    if path.is_symlink():
+        raise InputError(f"--output {path}: is a symbolic link; name a plain file")
+    if path.is_dir():
+        raise InputError(f"--output {path}: is a folder; name a file")
+    if not path.parent.is_dir():
+        raise InputError(f"--output {path}: folder {path.parent} does not exist; create it first")
+    if not path.exists():
+        return
+    if not force:
+        raise InputError(f"--output {path}: exists; choose a new file, or add --force to replace a forecast "
+                         "fedldt predict wrote")
+    if not path.is_file() or not _is_forecast_output(path):
+        raise InputError(f"--output {path}: exists and is not a forecast fedldt predict wrote; refusing to replace it")
+
+
+def _is_forecast_output(path: Path) -> bool:
+    """Whether ``path`` holds what ``fedldt predict`` writes (CSV, JSON or NGSI-LD forecast)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        text = head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if text.startswith("timestamp,horizon_step"):
+        return True
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    if isinstance(doc, dict):
+        return "forecasts" in doc and "issued_after" in doc
+    return (isinstance(doc, list) and bool(doc) and all(
+        isinstance(e, dict) and str(e.get("id", "")).startswith("urn:ngsi-ld:TrafficFlowObserved:fedldt-forecast:")
+        for e in doc))
+
+
 def _predict(args: argparse.Namespace) -> int:
     from fedldt.deploy.observations import InputError, load_json, read_csv_table
     from fedldt.deploy.schemas import ForecastRequest, answer, forecast_ngsi
@@ -142,9 +192,8 @@ def _predict(args: argparse.Namespace) -> int:
     suffix = args.input.suffix.lower()
     if suffix not in (".csv", ".json", ".jsonld"):
         raise InputError(f"{args.input}: unknown input type {suffix!r}; use a .csv or .json/.jsonld file")
-    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
-        raise InputError(f"--output {args.output}: " + ("is a folder; name a file" if args.output.is_dir() else
-                         f"folder {args.output.parent} does not exist; create it first"))
+    if args.output is not None:
+        check_output_file(args.output, args.force)
     pkg = _load_package(args.package, verify_key=args.verify_key)
     fmt = args.format or SUFFIX_FORMATS.get(args.output.suffix.lower() if args.output else "")
     if suffix == ".csv":
@@ -170,7 +219,10 @@ def _predict(args: argparse.Namespace) -> int:
         text = json.dumps(body, indent=1, allow_nan=False) + "\n"
     if args.output:
         try:
-            args.output.write_text(text)
+            check_output_file(args.output, args.force)  # again: the file may have appeared meanwhile
+            tmp = args.output.with_name(f".{args.output.name}.fedldt-tmp")
+            tmp.write_text(text)
+            tmp.replace(args.output)
         except OSError as e:
             raise InputError(f"cannot write --output {args.output}: {e.strerror}") from None
     else:

@@ -62,11 +62,60 @@ def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, An
     return out
 
 
+#: The files :func:`write_run_outputs` writes into a run folder.
+RUN_FILES = ("summary.json", "history.csv", "model.pt", "resolved_config.yaml")
+
+
+def _written_by_fedldt(path: Path) -> bool:
+    """Whether ``path`` (one of :data:`RUN_FILES`) is a regular file that fedldt wrote: a summary
+    with ``fedldt_version``, a history starting ``round,territory``, a config with ``dataset`` and
+    ``task``, a checkpoint (loaded tensors-only) with ``model_config`` and ``state_dict`` (or
+    ``state_dicts``, one per territory, in local mode)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.name == "model.pt":
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return isinstance(ckpt, dict) and "model_config" in ckpt and bool({"state_dict", "state_dicts"} & set(ckpt))
+        text = path.read_text(encoding="utf-8")
+        if path.name == "summary.json":
+            doc = json.loads(text)
+            return isinstance(doc, dict) and "fedldt_version" in doc
+        if path.name == "history.csv":
+            return text.startswith("round,territory")
+        doc = yaml.safe_load(text)
+        return isinstance(doc, dict) and {"dataset", "task"} <= set(doc)
+    except Exception:  # unreadable, not UTF-8, not JSON/YAML, a pickle needing code: not ours
+        return False
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuse a results folder where writing a run's results would overwrite files fedldt did not
+    write: each of :data:`RUN_FILES` must be absent or a result of an earlier fedldt run (which
+    a new run with the same ``hydra.run.dir`` replaces). Called before a run starts and again
+    before the results are written.
+
+    Raises:
+        FileExistsError: names the file and the fix (another ``hydra.run.dir``).
+    """
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        path = run_dir / name
+        if (path.exists() or path.is_symlink()) and not _written_by_fedldt(path):
+            raise FileExistsError(f"{path} exists and was not written by fedldt; refusing to overwrite it: "
+                                  "choose another results folder (hydra.run.dir=...)")
+
+
 def write_run_outputs(run_dir: Path, cfg: dict[str, Any], summary: dict[str, Any], history: list[dict[str, Any]],
                       checkpoint: dict[str, Any]) -> None:
     """Write ``summary.json``, ``history.csv`` (one row per round and territory), ``model.pt``
-    (state dict + model config) and ``resolved_config.yaml`` into ``run_dir``."""
+    (state dict + model config) and ``resolved_config.yaml`` into ``run_dir``.
+
+    Raises:
+        FileExistsError: one of them exists and was not written by fedldt (:func:`check_run_dir`).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(run_dir)
     summary = {**summary, "fedldt_version": fedldt.__version__}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     frame = pd.DataFrame(history)

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from fedldt.baselines import MODES, run_centralized, run_local
 from fedldt.config import num_territories
+from fedldt.results import check_run_dir
 
 
 def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path, mode: str | None = None) -> dict[str, Any]:
@@ -21,10 +22,12 @@ def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path,
 
     Raises:
         ValueError: unknown mode (``mode`` named).
+        FileExistsError: ``run_dir`` holds a result file fedldt did not write.
         fedldt.federation.launch.RunFailed: the federated run failed.
     """
     mode = mode or cfg["mode"]
     run_dir = Path(run_dir).resolve()
+    check_run_dir(run_dir)  # before any training: never overwrite what fedldt did not write
     if mode == "federated":
         from fedldt.federation.launch import run_simulation  # Flower only where it is needed
 

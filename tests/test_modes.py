@@ -86,3 +86,30 @@ def test_charged_pilot_scales_all_zero_sites_without_nan(data_root):
         assert np.isfinite(t.scaler.std).all() and (t.scaler.std > 0).all()
     s = tasks[0].persistence("test")
     assert int(s.num_valid[0]) == tasks[0].num_windows("test") * (47 - 12)  # all-zero sites excluded
+
+
+def test_a_run_never_overwrites_result_files_fedldt_did_not_write(synthetic_dir, tmp_path):
+    from fedldt.results import check_run_dir
+    from fedldt.runner import run_mode
+
+    cfg = _cfg(synthetic_dir, "train.rounds=1")
+    run_dir = tmp_path / "run"
+    run_mode(cfg, [], run_dir, mode="local")
+    first = json.loads((run_dir / "summary.json").read_text())
+    run_mode(cfg, [], run_dir, mode="local")  # fedldt's own results of an earlier run are replaced
+    assert json.loads((run_dir / "summary.json").read_text())["test"] == first["test"]
+
+    for name, foreign in [("summary.json", b'{"my": "notes"}\n'), ("history.csv", b"date,count\n"),
+                          ("resolved_config.yaml", b"title: my paper\n"), ("model.pt", b"\x80\x04not a checkpoint")]:
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_bytes(foreign)
+        with pytest.raises(FileExistsError, match=rf"{mine / name} exists and was not written by fedldt; refusing "
+                                                   r"to overwrite it: choose another results folder"):
+            run_mode(cfg, [], mine, mode="local")
+        assert (mine / name).read_bytes() == foreign and sorted(p.name for p in mine.iterdir()) == [name]
+    link_dir = tmp_path / "linked"
+    link_dir.mkdir()
+    (link_dir / "summary.json").symlink_to(run_dir / "summary.json")  # fedldt's file, but behind a link
+    with pytest.raises(FileExistsError):
+        check_run_dir(link_dir)

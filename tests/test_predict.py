@@ -326,3 +326,33 @@ def test_csv_with_byte_order_mark_gives_the_same_forecast(pkg, in_run, tmp_path)
         assert main(["predict", str(pkg.root), "--input", str(tmp_path / f"{name}.csv"),
                      "--output", str(tmp_path / f"{name}-fc.json")]) == 0
     assert (tmp_path / "plain-fc.json").read_bytes() == (tmp_path / "bom-fc.json").read_bytes()
+
+
+# ------------------------------------------------------------------ never overwrite what fedldt did not write
+
+@pytest.mark.parametrize("fmt,suffix", [("csv", ".csv"), ("json", ".json"), ("ngsi-ld", ".jsonld")])
+def test_output_replaces_only_a_forecast_fedldt_wrote(fmt, suffix, package_dir, in_run, tmp_path, capsys):
+    src = write_csv(observations(in_run.task, step_of(in_run.task, "2012-03-07 08:00"), 12), tmp_path / "obs.csv")
+    out = tmp_path / f"fc{suffix}"
+    args = ["predict", str(package_dir), "--input", str(src), "--format", fmt, "--output", str(out)]
+    assert main(args) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 1  # an existing file is never replaced silently
+    assert capsys.readouterr().err == (f"fedldt predict: error: --output {out}: exists; choose a new file, or add "
+                                       "--force to replace a forecast fedldt predict wrote\n")
+    out.write_bytes(first[:-1] + b" ")  # still a forecast: replaced with --force
+    assert main(args + ["--force"]) == 0 and out.read_bytes() == first
+
+    notes = tmp_path / f"notes{suffix}"
+    notes.write_text('{"forecasts": "mine"}\n' if suffix != ".csv" else "timestamp,value\n2012-03-07,1\n")
+    before = notes.read_bytes()
+    assert main(args[:-1] + [str(notes), "--force"]) == 1
+    assert capsys.readouterr().err.endswith(f"--output {notes}: exists and is not a forecast fedldt predict wrote; "
+                                            "refusing to replace it\n")
+    assert notes.read_bytes() == before
+
+    link = tmp_path / f"link{suffix}"
+    link.symlink_to(out)
+    assert main(args[:-1] + [str(link), "--force"]) == 1 and out.read_bytes() == first
+    assert "is a symbolic link" in capsys.readouterr().err

@@ -47,6 +47,7 @@ import psutil
 from fedldt.federation.certs import ServerPKI, make_server_pki, make_territory_key
 from fedldt.federation.launch import (RunFailed, _bin, flwr_env, flwr_json, free_port, processes_with_home, run_flwr_app,
                                       stop_all, stop_process, wait_http)
+from fedldt.results import check_run_dir
 
 #: Name of the CLI connection (in the private ``FLWR_HOME/config.toml``).
 CONNECTION = "fedldt-local"
@@ -361,6 +362,7 @@ class LocalFederation:
         """
         run_dir = self.run_dir if run_dir is None else Path(run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_dir(run_dir)  # before the run: never overwrite what fedldt did not write
         ov = json.dumps([o for o in overrides if not o.startswith("hydra.")])
         run_flwr_app(CONNECTION, self._cli_env, self._require_work(), {"hydra-overrides": ov, "run-dir": str(run_dir)},
                      None, self.logs / "server.log", timeout_s=timeout_s)
