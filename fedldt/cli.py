@@ -2,7 +2,7 @@
 
     fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--no-onnx] [--force]
                   [--sign-key KEY]
-    fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing]
+    fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing] [--force]
                    [--verify-key KEY.pub] [--invalid error|mask]
     fedldt serve PACKAGE_DIR [--host 127.0.0.1] [--port 8000] [--engine torch|onnx] [--verify-key KEY.pub]
                  [--invalid error|mask] [--allowed-hosts H,H] [--max-body-bytes N] [--max-sensors N] [--max-steps N]
