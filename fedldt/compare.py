@@ -8,7 +8,6 @@ historical-average forecasts on the same test windows, and writes ``comparison.j
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +21,11 @@ import torch  # noqa: E402
 
 from fedldt.baselines import MODES, build_tasks  # noqa: E402
 from fedldt.models import build_model  # noqa: E402
+from fedldt.results import check_publish_dir, publish  # noqa: E402
 from fedldt.runner import run_mode  # noqa: E402
+
+#: The files a comparison writes (and publishes).
+ARTIFACTS = ("comparison.json", "comparison.md", "validation_mae_per_round.png", "forecast_vs_truth.png")
 
 METHODS = (*MODES, "persistence", "historical_average")
 #: Relative MAE change (federated vs. local) below which a territory is not said to gain or lose.
@@ -114,7 +117,7 @@ def plot_validation(run_dirs: dict[str, Path], out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
-    path = out / "validation_mae_per_round.png"
+    path = out / ARTIFACTS[2]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -157,7 +160,7 @@ def plot_forecasts(cfg: dict[str, Any], run_dirs: dict[str, Path], out: Path, se
             ax.set_ylabel(task.dataset.units[0])
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = out / "forecast_vs_truth.png"
+    path = out / ARTIFACTS[3]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -171,12 +174,15 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
         cfg: resolved config (its ``seed`` is used by every mode).
         overrides: Hydra overrides that made ``cfg`` (for the federated run).
         out_dir: folder for the runs and the artifacts.
-        publish_dir: if set, the artifacts (not the runs) are also copied there.
+        publish_dir: if set, the artifacts (not the runs) are also copied there (see
+            :func:`fedldt.results.publish`: nothing fedldt did not publish there is replaced).
 
     Returns:
         The ``comparison.json`` content.
     """
     out = Path(out_dir).resolve()
+    if publish_dir:  # before hours of training, not after
+        check_publish_dir(publish_dir, ARTIFACTS)
     out.mkdir(parents=True, exist_ok=True)
     run_dirs = {m: out / m for m in MODES}
     summaries = {}
@@ -184,14 +190,11 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
         print(f"[fedldt] === mode {m} ===", flush=True)
         summaries[m] = run_mode(cfg, overrides, run_dirs[m], mode=m)
     cmp = comparison_json(summaries)
-    artifacts = [out / "comparison.json", out / "comparison.md"]
+    artifacts = [out / ARTIFACTS[0], out / ARTIFACTS[1]]
     artifacts[0].write_text(json.dumps(cmp, indent=2, allow_nan=False) + "\n")
     artifacts[1].write_text(comparison_markdown(cmp, summaries, cfg["name"]))
     artifacts.append(plot_validation(run_dirs, out))
     artifacts.append(plot_forecasts(cfg, run_dirs, out))
     if publish_dir:
-        pub = Path(publish_dir)
-        pub.mkdir(parents=True, exist_ok=True)
-        for a in artifacts:
-            shutil.copy2(a, pub / a.name)
+        publish(artifacts, publish_dir)
     return cmp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
@@ -144,3 +144,58 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+#: Record, in a publish folder, of the files fedldt published there and their sha256.
+PUBLISHED = ".fedldt-published.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_publish_dir(publish_dir: str | Path, names: Sequence[str]) -> None:
+    """Refuse to publish into ``publish_dir`` where it would replace a file fedldt did not publish.
+
+    A file named in ``names`` may be replaced only if the folder's ``.fedldt-published.json``
+    lists it with the sha256 it still has (fedldt published it, and nobody changed it since).
+    Call before a long run; :func:`publish` checks again.
+
+    Raises:
+        FileExistsError: names the file and the fix.
+    """
+    pub = Path(publish_dir)
+    record_file = pub / PUBLISHED
+    record: dict[str, str] = {}
+    if record_file.is_file() and not record_file.is_symlink():
+        try:
+            loaded = json.loads(record_file.read_text(encoding="utf-8"))
+            record = loaded if isinstance(loaded, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            record = {}
+    for name in names:
+        target = pub / name
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if target.is_symlink() or not target.is_file() or record.get(name) != _sha256(target):
+            raise FileExistsError(f"{target} exists and is not a file fedldt published there (or it changed since); "
+                                  "refusing to overwrite it: choose another publish folder or move the file away")
+
+
+def publish(artifacts: Sequence[Path], publish_dir: str | Path) -> None:
+    """Copy ``artifacts`` into ``publish_dir`` (created) after :func:`check_publish_dir`, and record
+    their sha256 in its ``.fedldt-published.json``."""
+    import shutil
+
+    pub = Path(publish_dir)
+    pub.mkdir(parents=True, exist_ok=True)
+    check_publish_dir(pub, [a.name for a in artifacts])
+    record_file = pub / PUBLISHED
+    record = json.loads(record_file.read_text()) if record_file.is_file() and not record_file.is_symlink() else {}
+    record = record if isinstance(record, dict) else {}
+    for a in artifacts:
+        shutil.copyfile(a, pub / a.name)
+        record[a.name] = _sha256(pub / a.name)
+    record_file.write_text(json.dumps(dict(sorted(record.items())), indent=1) + "\n")

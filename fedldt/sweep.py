@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from fedldt.config import compose_config, resolve_config
+from fedldt.results import check_publish_dir, publish
 from fedldt.runner import run_mode
 
 ARTIFACTS = ("models_strategies.json", "models_strategies.md")
@@ -71,7 +71,8 @@ def run_sweep(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str | Path
         overrides: the Hydra overrides that made ``cfg``; each run adds ``model=``,
             ``strategy=`` and ``personalization=`` to them.
         out_dir: folder for the runs (``<model>-<strategy>[-<personalization>]/``) and artifacts.
-        publish_dir: if set, the artifacts are also copied there after each run.
+        publish_dir: if set, the artifacts are also copied there after each run (see
+            :func:`fedldt.results.publish`: nothing fedldt did not publish there is replaced).
 
     Returns:
         The ``models_strategies.json`` rows.
@@ -82,6 +83,8 @@ def run_sweep(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str | Path
         fedldt.federation.launch.RunFailed: a run failed (the rows so far are written).
     """
     out = Path(out_dir).resolve()
+    if publish_dir:  # before the first run, not after
+        check_publish_dir(publish_dir, ARTIFACTS)
     out.mkdir(parents=True, exist_ok=True)
     base = base_overrides(overrides)
     combos = sweep_combinations(cfg["sweep"])
@@ -138,7 +141,4 @@ def write_artifacts(rows: list[dict[str, Any]], cfg: dict[str, Any], out: Path, 
     (out / ARTIFACTS[0]).write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
     (out / ARTIFACTS[1]).write_text(sweep_markdown(rows, cfg))
     if publish_dir:
-        pub = Path(publish_dir)
-        pub.mkdir(parents=True, exist_ok=True)
-        for a in ARTIFACTS:
-            shutil.copy2(out / a, pub / a)
+        publish([out / a for a in ARTIFACTS], publish_dir)

@@ -113,3 +113,31 @@ def test_a_run_never_overwrites_result_files_fedldt_did_not_write(synthetic_dir,
     (link_dir / "summary.json").symlink_to(run_dir / "summary.json")  # fedldt's file, but behind a link
     with pytest.raises(FileExistsError):
         check_run_dir(link_dir)
+
+
+def test_publishing_replaces_only_what_fedldt_published(tmp_path):
+    from fedldt.results import PUBLISHED, check_publish_dir, publish
+
+    out, pub = tmp_path / "out", tmp_path / "pub"
+    out.mkdir()
+    (out / "comparison.md").write_text("v1\n")
+    publish([out / "comparison.md"], pub)
+    assert (pub / "comparison.md").read_text() == "v1\n"
+    import hashlib
+
+    assert json.loads((pub / PUBLISHED).read_text()) == {"comparison.md": hashlib.sha256(b"v1\n").hexdigest()}
+    (out / "comparison.md").write_text("v2\n")
+    publish([out / "comparison.md"], pub)  # unchanged since fedldt published it: replaced
+    assert (pub / "comparison.md").read_text() == "v2\n"
+
+    (pub / "comparison.md").write_text("my edits\n")  # changed by a person since: kept
+    with pytest.raises(FileExistsError, match=r"comparison.md exists and is not a file fedldt published there \(or it "
+                                              r"changed since\); refusing to overwrite it"):
+        publish([out / "comparison.md"], pub)
+    assert (pub / "comparison.md").read_text() == "my edits\n"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "comparison.md").write_text("notes\n")  # a folder fedldt never published to
+    with pytest.raises(FileExistsError):
+        check_publish_dir(tmp_path / "mine", ["comparison.md", "comparison.json"])
+    assert (tmp_path / "mine" / "comparison.md").read_text() == "notes\n"
+    check_publish_dir(tmp_path / "mine", ["comparison.json"])  # absent files are fine
