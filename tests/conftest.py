@@ -145,3 +145,13 @@ def los_loop_3_simulation(los_loop_run) -> tuple[Path, SimulatedRun]:
     """``(results folder, the run)`` of the session's los_loop_3 simulation (``los_loop_run``),
     for the deployment test to compare against."""
     return los_loop_run.path, los_loop_run
+
+
+@pytest.fixture(scope="session")
+def body(in_run) -> dict:
+    """A valid ``POST /forecast`` body: the 12 steps before 2012-03-07 08:00 of every sensor of the
+    packaged territory, in the JSON table form."""
+    ds = in_run.task.dataset
+    end = int(ds.timestamps.get_loc(pd.Timestamp("2012-03-07 08:00")))
+    return {"timestamps": [t.isoformat() for t in ds.timestamps[end - 12:end]],
+            "sensors": {s: ds.values[end - 12:end, j, 0].astype(float).tolist() for j, s in enumerate(ds.node_ids)}}

@@ -46,15 +46,6 @@ def all_finite(obj) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def body(in_run) -> dict:
-    """The 12 steps before 2012-03-07 08:00 of every sensor, in the JSON table form (valid)."""
-    ds = in_run.task.dataset
-    end = int(ds.timestamps.get_loc(pd.Timestamp("2012-03-07 08:00")))
-    return {"timestamps": [t.isoformat() for t in ds.timestamps[end - 12:end]],
-            "sensors": {s: ds.values[end - 12:end, j, 0].astype(float).tolist() for j, s in enumerate(ds.node_ids)}}
-
-
 @st.composite
 def hostile(draw, base: dict) -> dict:
     """A valid body with up to 6 cells replaced, maybe a sensor renamed or dropped, and random flags."""

@@ -29,15 +29,6 @@ def client(package_dir):
         yield c
 
 
-@pytest.fixture(scope="module")
-def body(in_run) -> dict:
-    """The 12 steps before 2012-03-07 08:00 of every sensor, in the JSON table form."""
-    ds = in_run.task.dataset
-    end = int(ds.timestamps.get_loc(pd.Timestamp("2012-03-07 08:00")))
-    return {"timestamps": [t.isoformat() for t in ds.timestamps[end - 12:end]],
-            "sensors": {s: ds.values[end - 12:end, j, 0].astype(float).tolist() for j, s in enumerate(ds.node_ids)}}
-
-
 def cli_predict(package_dir: Path, body, tmp_path: Path, suffix=".json", *extra) -> object:
     (tmp_path / f"in{suffix}").write_text(json.dumps(body))
     assert main(["predict", str(package_dir), "--input", str(tmp_path / f"in{suffix}"),
