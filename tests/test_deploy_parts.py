@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 
 from clients.client_app import app
 from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
-from fedldt.federation import client as territory
-from fedldt.federation.audit import EGRESS_LOG, egress_log_path
-from fedldt.federation.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
-from fedldt.federation.deploy import node_config_arg
-from fedldt.federation.server import min_train_territories
-from fedldt.federation.strategy import FedLDTAvg, FederationError
+from clients import territory
+from clients.audit import EGRESS_LOG, egress_log_path
+from fedldt.launch.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
+from fedldt.launch.loopback import node_config_arg
+from server.rounds import min_train_territories
+from server.strategy import FedLDTAvg, FederationError
 from fedldt.metrics import SUM_KEYS
 from tests.conftest import write_los_loop_like
 
@@ -290,7 +290,7 @@ def test_egress_log_default_is_under_the_checkout_outputs():
 def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_superlink(tmp_path):
     from starlette.testclient import TestClient
 
-    from fedldt.federation.gateway import ALLOWED, FLEET_CALLS, create_app, parse_address
+    from fedldt.launch.gateway import ALLOWED, FLEET_CALLS, create_app, parse_address
 
     pki = make_server_pki(tmp_path / "pki")
     port = 9  # discard port: nothing listens, so a forwarded call can only fail with 502
@@ -319,7 +319,7 @@ def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_super
 
 
 def test_interruptible_turns_a_failed_run_into_exit_1_with_its_reason(capsys):
-    from fedldt.federation.launch import RunFailed, interruptible
+    from fedldt.launch.simulation import RunFailed, interruptible
 
     with pytest.raises(SystemExit) as exit_info:
         with interruptible():
