@@ -31,8 +31,8 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedldt.metrics import MetricSums, pool, report
-from fedldt.strategy_options import strategy_arguments
 from fedldt.results import NOT_AVAILABLE
+from fedldt.strategy_options import strategy_arguments
 
 #: Weight of a territory's parameters in the average: its number of training windows.
 WEIGHT_KEY = "num-examples"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
+from clients import territory
 from clients.client_app import app
 from fedldt.config import compose_config, resolve_config
-from clients import territory
 from fedldt.metrics import SUM_KEYS
 from fedldt.models import build_model
 

@@ -28,10 +28,10 @@ import torch
 import yaml
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from fedldt.config import checkout_root, load_territories
 from clients.audit import EGRESS_LOG, ERRORS_LOG
-from fedldt.launch.certs import make_territory_key
 from clients.territory import SCALAR_METRICS
+from fedldt.config import checkout_root, load_territories
+from fedldt.launch.certs import make_territory_key
 from fedldt.launch.loopback import LocalFederation
 from fedldt.launch.simulation import RunFailed, flwr_env, free_port, processes_with_home
 from fedldt.metrics import SUM_KEYS

@@ -19,9 +19,9 @@ import torch
 from fedldt.cli import main
 from fedldt.data.windows import collate
 from fedldt.delivery import ForecastPackage, InputError, PackageError
+from fedldt.delivery import signing
 from fedldt.delivery.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
 from fedldt.delivery.onnx_export import run_onnx
-from fedldt.delivery import signing
 from fedldt.delivery.package import check_package, graph_hash
 from fedldt.launch.simulation import free_port
 from tests.conftest import LOS_LOOP_TZ, PACKAGED_TERRITORY
