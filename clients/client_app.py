@@ -1,4 +1,4 @@
-"""fedldt ClientApp: one territory. Unpacks Flower messages, calls :mod:`fedldt.federation.client`,
+"""fedldt ClientApp: one territory. Unpacks Flower messages, calls :mod:`clients.territory`,
 packs the reply. The same app serves simulation and deployment; everything territory-specific
 comes from the SuperNode's node config (see ``docs/deploy.md``):
 
@@ -8,8 +8,8 @@ comes from the SuperNode's node config (see ``docs/deploy.md``):
 * ``fail-in-round``: TEST ONLY, makes training raise in that round.
 
 The run config arrives as JSON in every message. Every reply passes the egress mod of the
-territory's installed fedldt (:func:`fedldt.federation.audit.egress_audit_mod`): it is checked
-against the allow-lists of :mod:`fedldt.federation.egress` (refused if it carries anything else),
+territory's installed fedldt (:func:`clients.audit.egress_audit_mod`): it is checked
+against the allow-lists of :mod:`fedldt.egress` (refused if it carries anything else),
 logged, and an exception becomes an error reply with its type and a code only (the text stays in
 the territory's ``errors.log``). See ``docs/egress.md``.
 The territory's local entries (node embeddings, integer buffers, personalized layers) stay in
@@ -23,9 +23,9 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedldt.federation import client as territory
-from fedldt.federation.audit import egress_audit_mod
-from fedldt.federation.egress import CONFIG_KEY
+from clients import territory
+from clients.audit import egress_audit_mod
+from fedldt.egress import CONFIG_KEY
 
 app = ClientApp(mods=[egress_audit_mod])
 LOCAL_KEY = "fedldt-local"  # context.state array record of this territory's local entries

@@ -8,6 +8,7 @@
                  [--invalid error|mask] [--allowed-hosts H,H] [--max-body-bytes N] [--max-sensors N] [--max-steps N]
     fedldt keygen --out KEY
     fedldt gateway --listen HOST:PORT --superlink 127.0.0.1:PORT --ca CA --cert CERT --key KEY  (docs/deploy.md)
+    fedldt certs ca --out DIR [--san ADDR ...] [--days N] [--force]  |  fedldt certs territory-key --out KEY [--force]
 
 Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
 names the file, field or sensor and the fix), 2 for command-line usage errors. See
@@ -101,14 +102,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "OUT.pub; never overwrites a file.")
     k.add_argument("--out", required=True, type=Path, help="private key file to create; the public key goes to OUT.pub")
 
-    from fedldt.federation import gateway  # the coordinator's Fleet-only gateway (docs/deploy.md)
+    from fedldt.launch import certs, gateway  # the coordinator's gateway and certificates (docs/deploy.md)
+    certs.add_arguments(sub.add_parser("certs", help="the federation's CA, SuperLink certificate and territory keys",
+                                       description=certs.__doc__.split("\n\n")[0]))
     gateway.add_arguments(sub.add_parser("gateway", help="Fleet-only TLS gateway in front of a loopback SuperLink",
                                          description=gateway.__doc__.split("\n\n")[0]))
     return p
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedldt.deploy.export import export_package
+    from fedldt.delivery.export import export_package
 
     pkg = export_package(args.run_dir, args.territory, args.out, dataset_path=args.dataset_path,
                          timezone=args.timezone, onnx=not args.no_onnx, overwrite=args.force,
@@ -125,9 +128,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _load_package(path: Path, **options):
     """``ForecastPackage.load(path, **options)``; any failure to load it is a PackageError naming the folder."""
-    from fedldt.deploy.package import ForecastPackage, PackageError
+    from fedldt.delivery.package import ForecastPackage, PackageError
 
-    from fedldt.deploy.signing import SignatureError
+    from fedldt.delivery.signing import SignatureError
 
     try:
         return ForecastPackage.load(path, **options)
@@ -147,7 +150,7 @@ def check_output_file(path: Path, force: bool) -> None:
     Raises:
         InputError: names the path and the fix.
     """
-    from fedldt.deploy.observations import InputError
+    from fedldt.delivery.observations import InputError
 
     if path.is_symlink():
         raise InputError(f"--output {path}: is a symbolic link; name a plain file")
@@ -186,8 +189,8 @@ def _is_forecast_output(path: Path) -> bool:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from fedldt.deploy.observations import InputError, load_json, read_csv_table
-    from fedldt.deploy.schemas import ForecastRequest, answer, forecast_ngsi
+    from fedldt.delivery.observations import InputError, load_json, read_csv_table
+    from fedldt.delivery.schemas import ForecastRequest, answer, forecast_ngsi
 
     suffix = args.input.suffix.lower()
     if suffix not in (".csv", ".json", ".jsonld"):
@@ -242,10 +245,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from fedldt.deploy.observations import InputError
-    from fedldt.deploy.package import PackageError
-    from fedldt.deploy.schemas import RequestLimits
-    from fedldt.deploy.service import create_app
+    from fedldt.delivery.observations import InputError
+    from fedldt.delivery.package import PackageError
+    from fedldt.delivery.schemas import RequestLimits
+    from fedldt.delivery.service import create_app
 
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     pkg = _load_package(args.package, verify_key=args.verify_key)
@@ -266,7 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from fedldt.deploy.signing import fingerprint, generate_keypair, load_public_key
+    from fedldt.delivery.signing import fingerprint, generate_keypair, load_public_key
 
     private, public = generate_keypair(args.out)
     print(f"private key {private} (mode 0600: keep it with whoever exports packages)")
@@ -277,15 +280,18 @@ def _keygen(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedldt`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    from fedldt.deploy.export import ExportError
-    from fedldt.deploy.observations import InputError
-    from fedldt.deploy.package import PackageError
-    from fedldt.deploy.signing import SignatureError
+    from fedldt.delivery.export import ExportError
+    from fedldt.delivery.observations import InputError
+    from fedldt.delivery.package import PackageError
+    from fedldt.delivery.signing import SignatureError
 
     try:
         if args.command == "gateway":
-            from fedldt.federation.gateway import run as _gateway
+            from fedldt.launch.gateway import run as _gateway
             return _gateway(args)
+        if args.command == "certs":
+            from fedldt.launch.certs import run as _certs
+            return _certs(args)
         return {"export": _export, "predict": _predict, "serve": _serve, "keygen": _keygen}[args.command](args)
     except (ExportError, InputError, PackageError, SignatureError) as e:
         print(f"fedldt {args.command}: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedldt.data import as_given, load_charged_cities, load_los_loop, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
+from fedldt.strategy_options import strategy_arguments
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -120,7 +121,6 @@ def _validate(cfg: dict[str, Any]) -> None:
         raise ValueError(f"train.local_epochs={tr['local_epochs']} must be >= 1")
     if float(tr["lr"]) <= 0:
         raise ValueError(f"train.lr={tr['lr']} must be > 0")
-    from fedldt.federation.strategy import strategy_arguments  # Flower's classes name the options
     from fedldt.models import PERSONALIZATIONS, build_model, local_state_names
 
     registered_call(cfg["dataset"], DATASET_LOADERS, "dataset")  # the loaders are checked before any run starts

@@ -23,13 +23,13 @@ def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path,
     Raises:
         ValueError: unknown mode (``mode`` named).
         FileExistsError: ``run_dir`` holds a result file fedldt did not write.
-        fedldt.federation.launch.RunFailed: the federated run failed.
+        fedldt.launch.simulation.RunFailed: the federated run failed.
     """
     mode = mode or cfg["mode"]
     run_dir = Path(run_dir).resolve()
     check_run_dir(run_dir)  # before any training: never overwrite what fedldt did not write
     if mode == "federated":
-        from fedldt.federation.launch import run_simulation  # Flower only where it is needed
+        from fedldt.launch.simulation import run_simulation  # Flower only where it is needed
 
         ov = [o for o in overrides if not o.startswith("mode=")] + ["mode=federated"]
         return run_simulation(ov, run_dir, num_territories(cfg), client_cpus=int(cfg["federation"]["client_cpus"]))

@@ -80,7 +80,7 @@ def run_sweep(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str | Path
     Raises:
         ValueError: see :func:`base_overrides` and :func:`sweep_combinations`; a combination
             whose config is invalid (e.g. ``personalization=fedbn`` with ``dcrnn``), before any run.
-        fedldt.federation.launch.RunFailed: a run failed (the rows so far are written).
+        fedldt.launch.simulation.RunFailed: a run failed (the rows so far are written).
     """
     out = Path(out_dir).resolve()
     if publish_dir:  # before the first run, not after

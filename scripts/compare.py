@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from fedldt.compare import run_comparison
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
-from fedldt.federation.launch import interruptible
+from fedldt.launch.simulation import interruptible
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)

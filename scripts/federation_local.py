@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, num_territories, resolve_config
-from fedldt.federation.deploy import LocalFederation
-from fedldt.federation.launch import interruptible
+from fedldt.launch.loopback import LocalFederation
+from fedldt.launch.simulation import interruptible
 from fedldt.results import summary_table
 
 

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, resolve_config
-from fedldt.federation.launch import interruptible
+from fedldt.launch.simulation import interruptible
 from fedldt.results import summary_table
 from fedldt.runner import run_mode
 

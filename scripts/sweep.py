@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
-from fedldt.federation.launch import interruptible
+from fedldt.launch.simulation import interruptible
 from fedldt.sweep import ARTIFACTS, run_sweep
 
 

@@ -1,4 +1,4 @@
-"""fedldt ServerApp: composes the pilot config and runs :func:`fedldt.federation.server.run_federated`.
+"""fedldt ServerApp: composes the pilot config and runs :func:`server.rounds.run_federated`.
 
 Run config keys (``pyproject.toml`` ``[tool.flwr.app.config]``, override with ``flwr run -c``):
 ``hydra-overrides`` (a JSON list or space-separated Hydra overrides, e.g. ``pilot=los_loop_3``)
@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedldt.config import checkout_root, compose_config, parse_overrides, resolve_config
-from fedldt.federation.server import run_federated
+from server.rounds import run_federated
 
 app = ServerApp()
 

@@ -107,7 +107,7 @@ LOS_LOOP_TZ = "America/Los_Angeles"
 @pytest.fixture(scope="session")
 def package_dir(finished_run, tmp_path_factory) -> Path:
     """``fedldt export RUN --territory t1 --timezone America/Los_Angeles`` of the session's run."""
-    from fedldt.deploy.export import export_package
+    from fedldt.delivery.export import export_package
 
     out = tmp_path_factory.mktemp("package") / PACKAGED_TERRITORY
     export_package(finished_run, PACKAGED_TERRITORY, out, timezone=LOS_LOOP_TZ)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
+from clients import territory
 from clients.client_app import app
 from fedldt.config import compose_config, resolve_config
-from fedldt.federation import client as territory
 from fedldt.metrics import SUM_KEYS
 from fedldt.models import build_model
 
@@ -90,8 +90,8 @@ def test_missing_territory_in_node_config_is_named():
 from flwr.app import Array, Error, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from fedldt.federation.audit import EGRESS_LOG, ERRORS_LOG, egress_audit_mod  # noqa: E402
-from fedldt.federation.egress import EVALUATE_METRICS, QUERY_INFO, TRAIN_METRICS, Code  # noqa: E402
+from clients.audit import EGRESS_LOG, ERRORS_LOG, egress_audit_mod  # noqa: E402
+from fedldt.egress import EVALUATE_METRICS, QUERY_INFO, TRAIN_METRICS, Code  # noqa: E402
 
 HORIZON = 3
 GLOBAL = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.zeros(2, dtype=np.float32)}
@@ -318,7 +318,7 @@ def test_fab_ships_no_fedldt_and_its_clientapp_imports_the_installed_library(tmp
     project = install_from_fab(fab, install_dir=tmp_path / "app", skip_prompt=True)
     code = ("import json, sys; from flwr.supercore.object_ref import load_app; "
             "load_app('clients.client_app:app', ValueError, sys.argv[1]); "
-            "import clients.client_app as c, fedldt, fedldt.federation.egress as e; "
+            "import clients.client_app as c, fedldt, fedldt.egress as e; "
             "print(json.dumps([c.__file__, fedldt.__file__, e.__file__]))")
     out = subprocess.run([sys.executable, "-c", code, str(project)], capture_output=True, text=True, cwd=tmp_path,
                          timeout=120)

@@ -31,7 +31,7 @@ def test_every_config_group_is_tested():
 def test_each_group_option_instantiates(group, option, data_root):
     """Each conf/<group>/<option>.yaml composes, resolves and builds what it configures."""
     from fedldt.engine import task_from_config
-    from fedldt.federation.strategy import STRATEGIES, build_strategy
+    from server.strategy import STRATEGIES, build_strategy
     from fedldt.models import build_model, local_state_names
 
     pilot = "charged_ev_3cities" if option == "charged_ev" or option == "as_given" else "los_loop_3"

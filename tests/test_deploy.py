@@ -28,12 +28,12 @@ import torch
 import yaml
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from clients.audit import EGRESS_LOG, ERRORS_LOG
+from clients.territory import SCALAR_METRICS
 from fedldt.config import checkout_root, load_territories
-from fedldt.federation.audit import EGRESS_LOG, ERRORS_LOG
-from fedldt.federation.certs import make_territory_key
-from fedldt.federation.client import SCALAR_METRICS
-from fedldt.federation.deploy import LocalFederation
-from fedldt.federation.launch import RunFailed, flwr_env, free_port, processes_with_home
+from fedldt.launch.certs import make_territory_key
+from fedldt.launch.loopback import LocalFederation
+from fedldt.launch.simulation import RunFailed, flwr_env, free_port, processes_with_home
 from fedldt.metrics import SUM_KEYS
 from fedldt.results import REFERENCES
 from tests.conftest import write_los_loop_like
@@ -108,7 +108,7 @@ def test_deployment_used_tls_authentication_and_own_node_config(deployed):
     assert "--insecure" not in link and link[link.index("--host") + 1] == "127.0.0.1"
     link_port = link[link.index("--port") + 1]
     gw = by_name["gateway"]["args"]  # territories dial the Fleet-only gateway, which forwards to the SuperLink
-    assert gw[1:3] == ["-m", "fedldt.federation.gateway"] and gw[gw.index("--superlink") + 1] == f"127.0.0.1:{link_port}"
+    assert gw[1:3] == ["-m", "fedldt.launch.gateway"] and gw[gw.index("--superlink") + 1] == f"127.0.0.1:{link_port}"
     gw_addr = gw[gw.index("--listen") + 1]
     assert gw_addr != f"127.0.0.1:{link_port}"
     ports = set()
@@ -171,7 +171,7 @@ def _alive_flower(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
         return p.status() != psutil.STATUS_ZOMBIE and any(
-            w in " ".join(p.cmdline()) for w in ("flower-", "flwr", "fedldt.federation.gateway"))
+            w in " ".join(p.cmdline()) for w in ("flower-", "flwr", "fedldt.launch.gateway"))
     except psutil.Error:
         return False
 
@@ -270,7 +270,7 @@ def test_ctrl_c_or_sigterm_mid_run_stops_every_process(tmp_path, sig):
 def test_sigterm_stops_a_simulation_and_every_process_it_started(tmp_path):
     """`timeout 120 python scripts/simulate.py ...` must not leave flower-superlink, flower-superexec,
     the ServerApp or Ray behind: SIGTERM goes through the same path as Ctrl-C
-    (fedldt.federation.launch.interruptible, shared by simulate, compare, sweep and federation_local)."""
+    (fedldt.launch.simulation.interruptible, shared by simulate, compare, sweep and federation_local)."""
     proc, lines, out = _start_script("simulate.py", tmp_path)
     started = psutil.Process(proc.pid).children(recursive=True)
     links = [p for p in started if "flower-superlink" in " ".join(p.cmdline())]

@@ -15,15 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
+from clients import territory
+from clients.audit import EGRESS_LOG, egress_log_path
 from clients.client_app import app
 from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
-from fedldt.federation import client as territory
-from fedldt.federation.audit import EGRESS_LOG, egress_log_path
-from fedldt.federation.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
-from fedldt.federation.deploy import node_config_arg
-from fedldt.federation.server import min_train_territories
-from fedldt.federation.strategy import FedLDTAvg, FederationError
+from fedldt.launch.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
+from fedldt.launch.loopback import node_config_arg
 from fedldt.metrics import SUM_KEYS
+from server.rounds import min_train_territories
+from server.strategy import FedLDTAvg, FederationError
 from tests.conftest import write_los_loop_like
 
 
@@ -115,6 +115,23 @@ def test_key_writers_never_replace_what_fedldt_did_not_make(tmp_path):
     with pytest.raises(SystemExit) as exc:
         certs_main(["territory-key", "--out", str(mine / "keys" / "territory-0"), "--force"])
     assert exc.value.code == 1
+
+
+def test_fedldt_certs_is_the_certificate_command(tmp_path, capsys):
+    """``fedldt certs`` (the CLI subcommand) writes keys as ``python -m fedldt.launch.certs`` does
+    and refuses what fedldt did not write with exit status 1."""
+    from fedldt.cli import main as fedldt_main
+
+    key = tmp_path / "keys" / "territory-0"
+    assert fedldt_main(["certs", "territory-key", "--out", str(key)]) == 0
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.with_suffix(".pub").exists()
+    assert capsys.readouterr().out.split() == [str(key), str(key.with_suffix(".pub"))]
+    assert fedldt_main(["certs", "ca", "--out", str(tmp_path / "pki")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pki").iterdir()) == ["ca.crt", "ca.key", "server.key", "server.pem"]
+    (tmp_path / "notes").write_text("mine\n")
+    assert fedldt_main(["certs", "territory-key", "--out", str(tmp_path / "notes"), "--force"]) == 1
+    assert "fedldt certs territory-key: error:" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "mine\n"
 
 
 def test_key_writers_refuse_symbolic_links(tmp_path):
@@ -290,7 +307,7 @@ def test_egress_log_default_is_under_the_checkout_outputs():
 def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_superlink(tmp_path):
     from starlette.testclient import TestClient
 
-    from fedldt.federation.gateway import ALLOWED, FLEET_CALLS, create_app, parse_address
+    from fedldt.launch.gateway import ALLOWED, FLEET_CALLS, create_app, parse_address
 
     pki = make_server_pki(tmp_path / "pki")
     port = 9  # discard port: nothing listens, so a forwarded call can only fail with 502
@@ -319,7 +336,7 @@ def test_gateway_refuses_everything_but_fleet_calls_without_contacting_the_super
 
 
 def test_interruptible_turns_a_failed_run_into_exit_1_with_its_reason(capsys):
-    from fedldt.federation.launch import RunFailed, interruptible
+    from fedldt.launch.simulation import RunFailed, interruptible
 
     with pytest.raises(SystemExit) as exit_info:
         with interruptible():

@@ -18,12 +18,12 @@ import torch
 
 from fedldt.cli import main
 from fedldt.data.windows import collate
-from fedldt.deploy import ForecastPackage, InputError, PackageError
-from fedldt.deploy.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
-from fedldt.deploy.onnx_export import run_onnx
-from fedldt.deploy import signing
-from fedldt.deploy.package import check_package, graph_hash
-from fedldt.federation.launch import free_port
+from fedldt.delivery import ForecastPackage, InputError, PackageError
+from fedldt.delivery import signing
+from fedldt.delivery.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
+from fedldt.delivery.onnx_export import run_onnx
+from fedldt.delivery.package import check_package, graph_hash
+from fedldt.launch.simulation import free_port
 from tests.conftest import LOS_LOOP_TZ, PACKAGED_TERRITORY
 from tests.test_package_integrity import TAMPERS, edit_manifest
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fedldt.federation.audit import egress_log_path
-from fedldt.federation.launch import run_simulation
+from clients.audit import egress_log_path
+from fedldt.launch.simulation import run_simulation
 from fedldt.models import build_model
 
 pytestmark = pytest.mark.slow

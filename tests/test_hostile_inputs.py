@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedldt.cli import main
-from fedldt.deploy.service import MAX_DETAIL, create_app
+from fedldt.delivery.service import MAX_DETAIL, create_app
 
 pytestmark = pytest.mark.slow  # needs the session's real federated run
 

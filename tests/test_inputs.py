@@ -10,7 +10,7 @@ import yaml
 from fedldt.config import checkout_root
 from fedldt.data import load_los_loop
 from fedldt.data.ranges import FLOAT32_MAX, ValidRange, check_data, parse_valid_ranges
-from fedldt.deploy.observations import (
+from fedldt.delivery.observations import (
     InputError, NotANumber, cell_value, load_json, read_csv_table, select_window, table_from_columns,
 )
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from fedldt.cli import main
-from fedldt.deploy import ForecastPackage, InputError
-from fedldt.deploy.ngsi import ENTITY_TYPE, mapping_for, table_from_entities
-from fedldt.deploy.observations import select_window
+from fedldt.delivery import ForecastPackage, InputError
+from fedldt.delivery.ngsi import ENTITY_TYPE, mapping_for, table_from_entities
+from fedldt.delivery.observations import select_window
 
 SPEED = mapping_for(("speed",), ("mph",))
 KMH_PER_MPH = 1.609344

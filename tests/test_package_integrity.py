@@ -19,9 +19,9 @@ import yaml
 
 from fedldt.cli import main
 from fedldt.config import DATASET_LOADERS, PARTITIONS, compose_config, resolve_config
-from fedldt.deploy import signing
-from fedldt.deploy.export import ExportError, check_output, check_run_config, export_package
-from fedldt.deploy.package import (
+from fedldt.delivery import signing
+from fedldt.delivery.export import ExportError, check_output, check_run_config, export_package
+from fedldt.delivery.package import (
     MANIFEST, PACKAGE_FORMAT, SIGNATURE, PackageError, check_package, manifest_digest, seal_manifest, sign_package,
     write_manifest,
 )

@@ -14,8 +14,8 @@ import pytest
 
 from fedldt.cli import main
 from fedldt.data.windows import collate
-from fedldt.deploy import ForecastPackage, InputError
-from fedldt.deploy.observations import read_csv_table
+from fedldt.delivery import ForecastPackage, InputError
+from fedldt.delivery.observations import read_csv_table
 from fedldt.engine import TerritoryTask
 
 pytestmark = pytest.mark.slow  # needs the session's real federated run

@@ -16,9 +16,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from fedldt.cli import main
-from fedldt.deploy import ForecastPackage
-from fedldt.deploy.service import create_app
-from fedldt.federation.launch import free_port
+from fedldt.delivery import ForecastPackage
+from fedldt.delivery.service import create_app
+from fedldt.launch.simulation import free_port
 
 pytestmark = pytest.mark.slow  # needs the session's real federated run
 

@@ -11,13 +11,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
+from clients import territory
 from clients.client_app import LOCAL_KEY, app
 from fedldt.config import compose_config, resolve_config
-from fedldt.federation import client as territory
-from fedldt.federation.server import config_record
-from fedldt.federation.strategy import (STRATEGIES, AggregationGuardError, FederationError, build_strategy,
-                                        strategy_arguments)
 from fedldt.models import build_model, local_state_names, split_state
+from server.rounds import config_record
+from server.strategy import STRATEGIES, AggregationGuardError, FederationError, build_strategy, strategy_arguments
 from tests.conftest import write_los_loop_like
 from tests.inprocess import InProcessGrid
 
@@ -178,6 +177,20 @@ def test_strategy_options_are_checked_against_the_flower_class():
         strategy_arguments({"name": "fedsgd"})
     with pytest.raises(ValueError, match=r"has no option\(s\) \['weighted_by_key'\]"):  # fedldt sets it
         strategy_arguments({"name": "fedavg", "weighted_by_key": "x"})
+
+
+def test_flower_free_option_table_is_exactly_the_flower_constructors():
+    """fedldt/strategy_options.py lists each Flower class's options so that the config is checked
+    without Flower; it must be exactly their constructor parameters, less those fedldt sets."""
+    import inspect
+
+    from fedldt.strategy_options import FIXED, OPTIONS
+
+    assert set(OPTIONS) == set(STRATEGIES)
+    for name, cls in STRATEGIES.items():
+        base = next(c for c in cls.__mro__ if c.__module__.startswith("flwr."))  # the Flower class
+        accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - FIXED
+        assert OPTIONS[name] == (base.__name__, accepted), name
 
 
 # ------------------------------------------------------------------ real rounds, real ClientApp

@@ -9,7 +9,7 @@ Declared per channel (and per covariate) in data units::
 (the default) or ``integer`` (counts). The dataset loaders check the data against the declared
 ranges, ``fedldt export`` writes the channels' ranges into the model package (``package.json``,
 ``task.valid_range``), and ``fedldt predict``/``serve`` refuse, or mask, observations outside
-them (:mod:`fedldt.deploy.observations`). Whatever the declaration, a value is never plausible
+them (:mod:`fedldt.delivery.observations`). Whatever the declaration, a value is never plausible
 beyond float32's range (about 3.4e38): the model computes in float32.
 """
 

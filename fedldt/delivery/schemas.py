@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
-from fedldt.deploy import ngsi
-from fedldt.deploy.observations import InputError, _short, table_from_columns
-from fedldt.deploy.package import Forecast, ForecastPackage
+from fedldt.delivery import ngsi
+from fedldt.delivery.observations import InputError, _short, table_from_columns
+from fedldt.delivery.package import Forecast, ForecastPackage
 
 OutputFormat = Literal["json", "ngsi-ld"]
 #: At most this many validation problems are listed in one error message.
@@ -39,7 +39,7 @@ class RequestLimits:
 
 
 #: A sensor's values as received: numbers or null (anything else is refused, or masked, by
-#: :func:`fedldt.deploy.observations.select_window`, naming sensor and timestamp).
+#: :func:`fedldt.delivery.observations.select_window`, naming sensor and timestamp).
 SensorValues = Annotated[list[Any], WithJsonSchema({"type": "array", "items": {"type": ["number", "null"]}})]
 
 
@@ -151,7 +151,7 @@ def answer(package: ForecastPackage, request: ForecastRequest, engine: str = "to
         engine: ``"torch"`` or ``"onnx"``.
         output: overrides ``request.output``.
         invalid: ``"error"`` or ``"mask"``: what to do with implausible values (see
-            :func:`fedldt.deploy.observations.select_window`).
+            :func:`fedldt.delivery.observations.select_window`).
         limits: refuse NGSI-LD observations of more sensors or time steps.
 
     Returns:
@@ -160,7 +160,7 @@ def answer(package: ForecastPackage, request: ForecastRequest, engine: str = "to
 
     Raises:
         InputError: the observations cannot give a correct forecast (see
-            :meth:`ForecastPackage.forecast` and :func:`fedldt.deploy.ngsi.table_from_entities`).
+            :meth:`ForecastPackage.forecast` and :func:`fedldt.delivery.ngsi.table_from_entities`).
     """
     refs: dict[str, str] = {}
     if request.entities is not None:
@@ -177,6 +177,6 @@ def answer(package: ForecastPackage, request: ForecastRequest, engine: str = "to
 
 
 def forecast_ngsi(package: ForecastPackage, fc: Forecast, refs: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """A forecast as NGSI-LD entities (see :func:`fedldt.deploy.ngsi.forecast_entities`)."""
+    """A forecast as NGSI-LD entities (see :func:`fedldt.delivery.ngsi.forecast_entities`)."""
     provider = f"fedldt {package.manifest['fedldt_version']} model of territory {package.territory}, pilot {package.manifest['pilot']}"
     return ngsi.forecast_entities(fc, ngsi.mapping_for(package.channels, package.units), package.coords, refs, provider)

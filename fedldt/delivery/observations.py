@@ -4,7 +4,7 @@ A forecast needs, for every sensor of the territory, the ``window`` most recent 
 data's fixed interval. Observations arrive as a table — a :class:`pandas.DataFrame` whose index
 holds the timestamps and whose columns are sensor ids (read from a CSV file, from the JSON
 ``{"timestamps": [...], "sensors": {...}}`` form, or from NGSI-LD entities, see
-:mod:`fedldt.deploy.ngsi`) — and :func:`select_window` turns the table into the model's input
+:mod:`fedldt.delivery.ngsi`) — and :func:`select_window` turns the table into the model's input
 arrays, matching columns by sensor id (never by position) and refusing, with a message naming
 what is wrong, anything that would give a silently wrong forecast.
 """

@@ -1,11 +1,11 @@
 """A model package: one territory's trained forecaster as a self-contained folder, and forecasting with it.
 
-Layout (written by :func:`fedldt.deploy.export.export_package`)::
+Layout (written by :func:`fedldt.delivery.export.export_package`)::
 
     package.json        manifest: format, model config, task (window, horizon, interval, time zone,
                         covariates, channels, units), graph hash, ONNX info, sha256 of every other
                         file, ``field_sha256`` (one hash per field) and ``digest`` (over all of it)
-    package.sig         optional: Ed25519 signature of the digest (:mod:`fedldt.deploy.signing`)
+    package.sig         optional: Ed25519 signature of the digest (:mod:`fedldt.delivery.signing`)
     weights/global.pt   the global model's state dict (torch.save of tensors; loads with weights_only)
     weights/local.pt    optional: the territory's personalized parameters, overriding global keys
     scaler.json         the territory's z-score statistics ``mean``/``std`` ``[1, node, channel]``
@@ -37,7 +37,7 @@ import torch
 
 from fedldt.data.ranges import ValidRange, parse_valid_ranges
 from fedldt.data.windows import MaskedStandardScaler, model_inputs, time_features
-from fedldt.deploy.observations import InputError, InputWindow, _listing, select_window, wall_clock
+from fedldt.delivery.observations import InputError, InputWindow, _listing, select_window, wall_clock
 from fedldt.models import build_model
 
 #: Version 2 added ``field_sha256``, ``digest`` and complete file lists; version 1 packages are refused (re-export).
@@ -129,8 +129,8 @@ def write_manifest(root: Path, fields: dict[str, Any]) -> dict[str, Any]:
 
 def sign_package(root: Path, key: Any) -> Path:
     """Write ``package.sig``: the Ed25519 signature (``key``, an ``Ed25519PrivateKey``) of the
-    ``digest`` of ``root/package.json`` (see :mod:`fedldt.deploy.signing`). Returns its path."""
-    from fedldt.deploy import signing
+    ``digest`` of ``root/package.json`` (see :mod:`fedldt.delivery.signing`). Returns its path."""
+    from fedldt.delivery import signing
 
     digest = _read_manifest(root)[DIGEST_FIELD]
     path = root / SIGNATURE
@@ -230,7 +230,7 @@ def check_package(path: str | Path, verify_key: str | Path | None = None) -> dic
     Raises:
         PackageError: the first failed check; the message names the file or field and the fix.
     """
-    from fedldt.deploy import signing
+    from fedldt.delivery import signing
 
     root = Path(path)
     manifest = _read_manifest(root)
@@ -532,10 +532,10 @@ class ForecastPackage:
     # ------------------------------------------------------------------ forecasting
     def input_window(self, table: pd.DataFrame, allow_missing: bool = False, invalid: str = "error") -> InputWindow:
         """Check an observations table and take its ``window`` most recent steps (see
-        :func:`fedldt.deploy.observations.select_window`).
+        :func:`fedldt.delivery.observations.select_window`).
 
         Raises:
-            InputError: see :func:`~fedldt.deploy.observations.select_window`; also for a
+            InputError: see :func:`~fedldt.delivery.observations.select_window`; also for a
                 package with several channels (tables carry one value per sensor and step).
         """
         if len(self.channels) != 1:
@@ -593,7 +593,7 @@ class ForecastPackage:
             allow_missing: feed NaN values in the window as masked entries instead of refusing them.
             engine: ``"torch"`` or ``"onnx"``.
             invalid: ``"error"`` refuses implausible values, ``"mask"`` masks them (see
-                :func:`~fedldt.deploy.observations.select_window`).
+                :func:`~fedldt.delivery.observations.select_window`).
 
         Returns:
             The forecast; a sensor whose forecast cannot be made (no valid input in the window, or

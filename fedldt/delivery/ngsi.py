@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from fedldt.deploy.observations import InputError, NotANumber, _json_kind, _listing, _short, cell_value, parse_timestamps
+from fedldt.delivery.observations import InputError, NotANumber, _json_kind, _listing, _short, cell_value, parse_timestamps
 
 ENTITY_TYPE = "TrafficFlowObserved"
 SDM_CONTEXT = "https://raw.githubusercontent.com/smart-data-models/dataModel.Transportation/master/context.jsonld"
@@ -144,7 +144,7 @@ def table_from_entities(
     unit (``unitCode``, default the data model's: km/h for ``averageVehicleSpeed``); ``null``
     is a missing value. A value that is not a plausible number (text, a boolean, infinite,
     beyond float32's range) is kept unconverted, so that forecasting refuses (or masks) it
-    naming sensor and time (see :func:`fedldt.deploy.observations.select_window`).
+    naming sensor and time (see :func:`fedldt.delivery.observations.select_window`).
 
     Args:
         entities: NGSI-LD entities (dicts), compacted with the Smart Data Models context.
@@ -239,7 +239,7 @@ def forecast_entities(
     forecast of the same interval updates the same entity.
 
     Args:
-        forecast: a :class:`fedldt.deploy.package.Forecast` (single channel).
+        forecast: a :class:`fedldt.delivery.package.Forecast` (single channel).
         mapping: see :func:`mapping_for`.
         coords: sensor id -> (latitude, longitude) in degrees, written as a GeoJSON ``location``.
         refs: sensor id -> ``refRoadSegment`` URI (echoed from the input entities).

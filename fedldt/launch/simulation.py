@@ -10,7 +10,7 @@ Stopping: every script (``scripts/simulate.py``, ``compare.py``, ``sweep.py``,
 ``federation_local.py``) runs inside :func:`interruptible`, which turns SIGTERM (what
 ``timeout``, Slurm, Kubernetes and systemd send) into the same path as Ctrl-C: a
 ``KeyboardInterrupt`` raised in the main thread, so every ``finally`` here and in
-:class:`fedldt.federation.deploy.LocalFederation` stops the processes it started.
+:class:`fedldt.launch.loopback.LocalFederation` stops the processes it started.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def interruptible(note: str = "") -> Iterator[None]:
 
     Inside the block the first SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in
     the main thread, so the ``finally`` blocks of :func:`run_simulation` and
-    :class:`~fedldt.federation.deploy.LocalFederation` stop every process started; further
+    :class:`~fedldt.launch.loopback.LocalFederation` stop every process started; further
     SIGTERMs are ignored while they do. On leaving by Ctrl-C or SIGTERM it prints
     ``fedldt: interrupted by <Ctrl-C|SIGTERM>; every process started was stopped<note>`` on
     stderr and exits with status 130 (Ctrl-C) or 143 (128 + SIGTERM), as shells report. A

@@ -10,7 +10,7 @@ Reading a run folder runs no code from it: ``resolved_config.yaml`` is read with
 ``yaml.safe_load`` and may name only the dataset and partition loaders fedldt ships
 (:func:`check_run_config`); ``model.pt`` and ``local_params/*.pt`` load with
 ``torch.load(weights_only=True)``. Export never deletes or overwrites what it did not create:
-``--force`` replaces only a folder that passes :func:`fedldt.deploy.package.check_package`.
+``--force`` replaces only a folder that passes :func:`fedldt.delivery.package.check_package`.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import yaml
 import fedldt
 from fedldt.config import DATASET_LOADERS, PARTITIONS, load_territories
 from fedldt.data.windows import collate, time_features
-from fedldt.deploy import card as cards
-from fedldt.deploy.onnx_export import OPSET, FixedGraphForecaster, export_onnx, parity_error
-from fedldt.deploy import signing
-from fedldt.deploy.package import (
+from fedldt.delivery import card as cards
+from fedldt.delivery.onnx_export import OPSET, FixedGraphForecaster, export_onnx, parity_error
+from fedldt.delivery import signing
+from fedldt.delivery.package import (
     CARD_JSON, CARD_MD, EDGES, GLOBAL_WEIGHTS, LOCAL_WEIGHTS, NODES, ONNX, PACKAGE_FORMAT, SCALER,
     ForecastPackage, PackageError, check_package, graph_hash, load_weights_only, sign_package, write_manifest,
 )
@@ -132,7 +132,7 @@ def check_output(out: Path, run_dir: Path, overwrite: bool, protected: tuple[Pat
     ``out`` may not be a symbolic link, a file or anything but a folder; it may not be, contain or
     lie inside the run folder or a ``protected`` path (the dataset). An existing folder is
     replaced only with ``overwrite`` and only if it is a valid fedldt package
-    (:func:`~fedldt.deploy.package.check_package`: correct manifest and digest, every file listed
+    (:func:`~fedldt.delivery.package.check_package`: correct manifest and digest, every file listed
     and verified, nothing else in it).
 
     Raises:

@@ -1,11 +1,13 @@
 """Egress audit and enforcement: the client-side Flower mod every territory reply passes through.
 
 Attached to the ClientApp (``clients/client_app.py``), :func:`egress_audit_mod` wraps every
-handler (query, train, evaluate). It is part of the territory's installed fedldt (the
-coordinator's app does not ship ``fedldt/``, see ``docs/egress.md``). For each request it
+handler (query, train, evaluate). The mod only converts Flower messages to plain data
+(:func:`plain_request`, :func:`plain_reply`); the allow-lists and their check come from the
+territory's installed fedldt (:mod:`fedldt.egress`: the coordinator's app does not ship
+``fedldt/``, see ``docs/egress.md``). For each request it
 
 1. runs the handler, catching every exception;
-2. checks the reply against the allow-lists (:func:`fedldt.federation.egress.check_reply`): a
+2. checks the reply against the allow-lists (:func:`fedldt.egress.check_reply`): a
    reply that carries anything else is refused, not sent;
 3. appends one JSON line to the territory's own log, ``<out-dir>/egress.jsonl`` (node config
    ``out-dir``; without it ``<checkout>/outputs/territories/territory-<index>/egress.jsonl``),
@@ -14,7 +16,7 @@ coordinator's app does not ship ``fedldt/``, see ``docs/egress.md``). For each r
 
 When the handler raised or the reply was refused, the reply becomes an error reply that says
 only the exception type and a code (``"ValueError [fedldt-100]"``, see
-:class:`fedldt.federation.egress.Code`); the exception text and traceback go to
+:class:`fedldt.egress.Code`); the exception text and traceback go to
 ``<out-dir>/errors.log`` and the SuperNode log gets a line naming that file.
 
 A line of ``egress.jsonl`` holds names and shapes only, never values::
@@ -44,11 +46,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedldt.config import checkout_root
-from fedldt.federation.egress import Code, EgressRefused, check_reply, error_reply
+from fedldt.egress import (CONFIG_KEY, ArrayBytes, Code, EgressRefused, Reply, Request, check_reply, error_code,
+                           error_reason, message_category)
 
 EGRESS_LOG = "egress.jsonl"
 ERRORS_LOG = "errors.log"
@@ -75,6 +78,38 @@ def territory_out_dir(node_config: Mapping[str, Any]) -> Path:
 def egress_log_path(node_config: Mapping[str, Any]) -> Path:
     """Where :func:`egress_audit_mod` appends its JSON lines."""
     return territory_out_dir(node_config) / EGRESS_LOG
+
+
+def plain_request(msg: Message) -> Request:
+    """The server's message as :class:`fedldt.egress.Request`: its category, the ``arrays``
+    record's keys, shapes and dtypes, and the run config JSON."""
+    content = msg.content
+    rec = content.array_records.get("arrays")
+    arrays = None if rec is None else {k: (tuple(int(d) for d in a.shape), str(a.dtype)) for k, a in rec.items()}
+    conf = content.config_records.get("config")
+    run_config = str(conf[CONFIG_KEY]) if conf is not None and CONFIG_KEY in conf else None
+    return Request(message_category(str(msg.metadata.message_type)), arrays, run_config)
+
+
+def plain_reply(msg: Message) -> Reply:
+    """A handler's reply as :class:`fedldt.egress.Reply`: every record's kind, the arrays as
+    sent (:class:`fedldt.egress.ArrayBytes`) and the metric/config values."""
+    content = msg.content
+    records: dict[str, str] = {}
+    for name, rec in content.items():
+        records[name] = ("array" if name in content.array_records else "metric" if name in content.metric_records
+                         else "config" if name in content.config_records else type(rec).__name__)
+    arrays = {name: {k: ArrayBytes(tuple(int(d) for d in a.shape), str(a.dtype), str(a.stype), bytes(a.data))
+                     for k, a in rec.items()} for name, rec in content.array_records.items()}
+    values = {name: dict(rec.items()) for name, rec in (*content.metric_records.items(), *content.config_records.items())}
+    return Reply(records, arrays, values)
+
+
+def error_reply(request: Message, error: BaseException, code: Code | None = None) -> Message:
+    """The error reply to ``request``: ``Error(code, reason=error_reason(error, code))``, no text
+    (:func:`fedldt.egress.error_reason`). ``code`` defaults to :func:`fedldt.egress.error_code`."""
+    code = error_code(error) if code is None else Code(code)
+    return Message(error=Error(code=int(code), reason=error_reason(error, code)), reply_to=request)
 
 
 def describe_content(msg: Message) -> list[dict[str, Any]]:
@@ -120,11 +155,11 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
 
     Never raises: every exception of the handler, of the check or of the logging becomes an
     error reply carrying ``"<ExceptionType> [fedldt-<code>]"`` only
-    (:func:`fedldt.federation.egress.error_reply`), so Flower never puts an exception's text
+    (:func:`error_reply`), so Flower never puts an exception's text
     (which may hold data) in the reply.
 
     Returns:
-        The handler's reply when it passes :func:`fedldt.federation.egress.check_reply` and the
+        The handler's reply when it passes :func:`fedldt.egress.check_reply` and the
         log is written; else an error reply to ``msg``.
     """
     reply: Message | None = None
@@ -135,7 +170,7 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         if reply.has_error():
             raise EgressRefused(Code.HANDLER_ERROR_REPLY, f"the handler returned an error reply of its own "
                                                           f"(code {reply.error.code}, reason {reply.error.reason!r})")
-        check_reply(msg, reply)
+        check_reply(plain_request(msg), plain_reply(reply))
     except Exception as e:  # noqa: BLE001 - every failure becomes a coded error reply
         failure = e
         if isinstance(e, EgressRefused):

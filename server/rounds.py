@@ -15,13 +15,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedldt.config import num_territories
+from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
-from fedldt.federation.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory
 from fedldt.metrics import MetricSums
 from fedldt.models import build_model, split_state
 from fedldt.results import REFERENCES, build_summary, write_run_outputs
-
-CONFIG_KEY = "fedldt-config"
+from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory
 
 
 def config_record(cfg: dict[str, Any], **extra: Any) -> ConfigRecord:

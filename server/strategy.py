@@ -21,7 +21,6 @@ loop and the aggregation rule stay Flower's. One class per rule (``STRATEGIES``,
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -33,6 +32,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedldt.metrics import MetricSums, pool, report
 from fedldt.results import NOT_AVAILABLE
+from fedldt.strategy_options import strategy_arguments
 
 #: Weight of a territory's parameters in the average: its number of training windows.
 WEIGHT_KEY = "num-examples"
@@ -452,59 +452,6 @@ STRATEGIES: dict[str, type] = {
     "fedadagrad": FedLDTAdagrad, "fedavgm": FedLDTAvgM, "fedmedian": FedLDTMedian,
     "fedtrimmedavg": FedLDTTrimmedAvg, "krum": FedLDTKrum,
 }
-#: Keys of the ``strategy`` config block that are not arguments of the Flower class.
-_OWN_KEYS = {"name"}
-#: Arguments fedldt sets itself (from the territories and ``federation.*``). Every connected
-#: territory trains and evaluates in every round (cross-silo): Flower's ``fraction_*`` sampling
-#: draws random SuperNode ids, which would make runs depend on more than the seed.
-_FIXED = {"weighted_by_key", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "arrayrecord_key",
-          "configrecord_key", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
-          "fraction_train", "fraction_evaluate"}
-
-
-def strategy_arguments(strategy_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The Flower constructor arguments of a ``strategy`` config block (``name`` removed).
-
-    Raises:
-        ValueError: unknown ``strategy.name``, or a key that the Flower class does not take (or
-            that fedldt sets itself), named with the accepted keys.
-    """
-    name = strategy_cfg.get("name")
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy.name={name!r} is not one of {sorted(STRATEGIES)} (conf/strategy/<name>.yaml)")
-    base = next(c for c in STRATEGIES[name].__mro__ if c.__module__.startswith("flwr."))  # the Flower class
-    accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - _FIXED
-    args = {k: v for k, v in strategy_cfg.items() if k not in _OWN_KEYS}
-    sampling = sorted(k for k in args if k.startswith("fraction_"))
-    if sampling:
-        raise ValueError(f"strategy.{sampling[0]} is not supported: every connected territory trains and evaluates in "
-                         "every round (Flower samples random SuperNode ids, so runs would not be reproducible); "
-                         "use federation.min_train_territories to let rounds go on without a territory")
-    unknown = sorted(set(args) - accepted)
-    if unknown:
-        raise ValueError(f"strategy '{name}' ({base.__name__}) has no option(s) {unknown}; accepted: {sorted(accepted)}")
-    for key, (lo, hi, lo_open, hi_open) in _RANGES.items():
-        if key in args:
-            v = args[key]
-            bad_type = isinstance(v, bool) or not isinstance(v, int if key in _INTEGERS else (int, float))
-            if bad_type or v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-                interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-                kind = "an integer" if key in _INTEGERS else "a number"
-                raise ValueError(f"strategy.{key}={v!r} must be {kind} in {interval} (strategy '{name}')")
-    return args
-
-
-_INF = float("inf")
-#: Valid ranges of the numeric strategy options: key -> (low, high, low excluded, high excluded).
-_RANGES = {
-    "proximal_mu": (0.0, _INF, False, True), "eta": (0.0, _INF, True, True), "eta_l": (0.0, _INF, True, True),
-    "tau": (0.0, _INF, True, True), "beta_1": (0.0, 1.0, False, True), "beta_2": (0.0, 1.0, False, True),
-    "beta": (0.0, 0.5, False, True), "server_learning_rate": (0.0, _INF, True, True),
-    "server_momentum": (0.0, 1.0, False, True), "num_malicious_nodes": (0, _INF, False, True),
-}
-_INTEGERS = {"num_malicious_nodes"}
-
-
 def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLDTStrategy:
     """Build the strategy named by ``strategy_cfg["name"]`` with its Flower options.
 

@@ -1,10 +1,13 @@
 """What may leave a territory: the reply allow-lists, their check and the coded error replies.
 
 This module belongs to the territory's **own installation** of fedldt. The coordinator's app
-(the FAB) does not ship ``fedldt/`` (``[tool.flwr.app] fab-exclude`` in ``pyproject.toml``), so
-the ClientApp imports this file from the territory's installed package, not from the
-coordinator. See ``docs/egress.md`` for every value that leaves and why.
+(the FAB) does not ship ``fedldt/`` (``[tool.flwr.app] fab-include`` in ``pyproject.toml``), so
+the ClientApp's egress mod (``clients/audit.py``) imports this file from the territory's
+installed package, not from the coordinator. See ``docs/egress.md`` for every value that leaves
+and why.
 
+It imports nothing of Flower: it works on a plain form of the messages (:class:`Request`,
+:class:`Reply`, :class:`ArrayBytes`) that the mod builds from Flower's ``Message``.
 :func:`check_reply` compares a reply with the request it answers and raises
 :class:`EgressRefused` (with a :class:`Code`) unless:
 
@@ -19,29 +22,33 @@ coordinator. See ``docs/egress.md`` for every value that leaves and why.
   :data:`QUERY_INFO`, each of its documented type, non-negative and finite, and every per-step
   list has one value per horizon step (``task.horizon`` of the run config the server sent).
 
-:func:`error_reply` builds the error reply a territory sends instead: ``Error(code, reason)``
-with ``reason = "<ExceptionType> [fedldt-<code>]"``, never the exception's text (which may hold
-data, e.g. a cell's value and date); the text stays in the territory's own log
-(:mod:`fedldt.federation.audit`).
+:func:`error_reason` is what the error reply a territory sends instead says (built by the mod as
+``Error(code, reason)``): ``"<ExceptionType> [fedldt-<code>]"``, never the exception's text (which
+may hold data, e.g. a cell's value and date); the text stays in the territory's own log
+(``clients/audit.py``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 
 from fedldt.metrics import SUM_KEYS
 from fedldt.results import REFERENCES
 
-#: ConfigRecord of a request that holds the run config as JSON (``fedldt.federation.server``).
+#: Key of the request's ``config`` record that holds the run config as JSON (written by
+#: ``server/rounds.py``, read by ``clients/client_app.py`` and :func:`request_horizon`).
 CONFIG_KEY = "fedldt-config"
+#: Serialisation type of an array a reply may carry (Flower's ``SType.NUMPY``: ``np.save``
+#: bytes, read back with ``np.load(allow_pickle=False)``).
+NUMPY_STYPE = "numpy.ndarray"
 #: dtypes a shared parameter may leave in (the global model is float32; float64 would double
 #: the bytes and never matches the global model).
 ARRAY_DTYPES = ("float32",)
@@ -142,11 +149,11 @@ QUERY_INFO: dict[str, Allowed] = {
     "horizon": Allowed(int, False, "forecast steps (global model size)"),
 }
 
-#: Record name -> record type a reply carries, per message type.
-REPLY_RECORDS: dict[str, dict[str, type]] = {
-    "query": {"info": ConfigRecord},
-    "train": {"arrays": ArrayRecord, "metrics": MetricRecord},
-    "evaluate": {"metrics": MetricRecord},
+#: Record name -> record kind (``array``, ``metric`` or ``config``) a reply carries, per message type.
+REPLY_RECORDS: dict[str, dict[str, str]] = {
+    "query": {"info": "config"},
+    "train": {"arrays": "array", "metrics": "metric"},
+    "evaluate": {"metrics": "metric"},
 }
 #: Allow-list of each record a reply carries.
 ALLOW_LISTS: dict[tuple[str, str], dict[str, Allowed]] = {
@@ -156,32 +163,73 @@ ALLOW_LISTS: dict[tuple[str, str], dict[str, Allowed]] = {
 }
 
 
-def message_category(msg: Message) -> str:
+@dataclass(frozen=True)
+class ArrayBytes:
+    """One array of a reply as it would be sent: declared ``shape`` and ``dtype``, serialisation
+    type ``stype`` and the serialised bytes ``data`` (Flower's ``Array`` fields)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    stype: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the check needs of the server's message.
+
+    Attributes:
+        category: ``train``, ``evaluate`` or ``query`` (the message type before any ``.action``).
+        arrays: the ``arrays`` record as shared key -> ``(shape, dtype)`` (the global model's
+            shared parameters); ``None`` when the request has no such array record.
+        run_config: the run config JSON (``config`` record, key :data:`CONFIG_KEY`); ``None`` if absent.
+    """
+
+    category: str
+    arrays: dict[str, tuple[tuple[int, ...], str]] | None = None
+    run_config: str | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A handler's reply in plain form.
+
+    Attributes:
+        records: record name -> kind (``array``, ``metric`` or ``config``), every record it carries.
+        arrays: array record name -> {key: :class:`ArrayBytes`}.
+        values: metric/config record name -> {key: value} (int, float, str or a list of them).
+    """
+
+    records: dict[str, str]
+    arrays: dict[str, dict[str, ArrayBytes]] = field(default_factory=dict)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def message_category(message_type: str) -> str:
     """``train``, ``evaluate`` or ``query`` (the part of the message type before any ``.action``)."""
-    return str(msg.metadata.message_type).split(".", 1)[0]
+    return str(message_type).split(".", 1)[0]
 
 
-def request_arrays_spec(request: Message) -> dict[str, tuple[tuple[int, ...], str]]:
+def request_arrays_spec(request: Request) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shared key -> ``(shape, dtype)`` of the global model as the server sent it (the train
     request's ``arrays`` record).
 
     Raises:
         EgressRefused: ``REQUEST``, the request has no ``arrays`` array record.
     """
-    rec = request.content.array_records.get("arrays")
-    if rec is None:
+    if request.arrays is None:
         raise EgressRefused(Code.REQUEST, "the train request has no 'arrays' record to compare the reply with")
-    return {k: (tuple(int(d) for d in a.shape), str(a.dtype)) for k, a in rec.items()}
+    return {k: (tuple(int(d) for d in shape), str(dtype)) for k, (shape, dtype) in request.arrays.items()}
 
 
-def request_horizon(request: Message) -> int:
+def request_horizon(request: Request) -> int:
     """``task.horizon`` of the run config the request carries (``config`` record, JSON).
 
     Raises:
         EgressRefused: ``REQUEST``, no run config or no positive integer horizon in it.
     """
     try:
-        horizon = json.loads(str(request.content.config_records["config"][CONFIG_KEY]))["task"]["horizon"]
+        horizon = json.loads(str(request.run_config) if request.run_config is not None else "")["task"]["horizon"]
     except (KeyError, TypeError, ValueError) as e:
         raise EgressRefused(Code.REQUEST, f"the request's run config has no task.horizon ({type(e).__name__})") from None
     if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
@@ -189,11 +237,11 @@ def request_horizon(request: Message) -> int:
     return horizon
 
 
-def check_reply(request: Message, reply: Message) -> None:
+def check_reply(request: Request, reply: Reply) -> None:
     """Refuse a reply that carries anything beyond what its message type may carry.
 
     Args:
-        request: the server's message (its ``arrays`` record is the global model; its run config
+        request: the server's message (its ``arrays`` are the global model; its run config
             gives the horizon).
         reply: the handler's reply (not an error reply).
 
@@ -201,32 +249,32 @@ def check_reply(request: Message, reply: Message) -> None:
         EgressRefused: with the :class:`Code` of the first problem found; ``detail`` names the
             record, key, shape or dtype (never a value).
     """
-    category = message_category(request)
+    category = request.category
     expected = REPLY_RECORDS.get(category)
     if expected is None:
         raise EgressRefused(Code.REQUEST, f"message type '{category}' has no egress allow-list")
-    records = dict(reply.content.items())
+    records = dict(reply.records)
     if set(records) != set(expected):
         raise EgressRefused(Code.RECORDS, f"{category} reply has records {sorted(records)}; only {sorted(expected)} may "
                                           "leave")
     for name, kind in expected.items():
-        if not isinstance(records[name], kind):
-            raise EgressRefused(Code.RECORDS, f"{category} reply record '{name}' is a {type(records[name]).__name__}, "
-                                              f"not a {kind.__name__}")
+        if records[name] != kind:
+            raise EgressRefused(Code.RECORDS, f"{category} reply record '{name}' is a {records[name]} record, "
+                                              f"not a {kind} record")
     if category == "train":
-        check_arrays(request_arrays_spec(request), records["arrays"])
+        check_arrays(request_arrays_spec(request), reply.arrays["arrays"])
     horizon = request_horizon(request) if category == "evaluate" else None
     for (cat, name), allowed in ALLOW_LISTS.items():
         if cat == category:
-            check_values(records[name], allowed, horizon, f"{category} reply '{name}'")
+            check_values(reply.values[name], allowed, horizon, f"{category} reply '{name}'")
 
 
-def check_arrays(spec: Mapping[str, tuple[tuple[int, ...], str]], arrays: ArrayRecord) -> None:
+def check_arrays(spec: Mapping[str, tuple[tuple[int, ...], str]], arrays: Mapping[str, ArrayBytes]) -> None:
     """The reply's arrays are exactly the global model's shared parameters.
 
     Args:
         spec: shared key -> ``(shape, dtype)`` (:func:`request_arrays_spec`).
-        arrays: the reply's array record.
+        arrays: the reply's array record, key -> :class:`ArrayBytes`.
 
     Raises:
         EgressRefused: ``ARRAY_KEYS`` (a key missing or extra: local entries such as node
@@ -248,15 +296,25 @@ def check_arrays(spec: Mapping[str, tuple[tuple[int, ...], str]], arrays: ArrayR
         _check_array_bytes(key, arr, shape, dtype)
 
 
-def _check_array_bytes(key: str, arr: Array, shape: tuple[int, ...], dtype: str) -> None:
+def _npy_bytes(value: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, value, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _check_array_bytes(key: str, arr: ArrayBytes, shape: tuple[int, ...], dtype: str) -> None:
     try:
-        value = arr.numpy()  # np.load(allow_pickle=False)
+        if arr.stype != NUMPY_STYPE:
+            raise TypeError(f"serialisation type {arr.stype!r}")
+        value = np.load(io.BytesIO(arr.data), allow_pickle=False)
+        if not isinstance(value, np.ndarray):
+            raise TypeError("not a single array")
     except Exception as e:  # noqa: BLE001 - any failure to read it back means it is not a plain array
         raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' is not a numpy array ({type(e).__name__})") from None
     if tuple(value.shape) != tuple(shape) or str(value.dtype) != dtype:
         raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' declares {list(arr.shape)} {arr.dtype} but holds "
                                               f"{list(value.shape)} {value.dtype}")
-    if len(arr.data) != len(Array(np.ascontiguousarray(value)).data):
+    if len(arr.data) != len(_npy_bytes(np.ascontiguousarray(value))):
         raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' carries {len(arr.data)} bytes, more than its values need")
     if not np.isfinite(value).all():
         raise EgressRefused(Code.ARRAY_VALUE, f"array '{key}' is not finite")
@@ -315,12 +373,3 @@ def error_reason(error: BaseException, code: Code | None = None) -> str:
 def error_code(error: BaseException) -> Code:
     """The :class:`Code` of an exception: its own for :class:`EgressRefused`, else ``HANDLER_RAISED``."""
     return error.code if isinstance(error, EgressRefused) else Code.HANDLER_RAISED
-
-
-def error_reply(request: Message, error: BaseException, code: Code | None = None) -> Message:
-    """The error reply to ``request``: ``Error(code, reason=error_reason(error, code))``, no text.
-
-    ``code`` defaults to :func:`error_code` of ``error``.
-    """
-    code = error_code(error) if code is None else Code(code)
-    return Message(error=Error(code=int(code), reason=error_reason(error, code)), reply_to=request)

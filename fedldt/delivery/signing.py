@@ -1,7 +1,7 @@
 """Ed25519 signatures of model packages (optional), made with the ``cryptography`` library.
 
 A package's ``package.json`` carries a ``digest`` over all of its content (every file's sha256
-and every task field; see :func:`fedldt.deploy.package.manifest_digest`). Signing a package
+and every task field; see :func:`fedldt.delivery.package.manifest_digest`). Signing a package
 writes ``package.sig``, a detached Ed25519 signature of that digest::
 
     {"format": "fedldt-package-signature/1", "algorithm": "ed25519",
@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedldt.federation.certs import _write_private
+from fedldt.launch.certs import _write_private
 
 SIGNATURE_FORMAT = "fedldt-package-signature/1"
 #: What is signed: this prefix, then the manifest digest (``sha256:<hex>``) in ASCII.

@@ -33,7 +33,7 @@ Command line (coordinator, with the SuperLink on ``127.0.0.1:9091``)::
 
     fedldt gateway --listen 0.0.0.0:9092 --superlink 127.0.0.1:9091 \\
         --ca pki/ca.crt --cert pki/server.pem --key pki/server.key
-    # or: python -m fedldt.federation.gateway --listen ... (the same options)
+    # or: python -m fedldt.launch.gateway --listen ... (the same options)
 
 Refused requests are logged (client address, method, path) at WARNING on stderr.
 """
@@ -248,7 +248,7 @@ def serve(listen: str, superlink: str, ca_cert: Path, cert: Path, key: Path, *,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The gateway's options (shared by ``fedldt gateway`` and ``python -m fedldt.federation.gateway``)."""
+    """The gateway's options (shared by ``fedldt gateway`` and ``python -m fedldt.launch.gateway``)."""
     p.add_argument("--listen", required=True, help="HOST:PORT territories dial, e.g. 0.0.0.0:9092")
     p.add_argument("--superlink", required=True, help="the SuperLink's HOST:PORT, e.g. 127.0.0.1:9091")
     p.add_argument("--ca", required=True, type=Path, help="the federation's ca.crt (verifies the SuperLink)")
@@ -273,8 +273,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedldt.federation.gateway``."""
-    p = argparse.ArgumentParser(prog="python -m fedldt.federation.gateway",
+    """``python -m fedldt.launch.gateway``."""
+    p = argparse.ArgumentParser(prog="python -m fedldt.launch.gateway",
                                 description="Fleet-only TLS gateway in front of a loopback-bound SuperLink.")
     return run(add_arguments(p).parse_args(argv))
 

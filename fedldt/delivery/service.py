@@ -29,9 +29,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 import fedldt
-from fedldt.deploy.observations import INVALID_POLICIES, InputError, _short, load_json
-from fedldt.deploy.package import ENGINES, ForecastPackage
-from fedldt.deploy.schemas import MAX_PROBLEMS, ForecastRequest, ForecastResponse, OutputFormat, RequestLimits, answer
+from fedldt.delivery.observations import INVALID_POLICIES, InputError, _short, load_json
+from fedldt.delivery.package import ENGINES, ForecastPackage
+from fedldt.delivery.schemas import MAX_PROBLEMS, ForecastRequest, ForecastResponse, OutputFormat, RequestLimits, answer
 
 NGSI_LD_MEDIA_TYPE = "application/ld+json"
 #: Host header values served by default: this machine only.

@@ -1,16 +1,16 @@
 """A real federation on one machine: a SuperLink and one SuperNode per territory over loopback.
 
-Unlike the simulation engine (:mod:`fedldt.federation.launch`), every territory here is its own
+Unlike the simulation engine (:mod:`fedldt.launch.simulation`), every territory here is its own
 ``flower-supernode`` process talking to the coordinator over TLS, authenticated by its own
 ECDSA key, exactly as in a multi-machine deployment (``docs/deploy.md``) but with every
 address on 127.0.0.1. :class:`LocalFederation`:
 
 1. creates a CA, the SuperLink certificate (SAN ``IP:127.0.0.1``) and one key pair per
-   territory (:mod:`fedldt.federation.certs`) in a private work folder;
+   territory (:mod:`fedldt.launch.certs`) in a private work folder;
 2. starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and runtime dependency
    installation disabled, on a free loopback port: the *internal* port, which only the
    operator's ``flwr`` CLI uses (Control API: register keys, submit and list runs);
-3. starts the Fleet-only gateway (:mod:`fedldt.federation.gateway`) on a second port, the
+3. starts the Fleet-only gateway (:mod:`fedldt.launch.gateway`) on a second port, the
    *public* one: it forwards only the Fleet calls of authenticated SuperNodes to the SuperLink
    and refuses the Control and runtime APIs (403);
 4. registers each territory's public key (``flwr supernode register``, on the internal port);
@@ -44,8 +44,8 @@ from typing import Any, Mapping, Sequence
 
 import psutil
 
-from fedldt.federation.certs import ServerPKI, make_server_pki, make_territory_key
-from fedldt.federation.launch import (RunFailed, _bin, flwr_env, flwr_json, free_port, processes_with_home, run_flwr_app,
+from fedldt.launch.certs import ServerPKI, make_server_pki, make_territory_key
+from fedldt.launch.simulation import (RunFailed, _bin, flwr_env, flwr_json, free_port, processes_with_home, run_flwr_app,
                                       stop_all, stop_process, wait_http)
 from fedldt.results import check_run_dir
 
@@ -209,7 +209,7 @@ class LocalFederation:
         assert self.work is not None and self.pki is not None and self.gateway_port is not None
         proc = self._popen(
             "gateway",
-            [sys.executable, "-m", "fedldt.federation.gateway", "--listen", f"127.0.0.1:{self.gateway_port}",
+            [sys.executable, "-m", "fedldt.launch.gateway", "--listen", f"127.0.0.1:{self.gateway_port}",
              "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.pki.ca_cert), "--cert", str(self.pki.server_cert),
              "--key", str(self.pki.server_key)],
             flwr_env(self.work / "home-gateway"), self.logs / "gateway.log", self.work,
@@ -422,7 +422,7 @@ class LocalFederation:
             try:
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
-                ours = p.pid in pids and any(w in _cmdline(p) for w in ("flower-", "flwr", "fedldt.federation.gateway"))
+                ours = p.pid in pids and any(w in _cmdline(p) for w in ("flower-", "flwr", "fedldt.launch.gateway"))
                 if ours or (marker and any(marker in v for v in p.environ().values())):
                     out.append(p)
             except psutil.Error:

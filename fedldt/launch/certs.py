@@ -10,10 +10,11 @@ A deployment needs three kinds of files (see ``docs/deploy.md``):
   the private key stays with the territory, the public key (``.pub``) is registered on the
   SuperLink with ``flwr supernode register``.
 
-Command line (what the coordinator runs; prints the files written)::
+Command line (what the coordinator runs; prints the files written; ``python -m fedldt.launch.certs``
+takes the same arguments)::
 
-    python -m fedldt.federation.certs ca --out pki --san 127.0.0.1
-    python -m fedldt.federation.certs territory-key --out keys/territory-0
+    fedldt certs ca --out pki --san 127.0.0.1
+    fedldt certs territory-key --out keys/territory-0
 
 Private keys are written 0600 (certificates and public keys 0644) through a new temporary file
 and an atomic rename, whatever the umask or an existing file's mode. Existing files are never
@@ -249,9 +250,8 @@ def make_territory_key(path: Path, overwrite: bool = False) -> tuple[Path, Path]
     return path, pub
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``ca`` (CA + SuperLink certificate) and ``territory-key`` (one key pair)."""
-    p = argparse.ArgumentParser(prog="python -m fedldt.federation.certs", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``ca`` and ``territory-key`` subcommands (shared by ``fedldt certs`` and ``python -m fedldt.launch.certs``)."""
     sub = p.add_subparsers(dest="cmd", required=True)
     ca = sub.add_parser("ca", help="CA and SuperLink TLS certificate")
     ca.add_argument("--out", type=Path, required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
@@ -263,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for sp in (ca, tk):
         sp.add_argument("--force", action="store_true",
                         help="replace existing files, only keys and certificates fedldt made (anything else is refused)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write what ``args.cmd`` asks and print the files written; 0, or 1 with the error on stderr."""
     try:
         if args.cmd == "ca":
             pki = make_server_pki(args.out, args.san, args.days, overwrite=args.force)
@@ -272,9 +275,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             files = make_territory_key(args.out, overwrite=args.force)
     except (KeyFileError, ValueError) as e:
         print(f"fedldt certs {args.cmd}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     for f in files:
         print(f)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m fedldt.launch.certs`` (the same as ``fedldt certs``); exits with :func:`run`'s status."""
+    p = argparse.ArgumentParser(prog="python -m fedldt.launch.certs", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    status = run(p.parse_args(argv))
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Everything here works on plain Python/torch objects; ``clients/client_app.py`` only unpacks
 and packs Flower messages. Only model parameters and aggregate scalars (counts, losses,
 error sums) leave this module: never values, node ids, coordinates or the adjacency. The
-territory's egress mod enforces it on every reply (:mod:`fedldt.federation.egress`, ``docs/egress.md``).
+territory's egress mod enforces it on every reply (:mod:`fedldt.egress`, ``docs/egress.md``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fedldt.config import load_territories
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
 
-#: Train metric names (the allow-list ``fedldt.federation.egress.TRAIN_METRICS`` is exactly these).
+#: Train metric names (the allow-list ``fedldt.egress.TRAIN_METRICS`` is exactly these).
 SCALAR_METRICS = ("num-examples", "territory", "train_loss")
 
 
