@@ -1,0 +1,95 @@
+"""Hostile inputs found by the issue-10 review (fast, no model needed): what `fedldt predict` and
+the forecast service read from a CSV or JSON file before any model runs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedldt.deploy.observations import InputError, cell_value, load_json, parse_timestamps, read_csv_table
+
+HEADER = "timestamp,a,b\n"
+
+
+def csv_file(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "obs.csv"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_json_repeating_a_key_is_refused_naming_it():
+    # json.loads keeps the last value silently: sensor "a" would lose its first series
+    with pytest.raises(InputError) as e:
+        load_json('{"timestamps": ["2012-03-07T10:00"], "sensors": {"a": [50], "b": [1], "a": [1]}}', "obs.json")
+    assert str(e.value) == ("obs.json: not valid JSON (key(s) a appear more than once in one object; "
+                            "give each key once)")
+    with pytest.raises(InputError, match=r"key\(s\) timestamps appear more than once"):
+        load_json(b'{"timestamps": [], "timestamps": ["2012-03-07T10:00"]}', "request body")
+    assert load_json('{"a": {"a": 1}, "b": [{"a": 2}]}', "x") == {"a": {"a": 1}, "b": [{"a": 2}]}  # nesting is fine
+
+
+@pytest.mark.parametrize("rows, message", [
+    # one field too many in every row: pandas would take the first column as index and shift
+    # every value under the next sensor's name
+    ("2012-03-07T10:00,50,51,52\n2012-03-07T10:05,50,51,52\n", "line 2 has 4 field(s), the header 3"),
+    ("2012-03-07T10:00,50,51\n2012-03-07T10:05,50\n", "line 3 has 2 field(s), the header 3"),
+])
+def test_csv_rows_must_have_as_many_fields_as_the_header(tmp_path, rows, message):
+    p = csv_file(tmp_path, HEADER + rows)
+    with pytest.raises(InputError) as e:
+        read_csv_table(p)
+    assert str(e.value) == f"{p}: {message}; give every row one value (or an empty cell) per column"
+
+
+def test_csv_blank_lines_are_skipped_and_quoted_ids_read_plain(tmp_path):
+    t = read_csv_table(csv_file(tmp_path, 'timestamp,"a","b"\n\n2012-03-07T10:00,50,51\n\n'))
+    assert list(t.columns) == ["a", "b"] and t.loc["2012-03-07T10:00"].tolist() == ["50", "51"]
+
+
+def test_csv_with_an_unnamed_column_or_an_unclosed_quote_is_refused(tmp_path):
+    p = csv_file(tmp_path, "timestamp,a,\n2012-03-07T10:00,50,51\n")
+    with pytest.raises(InputError) as e:
+        read_csv_table(p)
+    assert str(e.value) == (f"{p}: column(s) 3 of the header have no name; name each sensor's column by its "
+                            "sensor id (or remove the empty column)")
+    p = csv_file(tmp_path, HEADER + '2012-03-07T10:00,"50,51\n2012-03-07T10:05,50,51\n')
+    with pytest.raises(InputError) as e:
+        read_csv_table(p)
+    assert str(e.value) == f"{p}: not a readable CSV table (unexpected end of data)"
+
+
+@pytest.mark.parametrize("text", ["5_0", "\u0665\u0660", "\uff15\uff10", "0x10", "50,5", "1e", "--5", "5..0", "١"])
+def test_text_cells_must_be_plain_ascii_decimals(text):
+    # float() reads "5_0" as 50 and Arabic-Indic or full-width digits as numbers
+    value, problem = cell_value(text)
+    assert np.isnan(value) and problem == "not a number"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("50", 50.0), (" 50 ", 50.0), ("\u00a050", 50.0), ("-0.0", 0.0), ("+1e2", 100.0), (".5", 0.5), ("5.", 5.0),
+    ("1E-3", 0.001),
+])
+def test_plain_decimals_still_read(text, expected):
+    assert cell_value(text) == (expected, None)
+
+
+@pytest.mark.parametrize("text", ["inf", "-Infinity", "+INF"])
+def test_infinite_text_is_refused_as_infinite(text):
+    value, problem = cell_value(text)
+    assert np.isnan(value) and problem == "infinite"
+
+
+@pytest.mark.parametrize("word", ["now", "today", "NaT", "nat", "NaN", "1e300", "tomorrow"])
+def test_timestamps_pandas_would_read_as_words_are_refused(word):
+    # pandas.to_datetime(format="ISO8601") reads "now"/"today" as the current time and "NaT"/"NaN" as NaT
+    with pytest.raises(InputError) as e:
+        parse_timestamps(["2012-03-07T10:00", word], "column 'timestamp' of obs.csv")
+    assert str(e.value) == (f"column 'timestamp' of obs.csv: {word} not ISO 8601 date-time(s); "
+                            "write them like 2012-03-07T10:05:00")
+
+
+def test_a_timestamp_out_of_range_gets_one_message_not_two():
+    with pytest.raises(InputError) as e:
+        parse_timestamps(["2012-03-07T10:00", "9999-01-01"])
+    assert str(e.value) == ("timestamps: timestamp(s) 9999-01-01 are not between the years 1900 and 2200; "
+                            "check the dates")
