@@ -93,3 +93,55 @@ def test_a_timestamp_out_of_range_gets_one_message_not_two():
         parse_timestamps(["2012-03-07T10:00", "9999-01-01"])
     assert str(e.value) == ("timestamps: timestamp(s) 9999-01-01 are not between the years 1900 and 2200; "
                             "check the dates")
+
+
+# ----------------------------------------------------------------------------- model packages
+
+def small_package(tmp_path: Path) -> Path:
+    from tests.test_package_integrity import write_small_package
+
+    return write_small_package(tmp_path / "pkg")
+
+
+def test_a_manifest_repeating_a_key_is_refused(tmp_path):
+    """json.loads keeps the last of two "task" keys: a reviewer reading the first one would
+    see other units than the forecasts use."""
+    import json
+
+    from fedldt.deploy.package import MANIFEST, PackageError, check_package
+
+    root = small_package(tmp_path)
+    text = (root / MANIFEST).read_text()
+    shown = dict(json.loads(text)["task"], units=["km/h"])
+    (root / MANIFEST).write_text(text.replace("{", '{"task": ' + json.dumps(shown) + ",", 1))
+    with pytest.raises(PackageError) as e:
+        check_package(root)
+    assert str(e.value) == (f"{root / MANIFEST}: not valid JSON (key(s) task appear more than once in one object; "
+                            "give each key once); re-export the package")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("horizon", 10 ** 12, "task.horizon = '1000000000000' is not a whole number from 1 to 100000"),
+    ("window", 0, "task.window = '0' is not a whole number from 1 to 100000"),
+    ("window", True, "task.window = 'True' is not a whole number from 1 to 100000"),
+    ("window", "12", "task.window = '12' is not a whole number from 1 to 100000"),
+    ("interval_s", -300, "task.interval_s = '-300' is not a whole number from 1 to 31622400"),
+    ("interval_s", 1e308, "task.interval_s = '1e+308' is not a whole number from 1 to 31622400"),
+    ("timezone", "../../etc/passwd", "task.timezone = '../../etc/passwd' is not an IANA time zone name"),
+    ("units", [], "task.channels and task.units must be lists of names of the same length"),
+])
+def test_a_resealed_manifest_with_impossible_task_fields_is_refused(tmp_path, field, value, message):
+    """An unsigned package can be re-sealed by whoever rewrites it; its task fields must still be
+    what export writes (a horizon of 10**12 made every forecast exhaust memory, window 0 or an
+    interval of 1e308 gave tracebacks)."""
+    import json
+
+    from fedldt.deploy.package import MANIFEST, PackageError, check_package, seal_manifest
+
+    root = small_package(tmp_path)
+    m = json.loads((root / MANIFEST).read_text())
+    m["task"][field] = value
+    (root / MANIFEST).write_text(json.dumps(seal_manifest(m)))
+    with pytest.raises(PackageError) as e:
+        check_package(root)
+    assert str(e.value) == f"{root / MANIFEST}: {message}; re-export the package"
