@@ -145,3 +145,27 @@ def test_a_resealed_manifest_with_impossible_task_fields_is_refused(tmp_path, fi
     with pytest.raises(PackageError) as e:
         check_package(root)
     assert str(e.value) == f"{root / MANIFEST}: {message}; re-export the package"
+
+
+# ----------------------------------------------------------------------------- egress
+
+def test_an_exception_class_made_at_run_time_cannot_carry_data_in_its_name():
+    from fedldt.federation.egress import error_reason
+
+    leaky = type("Sensor_773869_at_20120307T1005_read_61_4mph", (ValueError,), {})
+    assert error_reason(leaky("text")) == "ValueError [fedldt-100]"
+    leaky_base = type("S773869_61mph", (Exception,), {})
+    assert error_reason(type("Inner", (leaky_base,), {})("x")) == "Exception [fedldt-100]"
+    assert error_reason(KeyError("a")) == "KeyError [fedldt-100]"
+    from fedldt.deploy.observations import InputError
+    assert error_reason(InputError("sensor 773869 at 10:05: 61.4")) == "InputError [fedldt-100]"
+
+
+def test_a_metric_int_beyond_float_range_is_refused_with_the_metric_code():
+    # math.isfinite(10**400) raises OverflowError: the reply became "OverflowError [fedldt-100]"
+    from fedldt.federation.egress import Code, EgressRefused, _check_value
+
+    with pytest.raises(EgressRefused) as e:
+        _check_value(10 ** 400, float, "train reply", "train_loss")
+    assert e.value.code == Code.METRIC_VALUE
+    assert e.value.detail == "train reply: 'train_loss' must be finite and >= 0"
