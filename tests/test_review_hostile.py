@@ -169,3 +169,28 @@ def test_a_metric_int_beyond_float_range_is_refused_with_the_metric_code():
         _check_value(10 ** 400, float, "train reply", "train_loss")
     assert e.value.code == Code.METRIC_VALUE
     assert e.value.detail == "train reply: 'train_loss' must be finite and >= 0"
+
+
+def test_a_package_folder_named_tilde_is_read_where_it_was_checked(tmp_path, monkeypatch):
+    """pandas expands a leading "~" of a path: the package ./~ was checked, then its nodes.csv
+    read from the home folder (FileNotFoundError traceback after `fedldt export --out "~"`)."""
+    import json
+
+    import torch
+
+    from fedldt.deploy.package import (
+        EDGES, MANIFEST, NODES, ForecastPackage, PackageError, graph_hash, seal_manifest,
+    )
+    from tests.test_package_integrity import write_small_package
+
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # holds no nodes.csv
+    monkeypatch.chdir(tmp_path)
+    root = write_small_package(tmp_path / "~")
+    m = json.loads((root / MANIFEST).read_text())
+    m["graph_hash"] = graph_hash(["773869"], torch.tensor([[0], [0]]), torch.tensor([1.0]))
+    (root / MANIFEST).write_text(json.dumps(seal_manifest(m)))
+    assert (root / NODES).is_file() and (root / EDGES).is_file()
+    with pytest.raises(PackageError) as e:  # nodes, edges and scaler read and checked: the model config fails next
+        ForecastPackage.load("~")
+    assert str(e.value).startswith("~/package.json: model_config: ")

@@ -25,6 +25,7 @@ was edited; with a public key it also requires a valid signature.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -489,9 +490,11 @@ class ForecastPackage:
         """
         root = Path(path)
         manifest = check_package(root, verify_key)
-        nodes = pd.read_csv(root / NODES, dtype={"sensor_id": str})
+        # bytes, not a path: pandas expands a leading "~" of a path itself, so a package folder
+        # named "~" would have been checked here but read from the home folder
+        nodes = pd.read_csv(io.BytesIO((root / NODES).read_bytes()), dtype={"sensor_id": str})
         node_ids = nodes["sensor_id"].tolist()
-        edges = pd.read_csv(root / EDGES)
+        edges = pd.read_csv(io.BytesIO((root / EDGES).read_bytes()))
         edge_index = torch.as_tensor(edges[["source", "target"]].to_numpy(dtype=np.int64).T.copy())
         edge_weight = torch.as_tensor(edges["weight"].to_numpy(dtype=np.float32))
         if graph_hash(node_ids, edge_index, edge_weight) != manifest["graph_hash"]:
