@@ -34,6 +34,7 @@ import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Mapping
@@ -356,7 +357,11 @@ def _check_value(value: Any, kind: type, where: str, key: str) -> None:
     ok_types = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types):
         raise EgressRefused(Code.METRIC_VALUE, f"{where}: '{key}' must be {kind.__name__}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
+    try:
+        finite = math.isfinite(value)  # an int beyond float's range raises OverflowError here
+    except OverflowError:
+        finite = False
+    if not finite or value < 0:
         raise EgressRefused(Code.METRIC_VALUE, f"{where}: '{key}' must be finite and >= 0")
 
 
@@ -365,9 +370,21 @@ def error_reason(error: BaseException, code: Code | None = None) -> str:
 
     ``code`` defaults to :func:`error_code` of ``error``.
     """
-    name = type(error).__name__
-    name = name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name) else "Exception"
-    return f"{name} [fedldt-{int(error_code(error) if code is None else code)}]"
+    return f"{_type_name(type(error))} [fedldt-{int(error_code(error) if code is None else code)}]"
+
+
+def _type_name(cls: type) -> str:
+    """The name of the nearest class in ``cls``'s MRO that is defined in source: an attribute of
+    its module under its qualified name, with a plain short name. A class made at run time
+    (``type("Speed_61mph_at_...", (ValueError,), {})``) is named by its nearest such base, so a
+    class name cannot carry data."""
+    for base in cls.__mro__:
+        obj: Any = sys.modules.get(base.__module__)
+        for part in base.__qualname__.split("."):
+            obj = getattr(obj, part, None)
+        if obj is base and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", base.__name__):
+            return base.__name__
+    return "Exception"
 
 
 def error_code(error: BaseException) -> Code:

@@ -280,3 +280,25 @@ def test_uvicorn_health_answers_during_a_slow_forecast_and_413_comes_before_the_
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_forecast_needs_a_json_content_type(client, body):
+    """A browser page elsewhere can POST text/plain or a form cross-site without a CORS preflight;
+    the service reads JSON bodies only (415 otherwise, before the body is read)."""
+    raw = json.dumps(body)
+    for given in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        r = client.post("/forecast", content=raw, headers={"content-type": given} if given else {})
+        assert r.status_code == 415, (given, r.text)
+        assert r.json() == {"detail": f"Content-Type {given or ''!r}: send the observations as JSON with Content-Type: "
+                                      "application/json (or application/ld+json for NGSI-LD entities)"}
+    ok = client.post("/forecast", content=raw, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert ok.status_code == 200 and len(ok.json()["forecasts"]) == len(body["sensors"])
+
+
+def test_a_sensor_given_twice_in_json_is_refused_not_last_one_wins(client, body):
+    s = next(iter(body["sensors"]))
+    raw = json.dumps(body)[:-2] + f', "{s}": ' + json.dumps([1.0] * 12) + "}}"
+    r = client.post("/forecast", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json() == {"detail": f"request body: not valid JSON (key(s) {s} appear more than once in one object; "
+                                  "give each key once)"}

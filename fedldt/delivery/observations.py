@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -37,6 +38,14 @@ YEARS = (1900, 2200)
 MAX_JSON_DEPTH = 32
 #: Text cells read as missing values.
 MISSING_TEXT = frozenset({"", "NaN", "nan", "NA"})
+#: A number written in a text cell: ASCII digits, one optional sign, point and exponent (what a
+#: spreadsheet or ``to_csv`` writes). Python's ``float()`` also reads ``5_0`` (50), Arabic-Indic
+#: or full-width digits and surrounding Unicode spaces; those are refused, not guessed.
+PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+#: Text spellings of infinity that ``float()`` reads (refused as "infinite", not as "not a number").
+INFINITE_TEXT = re.compile(r"[+-]?(?:inf|infinity)", re.IGNORECASE)
+#: An ISO 8601 date-time starts with a four-digit year (pandas also reads "now", "today", "NaT").
+ISO_START = re.compile(r"[0-9]{4}")
 
 
 class InputError(ValueError):
@@ -71,9 +80,26 @@ def _json_kind(v: Any) -> str:
     return {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads` that refuses an object repeating a key
+    (``json.loads`` silently keeps the last one: a sensor given twice would lose one of its
+    series, a manifest field given twice would hide one of its values).
+
+    Raises:
+        ValueError: naming the repeated key(s).
+    """
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        dups = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"key(s) {_listing(dups, width=40)} appear more than once in one object; give each key once")
+    return out
+
+
 def load_json(data: bytes | str, where: str) -> Any:
     """Decode JSON text strictly: UTF-8 (a byte-order mark is allowed), no ``NaN``/``Infinity``
-    literals, no integers of more than 4300 digits, nesting within Python's recursion limit.
+    literals, no integers of more than 4300 digits, no object repeating a key (e.g. a sensor id
+    twice in ``sensors``), nesting within Python's recursion limit.
 
     Raises:
         InputError: the text is not such JSON (where and why, briefly).
@@ -83,7 +109,7 @@ def load_json(data: bytes | str, where: str) -> Any:
 
     try:
         text = data.decode("utf-8-sig") if isinstance(data, (bytes, bytearray)) else data.removeprefix("\ufeff")
-        value = json.loads(text, parse_constant=no_constant)
+        value = json.loads(text, parse_constant=no_constant, object_pairs_hook=unique_keys)
     except UnicodeDecodeError as e:
         raise InputError(f"{where}: not UTF-8 text (byte {e.start}); send JSON encoded as UTF-8") from None
     except RecursionError:
@@ -120,12 +146,17 @@ def parse_timestamps(values: Iterable, where: str = "timestamps") -> pd.Datetime
     empty = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == ""]
     if empty:
         raise InputError(f"{where}: empty timestamp at position(s) {_listing(empty)}")
+    odd = [str(v) for v in values if isinstance(v, str) and not ISO_START.match(v.strip())]
+    if odd:  # pandas reads "now", "today", "NaT" as times
+        raise InputError(f"{where}: {_listing(odd)} not ISO 8601 date-time(s); write them like 2012-03-07T10:05:00")
     try:
-        return _plausible_years(pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601")), where)
+        times = pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601"))
     except (ValueError, TypeError, OverflowError) as e:
         if "Mixed timezones" not in str(e):
             raise InputError(f"{where}: not ISO 8601 date-times ({_short(str(e).splitlines()[0], 200)}); "
                              "write them like 2012-03-07T10:05:00") from None
+    else:
+        return _plausible_years(times, where)
     stamps = [pd.Timestamp(v) for v in values]
     naive = [str(v) for v, s in zip(values, stamps) if s.tzinfo is None]
     if naive:
@@ -193,8 +224,9 @@ def read_csv_table(path: str | Path, time_column: str = "timestamp") -> pd.DataF
         A table: index = timestamps as text (parsed later), columns = sensor ids, values as read.
 
     Raises:
-        InputError: the file is unreadable, binary or not UTF-8, not CSV, has no ``time_column``
-            or repeats a column name.
+        InputError: the file is unreadable, binary or not UTF-8, not CSV, has no ``time_column``,
+            repeats a column name, has a column without a name, or a row whose number of fields
+            differs from the header's (named by line number).
     """
     path = Path(path)
     try:
@@ -209,8 +241,16 @@ def read_csv_table(path: str | Path, time_column: str = "timestamp") -> pd.DataF
         raise InputError(f"{path}: not UTF-8 text (byte {e.start}, {raw[e.start:e.start + 1]!r}); "
                          "save the CSV as UTF-8") from None
     try:
-        header = next(csv.reader(io.StringIO(text, newline="")), [])
-        header = [h.strip() for h in header]
+        rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+        header = [h.strip() for h in next(rows, [])]
+        unnamed = [i + 1 for i, h in enumerate(header) if not h]
+        if unnamed and header:
+            raise InputError(f"{path}: column(s) {_listing(unnamed)} of the header have no name; name each sensor's "
+                             "column by its sensor id (or remove the empty column)")
+        for row in rows:  # pandas would shift a row with an extra field under the wrong sensors
+            if row and len(row) != len(header):
+                raise InputError(f"{path}: line {rows.line_num} has {len(row)} field(s), the header {len(header)}; "
+                                 "give every row one value (or an empty cell) per column")
         dups = sorted({h for h in header if header.count(h) > 1})
         if dups:
             raise InputError(f"{path}: column(s) {_listing(dups)} appear more than once; give each sensor one column")
@@ -279,8 +319,9 @@ def cell_value(v: Any) -> tuple[float, str | None]:
     Returns:
         ``(value, problem)``: ``(x, None)`` for a number within float32's range; ``(nan, None)``
         for a missing value (``None``, NaN, an empty or ``NaN``/``nan``/``NA`` text cell);
-        ``(nan, reason)`` for a boolean, text that is not a number, any other object, an
-        infinite value or one beyond float32's range (about 3.4e38). Integers of any size are
+        ``(nan, reason)`` for a boolean, text that is not a plain ASCII decimal number
+        (:data:`PLAIN_NUMBER`: ``5_0``, ``0x10``, non-ASCII digits are refused), any other
+        object, an infinite value or one beyond float32's range (about 3.4e38). Integers of any size are
         compared exactly, never converted first.
     """
     if v is None:
@@ -297,10 +338,11 @@ def cell_value(v: Any) -> tuple[float, str | None]:
         text = v.strip()
         if text in MISSING_TEXT:
             return np.nan, None
-        try:
-            v = float(text)
-        except ValueError:
+        if INFINITE_TEXT.fullmatch(text):
+            return np.nan, "infinite"
+        if not PLAIN_NUMBER.fullmatch(text):
             return np.nan, "not a number"
+        v = float(text)
     if isinstance(v, (float, np.floating)):
         x = float(v)
         if np.isnan(x):

@@ -25,6 +25,7 @@ was edited; with a public key it also requires a valid signature.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch
 
 from fedldt.data.ranges import ValidRange, parse_valid_ranges
 from fedldt.data.windows import MaskedStandardScaler, model_inputs, time_features
-from fedldt.delivery.observations import InputError, InputWindow, _listing, select_window, wall_clock
+from fedldt.delivery.observations import InputError, InputWindow, _listing, select_window, unique_keys, wall_clock
 from fedldt.models import build_model
 
 #: Version 2 added ``field_sha256``, ``digest`` and complete file lists; version 1 packages are refused (re-export).
@@ -166,7 +167,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST_BYTES:
         raise PackageError(f"{mpath}: larger than {MAX_MANIFEST_BYTES} bytes; not a fedldt manifest")
     try:
-        manifest = json.loads(data, parse_constant=_strict_constant)
+        manifest = json.loads(data, parse_constant=_strict_constant, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise PackageError(f"{mpath}: not valid JSON ({e}); re-export the package") from None
     if not isinstance(manifest, dict):
@@ -198,6 +199,44 @@ def _check_fields(manifest: dict[str, Any], mpath: Path) -> None:
                            f"{DIGEST_FIELD} was edited); re-export the package")
 
 
+#: Largest ``window`` / ``horizon`` (steps) and ``interval_s`` (seconds, one year) a manifest may
+#: declare: a re-sealed manifest with ``horizon`` 10**12 would make every forecast exhaust memory.
+MAX_TASK_STEPS = 100_000
+MAX_INTERVAL_S = 366 * 86400
+
+
+def _check_task(task: dict[str, Any], mpath: Path) -> None:
+    """The task fields a forecast reads have the types and ranges ``fedldt export`` writes.
+
+    Raises:
+        PackageError: naming the field: ``window``/``horizon`` not an integer in
+            1..:data:`MAX_TASK_STEPS`, ``interval_s`` not an integer in 1..:data:`MAX_INTERVAL_S`,
+            ``timezone`` neither null nor an IANA time zone name, ``channels``/``units`` not
+            non-empty lists of text of the same length.
+    """
+    from zoneinfo import ZoneInfo
+
+    for key, top in (("window", MAX_TASK_STEPS), ("horizon", MAX_TASK_STEPS), ("interval_s", MAX_INTERVAL_S)):
+        v = task.get(key)
+        if type(v) is not int or not 1 <= v <= top:
+            raise PackageError(f"{mpath}: task.{key} = {str(v)[:40]!r} is not a whole number from 1 to {top}; "
+                               "re-export the package")
+    tz = task.get("timezone")
+    if tz is not None:
+        try:
+            ok = isinstance(tz, str) and ZoneInfo(tz) is not None
+        except (ValueError, OSError, KeyError):  # ZoneInfoNotFoundError is a KeyError; "../x" a ValueError
+            ok = False
+        if not ok:
+            raise PackageError(f"{mpath}: task.timezone = {str(tz)[:60]!r} is not an IANA time zone name; "
+                               "re-export the package")
+    channels, units = task.get("channels"), task.get("units")
+    if not (isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)
+            and isinstance(units, list) and len(units) == len(channels) and all(isinstance(u, str) for u in units)):
+        raise PackageError(f"{mpath}: task.channels and task.units must be lists of names of the same length; "
+                           "re-export the package")
+
+
 def expected_files(manifest: dict[str, Any]) -> set[str]:
     """The files a package with this manifest holds besides ``package.json`` (and ``package.sig``)."""
     names = {GLOBAL_WEIGHTS, SCALER, NODES, EDGES, CARD_JSON, CARD_MD}
@@ -211,9 +250,11 @@ def expected_files(manifest: dict[str, Any]) -> set[str]:
 def check_package(path: str | Path, verify_key: str | Path | None = None) -> dict[str, Any]:
     """Check that a folder is exactly a package written by ``fedldt export`` (without loading the model).
 
-    Checks, in order: ``package.json`` is a JSON object of format ``fedldt-model-package/2``;
+    Checks, in order: ``package.json`` is a JSON object (no key repeated) of format ``fedldt-model-package/2``;
     every name in its ``files`` is a plain relative path (no absolute path, ``..``, ``.``,
-    backslash); no field was edited (``field_sha256``) and ``digest`` matches; with
+    backslash); no field was edited (``field_sha256``) and ``digest`` matches; the task's
+    window, horizon, interval, time zone, channels and units are well-formed
+    (:func:`_check_task`); with
     ``verify_key``, ``package.sig`` is a valid Ed25519 signature of ``digest`` by that key (an
     unsigned package is refused); the folder holds no symbolic link, special file, unlisted
     file or folder (only ``package.json``, ``package.sig`` and the listed files); the listed
@@ -238,6 +279,7 @@ def check_package(path: str | Path, verify_key: str | Path | None = None) -> dic
     files = manifest["files"]
     members = {rel: _member(root, rel) for rel in files}
     _check_fields(manifest, mpath)
+    _check_task(manifest["task"], mpath)
     sig = root / SIGNATURE
     if verify_key is not None:
         try:
@@ -448,9 +490,11 @@ class ForecastPackage:
         """
         root = Path(path)
         manifest = check_package(root, verify_key)
-        nodes = pd.read_csv(root / NODES, dtype={"sensor_id": str})
+        # bytes, not a path: pandas expands a leading "~" of a path itself, so a package folder
+        # named "~" would have been checked here but read from the home folder
+        nodes = pd.read_csv(io.BytesIO((root / NODES).read_bytes()), dtype={"sensor_id": str})
         node_ids = nodes["sensor_id"].tolist()
-        edges = pd.read_csv(root / EDGES)
+        edges = pd.read_csv(io.BytesIO((root / EDGES).read_bytes()))
         edge_index = torch.as_tensor(edges[["source", "target"]].to_numpy(dtype=np.int64).T.copy())
         edge_weight = torch.as_tensor(edges["weight"].to_numpy(dtype=np.float32))
         if graph_hash(node_ids, edge_index, edge_weight) != manifest["graph_hash"]:

@@ -9,7 +9,7 @@ default ``localhost`` and ``127.0.0.1``); a request body over the size limit get
 is read whole (default 1 MB); more sensors or time steps than the limits, malformed JSON and
 observations that cannot give a correct forecast (unknown or missing sensor, too few steps,
 wrong interval, implausible or missing values...) get 422 with a short message naming the
-problem. Replies never carry stack traces, internal paths or echoed input, and never NaN or
+problem; a ``Content-Type`` other than JSON gets 415. Replies never carry stack traces, internal paths or echoed input, and never NaN or
 infinity. Forecasting runs in a worker thread, so ``/health`` answers while a forecast is being
 computed. Nothing a client sends stops the server.
 """
@@ -34,6 +34,9 @@ from fedldt.delivery.package import ENGINES, ForecastPackage
 from fedldt.delivery.schemas import MAX_PROBLEMS, ForecastRequest, ForecastResponse, OutputFormat, RequestLimits, answer
 
 NGSI_LD_MEDIA_TYPE = "application/ld+json"
+#: Content types ``POST /forecast`` reads (others get 415: a browser page elsewhere can send
+#: ``text/plain`` or form bodies cross-site without asking, never these).
+REQUEST_MEDIA_TYPES = ("application/json", NGSI_LD_MEDIA_TYPE)
 #: Host header values served by default: this machine only.
 DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1")
 #: Largest request body accepted by default, bytes.
@@ -166,6 +169,7 @@ def create_app(
                   "content": {NGSI_LD_MEDIA_TYPE: {"schema": {"type": "array", "items": {"type": "object"}}}},
                   "description": "JSON forecast, or NGSI-LD TrafficFlowObserved entities when output is 'ngsi-ld'"},
             413: {"model": ErrorDetail, "description": f"request body over the size limit"},
+            415: {"model": ErrorDetail, "description": "Content-Type other than application/json or application/ld+json"},
             422: {"model": ErrorDetail, "description": "observations that cannot give a correct forecast"},
         },
     )
@@ -173,6 +177,7 @@ def create_app(
         request: Request,
         output: OutputFormat | None = Query(None, description="overrides the body's 'output'"),
     ) -> JSONResponse:
+        _check_media_type(request)
         raw = await _read_body(request, max_body_bytes)
         try:
             return await run_in_threadpool(compute, raw, output)
@@ -189,6 +194,16 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _check_media_type(request: Request) -> None:
+    """Refuse (415) a body whose ``Content-Type`` is not one of :data:`REQUEST_MEDIA_TYPES`
+    (parameters such as ``; charset=utf-8`` are allowed; a missing header is refused too)."""
+    given = request.headers.get("content-type", "")
+    if given.split(";", 1)[0].strip().lower() not in REQUEST_MEDIA_TYPES:
+        raise HTTPException(status_code=415, detail=f"Content-Type {_short(given, 60)!r}: send the observations as "
+                                                    "JSON with Content-Type: application/json (or application/ld+json "
+                                                    "for NGSI-LD entities)")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
