@@ -107,3 +107,15 @@ def test_rich_display_on_a_terminal_shows_rounds_and_mae():
     assert "2/4" in text
     assert "val MAE 5.432" in text
     assert "left 0:00:40" in text  # 20 s per round since round 1, 2 rounds left
+
+
+def test_time_left_when_the_first_round_seen_is_not_round_1():
+    out = io.StringIO()
+    # display opens at t=0; the log is joined late: round 3 ends at 30 s, round 4 at 38 s
+    with RunProgress("federated", console=Console(file=out, width=300), clock=_clock(0.0, 30.0, 38.0)) as p:
+        p.update(RoundUpdate(3, 6, 2.0))
+        p.update(RoundUpdate(4, 6, 1.5))
+    assert out.getvalue() == (
+        "[fedldt] progress federated: round 3/6  elapsed 0:00:30  left 0:00:30  val MAE 2.000\n"  # 10 s/round x 3
+        "[fedldt] progress federated: round 4/6  elapsed 0:00:38  left 0:00:16  val MAE 1.500\n"  # 8 s/round x 2
+    )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 # "[fedldt] " + optional label (words that are not "round") + "round R/T" + optional "... val MAE X"
@@ -136,8 +137,9 @@ class RunProgress:
         clock: seconds, monotonic (default ``time.monotonic``); elapsed time and the estimate
             of time left come from it.
 
-    The time left is (rounds left) x (mean time per round since round 1 ended), or, after round 1
-    only, the time round 1 took since the display started (which includes start-up).
+    The time left is (rounds left) x (mean time per round since the first round seen ended), or,
+    at the first round seen, (time since the display started) / (rounds done), which includes
+    start-up.
     """
 
     def __init__(self, name: str = "", console: Console | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -146,7 +148,7 @@ class RunProgress:
         self.title = run_title(name)
         self.last: RoundUpdate | None = None
         self._t0 = 0.0
-        self._t_first: float | None = None
+        self._first: tuple[int, float] | None = None  # (first round seen, when it ended)
         self._lock = threading.Lock()
         self._bar: Progress | None = None
         self._task: TaskID | None = None
@@ -166,7 +168,7 @@ class RunProgress:
                 console=self.console, redirect_stdout=_isatty(sys.stdout), redirect_stderr=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.title, total=None, left="?", mae="n/a")
+            self._task = self._bar.add_task(escape(self.title), total=None, left="?", mae="n/a")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,24 +185,24 @@ class RunProgress:
 
     def time_left(self, upd: RoundUpdate, now: float) -> float:
         """Seconds estimated until round ``upd.total`` ends, given that ``upd.round`` ended at ``now``."""
-        if self._t_first is None or upd.round <= 1:
-            per_round = now - self._t0
+        if self._first is None or upd.round <= self._first[0]:
+            per_round = (now - self._t0) / upd.round
         else:
-            per_round = (now - self._t_first) / (upd.round - 1)
+            per_round = (now - self._first[1]) / (upd.round - self._first[0])
         return per_round * (upd.total - upd.round)
 
     def update(self, upd: RoundUpdate) -> None:
         """Show that round ``upd.round`` of ``upd.total`` ended with validation MAE ``upd.val_mae``."""
         with self._lock:
             now = self.clock()
-            if upd.round == 1 or self._t_first is None:
-                self._t_first = now
+            if self._first is None or upd.round <= self._first[0]:
+                self._first = (upd.round, now)
             left = _clock_text(self.time_left(upd, now))
             self.last = upd
             mae = fmt(upd.val_mae, 3)
             title = self.title if not upd.label or self.title.endswith(upd.label) else f"{self.title} {upd.label}"
             if self._bar is not None and self._task is not None:
-                self._bar.update(self._task, total=upd.total, completed=upd.round, left=left, mae=mae, description=title)
+                self._bar.update(self._task, total=upd.total, completed=upd.round, left=left, mae=mae, description=escape(title))
             else:
                 self.console.print(
                     f"[fedldt] progress {title}: round {upd.round}/{upd.total}  elapsed {_clock_text(now - self._t0)}  "
