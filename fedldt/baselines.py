@@ -14,6 +14,7 @@ and ``summary.json`` schema as the federated run.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 
 from fedldt.config import load_territories
 from fedldt.engine import TerritoryTask, derive_seed, seed_everything, task_from_config, train_epochs
+from fedldt.launch.progress import RunProgress, round_line
 from fedldt.metrics import MetricSums, pool, report
 from fedldt.models import build_model
 from fedldt.results import NOT_AVAILABLE, build_summary, write_run_outputs
@@ -45,23 +47,30 @@ def initial_model(cfg: dict[str, Any], task: TerritoryTask, per_territory: bool 
 def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple[int, TerritoryTask]],
                   history: list[dict[str, Any]], val: dict[int, list], label: str | None) -> None:
     """Train ``model`` on ``tasks`` (index, task) round by round, appending per-territory history
-    rows and, per round, each territory's ``(train loss, validation sums)`` to ``val``."""
+    rows and, per round, each territory's ``(train loss, validation sums)`` to ``val``. With a
+    ``label``, each round prints its progress line (train loss, pooled validation MAE) and shows it
+    in a :class:`~fedldt.launch.progress.RunProgress` display."""
     tr = cfg["train"]
     opt = torch.optim.Adam(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
     steps = list(cfg["task"]["report_steps"])
-    for rnd in range(1, int(tr["rounds"]) + 1):
-        seeds = [(task, derive_seed(cfg["seed"], idx, rnd)) for idx, task in tasks]
-        loss = train_epochs(model, opt, seeds, int(tr["local_epochs"]), seed=derive_seed(cfg["seed"], 10_000, rnd),
-                            grad_clip=tr["grad_clip"])
-        for idx, task in tasks:
-            sums = task.evaluate(model, "val")
-            val.setdefault(rnd, []).append((loss, sums, task.dataset.name))
-            history.append({"round": rnd, "territory": task.dataset.name, "train_loss": loss,
-                            "num_train": task.num_windows("train"),
-                            **{f"val_{m}_{h}": v for m, b in report(sums, steps).items() for h, v in b.items()},
-                            "eval_status": NOT_AVAILABLE if int(sums.num_valid.sum()) == 0 else "ok"})
-        if label:
-            print(f"[fedldt] {label} round {rnd}/{tr['rounds']}  train loss {loss:.4f}", flush=True)
+    rounds = int(tr["rounds"])
+    with RunProgress(label) if label else nullcontext() as progress:
+        for rnd in range(1, rounds + 1):
+            seeds = [(task, derive_seed(cfg["seed"], idx, rnd)) for idx, task in tasks]
+            loss = train_epochs(model, opt, seeds, int(tr["local_epochs"]), seed=derive_seed(cfg["seed"], 10_000, rnd),
+                                grad_clip=tr["grad_clip"])
+            for idx, task in tasks:
+                sums = task.evaluate(model, "val")
+                val.setdefault(rnd, []).append((loss, sums, task.dataset.name))
+                history.append({"round": rnd, "territory": task.dataset.name, "train_loss": loss,
+                                "num_train": task.num_windows("train"),
+                                **{f"val_{m}_{h}": v for m, b in report(sums, steps).items() for h, v in b.items()},
+                                "eval_status": NOT_AVAILABLE if int(sums.num_valid.sum()) == 0 else "ok"})
+            if progress is not None:
+                mae = report(pool(sums for _, sums, _ in val[rnd]), [])["mae"]["all"]
+                line = round_line(rnd, rounds, loss, mae, label)
+                print(line, flush=True)
+                progress.feed(line)
 
 
 def _pooled_rounds(cfg: dict[str, Any], val: dict[int, list]) -> list[dict[str, Any]]:

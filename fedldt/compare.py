@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from fedldt.baselines import MODES, build_tasks  # noqa: E402
+from fedldt.launch.progress import run_slot  # noqa: E402
 from fedldt.models import build_model  # noqa: E402
 from fedldt.results import check_publish_dir, publish  # noqa: E402
 from fedldt.runner import run_mode  # noqa: E402
@@ -186,9 +187,10 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     run_dirs = {m: out / m for m in MODES}
     summaries = {}
-    for m in MODES:
+    for k, m in enumerate(MODES, 1):
         print(f"[fedldt] === mode {m} ===", flush=True)
-        summaries[m] = run_mode(cfg, overrides, run_dirs[m], mode=m)
+        with run_slot(k, len(MODES), m):
+            summaries[m] = run_mode(cfg, overrides, run_dirs[m], mode=m)
     cmp = comparison_json(summaries)
     artifacts = [out / ARTIFACTS[0], out / ARTIFACTS[1]]
     artifacts[0].write_text(json.dumps(cmp, indent=2, allow_nan=False) + "\n")

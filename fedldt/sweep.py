@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from fedldt.config import compose_config, resolve_config
 from fedldt.results import check_publish_dir, publish
+from fedldt.launch.progress import run_slot
 from fedldt.runner import run_mode
 
 ARTIFACTS = ("models_strategies.json", "models_strategies.md")
@@ -97,7 +98,8 @@ def run_sweep(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str | Path
         label = _label(model, strategy, pers)
         print(f"[fedldt] === sweep {len(rows) + 1}: {label} ===", flush=True)
         t0 = time.time()
-        summary = run_mode(cfg, run_ov, out / label, mode="federated")
+        with run_slot(len(rows) + 1, len(combos), label):
+            summary = run_mode(cfg, run_ov, out / label, mode="federated")
         rows.append({
             "model": model, "strategy": strategy, "personalization": pers,
             "test": summary["test"], "test_per_territory": summary["test_per_territory"],

@@ -30,6 +30,8 @@ from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMe
                                      FedYogi, Krum)
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from fedldt.launch.progress import fmt as _fmt
+from fedldt.launch.progress import round_line
 from fedldt.metrics import MetricSums, pool, report
 from fedldt.results import NOT_AVAILABLE
 from fedldt.strategy_options import strategy_arguments
@@ -301,12 +303,9 @@ class FedLDTStrategy:
                             "val_not_available": [self._tid(i) for i in sorted(unavailable)]})
         per_mae = "  ".join(f"{self.territory_ids.get(i, i)}={_fmt(report(s, [])['mae']['all'], 3)}" for i, s in per.items())
         last = f"h{self.report_steps[-1]}"
-        print(
-            f"[fedldt] round {server_round}/{self.num_rounds}  train loss {_fmt(mean_loss, 4)}  "
-            f"val MAE {_fmt(pooled['mae']['all'], 3)} ({last} {_fmt(pooled['mae'][last], 3)})  "
-            f"per territory: {per_mae}",
-            flush=True,
-        )
+        # the progress line the launching process shows (fedldt.launch.progress parses it)
+        print(round_line(server_round, self.num_rounds, mean_loss, pooled["mae"]["all"],
+                         extra=f" ({last} {_fmt(pooled['mae'][last], 3)})  per territory: {per_mae}"), flush=True)
         return MetricRecord({k: v for k, v in _flat(pooled, "val_").items() if v is not None})
 
     def _record_failures(self, server_round: int, phase: str, replies: list[Message]) -> None:
@@ -334,10 +333,6 @@ class FedLDTStrategy:
 
     def _tid(self, idx: int | None) -> str | None:
         return None if idx is None else self.territory_ids.get(idx, str(idx))
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _flat(block: dict[str, dict[str, float | None]], prefix: str) -> dict[str, float | None]:

@@ -28,11 +28,12 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psutil
 
 from fedldt.config import checkout_root
+from fedldt.launch.progress import RunProgress
 
 
 class RunFailed(RuntimeError):
@@ -232,7 +233,8 @@ def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: di
     print(f"[fedldt] Flower run {run_id} submitted; log: {log_path}", flush=True)
     streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env, cwd=cwd,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    t = threading.Thread(target=_tee, args=(streamer.stdout, log_path), daemon=True)
+    progress = RunProgress("federated").__enter__()  # rounds from the ServerApp's progress lines
+    t = threading.Thread(target=_tee, args=(streamer.stdout, log_path, progress.feed), daemon=True)
     t.start()
     deadline = time.monotonic() + timeout_s
     status = ""
@@ -249,18 +251,22 @@ def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: di
     finally:
         stop_process(streamer, grace=3.0)
         t.join(timeout=3.0)
+        progress.__exit__(None, None, None)
     if status != "finished:completed":
         raise RunFailed(f"Flower run {run_id} ended with status '{status}'; see {log_path}")
     return run_id
 
 
-def _tee(stream, log_path: Path) -> None:
+def _tee(stream, log_path: Path, on_line: Callable[[str], object] | None = None) -> None:
+    """Copy every line of ``stream`` to stdout and ``log_path`` (appended), and pass it to ``on_line``."""
     with open(log_path, "a") as f:
         for line in stream:
             sys.stdout.write(line)
             sys.stdout.flush()
             f.write(line)
             f.flush()
+            if on_line is not None:
+                on_line(line)
 
 
 def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1) -> dict[str, Any]:
