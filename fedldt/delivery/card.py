@@ -212,7 +212,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     if m["onnx"]:
         o = m["onnx"]
-        out.append(f"- ONNX (`model.onnx`, opset {o['opset']}, dense transition matrices for this graph): max |ONNX Runtime "
+        out.append(f"- ONNX (`model.onnx`, opset {o['opset']}, dense graph matrices for this graph): max |ONNX Runtime "
                    f"- PyTorch| = {o['parity_max_abs_err']:.2e} {card['task']['units'][0]} on {o['parity_windows']} test windows.")
     out += [
         "", "## Training", "",
