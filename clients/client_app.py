@@ -4,8 +4,7 @@ comes from the SuperNode's node config (see ``docs/deploy.md``):
 
 * ``territory`` (deployment) or ``partition-id`` (simulation): the territory index;
 * ``data-root`` / ``data-path``: the territory's own data location (replaces the server's path);
-* ``out-dir``: the territory's output folder (its egress log, ``egress.jsonl``);
-* ``fail-in-round``: TEST ONLY, makes training raise in that round.
+* ``out-dir``: the territory's output folder (its egress log, ``egress.jsonl``).
 
 The run config arrives as JSON in every message. Every reply passes the egress mod of the
 territory's installed fedldt (:func:`clients.audit.egress_audit_mod`): it is checked
@@ -14,11 +13,16 @@ logged, and an exception becomes an error reply with its type and a code only (t
 the territory's ``errors.log``). See ``docs/egress.md``.
 The territory's local entries (node embeddings, integer buffers, personalized layers) stay in
 ``context.state`` between rounds and are never put in a reply.
+
+:func:`build_app` builds this ClientApp with extra mods inside the egress mod (their replies and
+exceptions pass the egress check too); tests use it to ship an app that injects failures
+(``tests/mods.py``, ``tests/apps.py``). The production ``app`` has the egress mod only.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Callable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +31,6 @@ from clients import territory
 from clients.audit import egress_audit_mod
 from fedldt.egress import CONFIG_KEY
 
-app = ClientApp(mods=[egress_audit_mod])
 LOCAL_KEY = "fedldt-local"  # context.state array record of this territory's local entries
 
 
@@ -40,17 +43,14 @@ def _cfg(msg: Message, context: Context) -> dict:
     return territory.territory_config(json.loads(str(msg.content["config"][CONFIG_KEY])), context.node_config)
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     info = territory.describe(_cfg(msg, context), territory.territory_index(context.node_config))
     return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = _cfg(msg, context)
     conf = msg.content["config"]
-    territory.check_injected_failure(context.node_config, int(conf["server-round"]))
     shared, local, metrics = territory.train(
         cfg, territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
         server_round=int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)), local_state=_local(context),
@@ -59,7 +59,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     metrics = territory.evaluate(
@@ -67,3 +66,18 @@ def evaluate(msg: Message, context: Context) -> Message:
         split=str(conf["split"]), local_state=_local(context),
     )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def build_app(extra_mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:
+    """The territory's ClientApp: the query/train/evaluate handlers behind the egress mod, then
+    ``extra_mods`` (Flower mods ``mod(msg, context, call_next) -> Message``, applied in order
+    inside the egress mod, so whatever they return or raise is checked and coded like a handler's).
+    """
+    client_app = ClientApp(mods=[egress_audit_mod, *extra_mods])
+    client_app.query()(query)
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = build_app()

@@ -39,25 +39,6 @@ def territory_index(node_config: Mapping[str, Any]) -> int:
     )
 
 
-class InjectedFailure(RuntimeError):
-    """TEST ONLY: raised by :func:`check_injected_failure` when node config ``fail-in-round`` says so."""
-
-
-def check_injected_failure(node_config: Mapping[str, Any], server_round: int) -> None:
-    """TEST ONLY: fail this territory's training in one round, to exercise failure handling.
-
-    A SuperNode started with ``--node-config '... fail-in-round=2'`` raises in the train
-    handler of round 2 (its reply to the server becomes an error). Never set this key in a
-    real federation.
-
-    Raises:
-        InjectedFailure: ``node_config["fail-in-round"] == server_round``.
-    """
-    fail = node_config.get("fail-in-round")
-    if fail is not None and int(fail) == int(server_round):
-        raise InjectedFailure(f"test-only failure injected by node config fail-in-round={fail} (round {server_round})")
-
-
 def territory_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
     """The run config as this territory uses it: its own data location replaces the server's.
 

@@ -36,6 +36,7 @@ from fedldt.launch.loopback import LocalFederation
 from fedldt.launch.simulation import RunFailed, flwr_env, free_port, processes_with_home
 from fedldt.metrics import SUM_KEYS
 from fedldt.results import REFERENCES
+from tests.apps import write_test_app
 from tests.conftest import write_los_loop_like
 
 pytestmark = pytest.mark.slow
@@ -292,9 +293,16 @@ def federation(tmp_path_factory):
     base = tmp_path_factory.mktemp("federation")
     # The territories' own data; the server gets a data root that does not exist.
     write_los_loop_like(base / "territory-data" / "los_loop", num_nodes=12, num_steps=300, seed=2)
+    # fail-in-round is read by the test app's fail_in_round_mod (tests/mods.py), not by the production app.
     fed = LocalFederation(base / "fed", 3, data_root=base / "territory-data", node_config={1: {"fail-in-round": 1}})
     with fed:
         yield fed
+
+
+@pytest.fixture(scope="module")
+def failing_app(tmp_path_factory):
+    """The production app plus the test-only fail_in_round_mod, as a FAB folder (tests/apps.py)."""
+    return write_test_app(tmp_path_factory.mktemp("apps") / "failing", ["fail_in_round_mod"])
 
 
 def _overrides(**extra):
@@ -425,8 +433,9 @@ def test_a_territory_with_the_ca_and_its_key_cannot_register_list_or_submit(fede
     assert "refused POST '/v1/control/register-node'" in gateway_log and "refused POST '/v1/control/start-run'" in gateway_log
 
 
-def test_failed_and_restarted_territories_rejoin_later_rounds(federation):
-    """Territory 1 raises in round 1 (node config fail-in-round=1); territory 2's SuperNode is
+def test_failed_and_restarted_territories_rejoin_later_rounds(federation, failing_app):
+    """Territory 1 raises in round 1 (node config fail-in-round=1, read by the test app's
+    fail_in_round_mod); territory 2's SuperNode is
     stopped (SIGTERM) once round 1 is aggregated, and restarted. Round 1 completes with the
     others (min_train_territories=2); territory 2 may miss round 2 while it is away (recorded as
     a failure, the round goes on with the other two) and trains again in round 3."""
@@ -451,7 +460,7 @@ def test_failed_and_restarted_territories_rejoin_later_rounds(federation):
     watcher = threading.Thread(target=kill_and_restart, daemon=True)
     watcher.start()
     summary = federation.run(_overrides(**{"federation.min_train_territories": 2, "train.rounds": 3}), run_dir,
-                             timeout_s=1500)
+                             timeout_s=1500, app_dir=failing_app)
     watcher.join(timeout=60)
     assert events == ["killed", "restarted"] and federation.territories[2].proc.pid != first_pid
     assert summary["dataset"]["path"] == "/nonexistent/fedldt-server-has-no-data/los_loop"  # the server has no data
@@ -479,13 +488,30 @@ def test_failed_and_restarted_territories_rejoin_later_rounds(federation):
     assert ("train", 3) in [(e["message_type"], e["server_round"]) for e in egress if e["error"] is None]
 
 
-def test_too_few_territories_stop_the_run_with_a_clear_error(federation):
+def test_too_few_territories_stop_the_run_with_a_clear_error(federation, failing_app):
     run_dir = federation.run_dir / "run-min3"
     with pytest.raises(RunFailed, match="finished:failed"):
-        federation.run(_overrides(**{"federation.min_train_territories": 3, "train.rounds": 1}), run_dir, timeout_s=900)
+        federation.run(_overrides(**{"federation.min_train_territories": 3, "train.rounds": 1}), run_dir, timeout_s=900,
+                       app_dir=failing_app)
     log = (federation.logs / "server.log").read_text()
     assert re.search(r"round 1: only 2 of 3 territories trained, fewer than federation.min_train_territories=3", log)
     assert not (run_dir / "summary.json").exists()
+
+
+def test_hard_kill_is_sigkill_and_takes_the_helpers_and_the_node_comes_back(federation):
+    """kill_territory(hard=True) kills the SuperNode with SIGKILL, as a crash would (returncode
+    -9), and its helper processes (found by its FLWR_HOME) with it; the territory is then admitted
+    again once the SuperLink lets its heartbeat expire."""
+    t = federation.territories[0]
+    assert t.proc is not None and t.proc.poll() is None
+    helpers = processes_with_home(t.home)
+    assert any(p.pid != t.proc.pid for p in helpers), [p.cmdline() for p in helpers]  # e.g. flower-superexec
+    federation.kill_territory(0, hard=True)
+    assert t.proc.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    assert processes_with_home(t.home) == [] and not any(_alive_flower(p.pid) for p in helpers)
+    federation.start_territory(0, wait=True, timeout=300)
+    assert federation.supernodes()[t.node_id] == "online"
 
 
 def test_federation_stops_every_process(federation):

@@ -1,5 +1,5 @@
 """The pieces of a deployment that run without Flower's runtime: certificates and keys, node
-config (a territory's own data path, test-only failure injection), the egress audit mod, and
+config (a territory's own data path), test-only mods and the test app that ships them, the egress audit mod, and
 how the strategy records failed replies. The real processes are in tests/test_deploy.py."""
 
 import json
@@ -17,14 +17,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 
 from clients import territory
 from clients.audit import EGRESS_LOG, egress_log_path
-from clients.client_app import app
+from clients.client_app import app, build_app
 from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
 from fedldt.launch.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
 from fedldt.launch.loopback import node_config_arg
 from fedldt.metrics import SUM_KEYS
 from server.rounds import min_train_territories
 from server.strategy import FedLDTAvg, FederationError
+from tests.apps import write_test_app
 from tests.conftest import write_los_loop_like
+from tests.mods import InjectedFailure, fail_in_round_mod
 
 
 def _md(mtype, msg_id="m1", src=0, dst=1, reply_to=""):
@@ -168,8 +170,8 @@ def _self_signed_pem() -> bytes:
 
 
 def test_node_config_arg_quotes_strings_and_refuses_spaces():
-    assert node_config_arg({"territory": 2, "data-root": "/srv/data", "fail-in-round": 1}) == \
-        'territory=2 data-root="/srv/data" fail-in-round=1'
+    assert node_config_arg({"territory": 2, "data-root": "/srv/data", "fail-in-round": 1, "x": 0.5}) == \
+        'territory=2 data-root="/srv/data" fail-in-round=1 x=0.5'
     with pytest.raises(ValueError, match="spaces"):
         node_config_arg({"data-root": "/my data"})
 
@@ -217,22 +219,62 @@ def test_clientapp_uses_its_own_data_and_logs_what_it_sends(own_data, tmp_path):
     assert rec["name"] == "info" and rec["kind"] == "config" and set(rec["config"]) == set(info)
 
 
-def test_fail_in_round_is_test_only_and_hits_one_round(own_data, tmp_path):
+def _train_msg(cfg, server_round):
+    content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
+                          "config": ConfigRecord({"fedldt-config": json.dumps(cfg), "server-round": server_round})})
+    return Message(content, metadata=_md(MessageType.TRAIN))
+
+
+def test_fail_in_round_mod_hits_one_round_behind_the_egress_mod(own_data, tmp_path):
+    """The test-only failure is a mod the test adds (tests/mods.py), not part of the production app."""
     root, cfg = own_data
-    territory.check_injected_failure({"fail-in-round": 2}, 1)
-    territory.check_injected_failure({}, 2)
-    with pytest.raises(territory.InjectedFailure, match="test-only"):
-        territory.check_injected_failure({"fail-in-round": 2}, 2)
     out = tmp_path / "out"
+    failing = build_app([fail_in_round_mod])
     ctx = Context(run_id=7, node_id=11, node_config={"territory": 0, "data-root": str(root), "out-dir": str(out),
                                                      "fail-in-round": 1}, state=RecordDict(), run_config={})
-    content = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
-                          "config": ConfigRecord({"fedldt-config": json.dumps(cfg), "server-round": 1})})
-    reply = app(Message(content, metadata=_md(MessageType.TRAIN)), ctx)  # the egress mod: a coded error reply
+    reply = failing(_train_msg(cfg, 1), ctx)  # the egress mod: a coded error reply
     assert reply.has_error() and reply.error.reason == "InjectedFailure [fedldt-100]"
     (entry,) = [json.loads(line) for line in (out / EGRESS_LOG).read_text().splitlines()]
     assert entry["records"] == [] and entry["error"] == "InjectedFailure [fedldt-100]" and entry["server_round"] == 1
     assert "test-only failure injected by node config fail-in-round=1" in (out / "errors.log").read_text()
+    # other rounds reach the train handler (which refuses these 2-value arrays: not the model's)
+    other = failing(_train_msg(cfg, 2), ctx)
+    assert other.error.reason == "ValueError [fedldt-100]"
+    # the production app ignores the key: round 1 reaches its train handler too
+    prod = app(_train_msg(cfg, 1), ctx)
+    assert prod.error.reason == "ValueError [fedldt-100]"
+    assert (out / "errors.log").read_text().count("fail-in-round=1") == 1
+    with pytest.raises(InjectedFailure, match="round 3"):  # the mod alone, around a handler
+        fail_in_round_mod(_train_msg(cfg, 3), Context(run_id=1, node_id=1, node_config={"fail-in-round": 3},
+                                                      state=RecordDict(), run_config={}), lambda m, c: m)
+
+
+def test_production_code_has_no_test_hook():
+    """No test-only branch in what territories run: clients/ and fedldt/ never mention fail-in-round."""
+    for folder in ("clients", "server", "fedldt"):
+        for f in (checkout_root() / folder).rglob("*.py"):
+            assert "fail-in-round" not in f.read_text() and "InjectedFailure" not in f.read_text(), f
+
+
+def test_test_app_ships_the_production_app_with_the_listed_mods(tmp_path):
+    """tests/apps.py writes a FAB folder: the production clients/ and server/, the mods, and a
+    ClientApp component that adds them; Flower's own FAB builder accepts it and includes them."""
+    from flwr.cli.build import build_fab_from_disk
+
+    app_dir = write_test_app(tmp_path / "app", ["fail_in_round_mod"])
+    text = (app_dir / "pyproject.toml").read_text()
+    assert 'clientapp = "fedldt_test_app:app"' in text and 'serverapp = "server.server_app:app"' in text
+    assert (app_dir / "clients" / "client_app.py").read_text() == (checkout_root() / "clients" / "client_app.py").read_text()
+    assert "build_app([MODS[name] for name in ['fail_in_round_mod']])" in (app_dir / "fedldt_test_app.py").read_text()
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir))).namelist()
+    assert {"fedldt_test_app.py", "fedldt_test_mods.py", "clients/client_app.py", "server/server_app.py",
+            "pyproject.toml"} <= set(names), names
+    with pytest.raises(ValueError, match="unknown test mods"):
+        write_test_app(tmp_path / "bad", ["no_such_mod"])
+    assert not (tmp_path / "bad").exists()
 
 
 # -- failures in the strategy ----------------------------------------------------------------

@@ -20,7 +20,7 @@ from fedldt.cli import main
 from fedldt.data.windows import collate
 from fedldt.delivery import ForecastPackage, InputError, PackageError
 from fedldt.delivery import signing
-from fedldt.delivery.export import LOCAL_PARAMS_DIR, ExportError, _test_batch, export_package
+from fedldt.delivery.export import ExportError, _test_batch, export_package
 from fedldt.delivery.onnx_export import run_onnx
 from fedldt.delivery.package import check_package, graph_hash
 from fedldt.launch.simulation import free_port
@@ -86,21 +86,15 @@ def test_onnx_matches_pytorch_within_1e4_on_other_batch_sizes(package_dir, in_ru
         assert np.abs(out - reference).max() <= 1e-4
 
 
-def test_local_parameters_override_the_global_ones(finished_run, package_dir, in_run, tmp_path):
+def test_package_holds_the_global_model_only_and_without_timezone_needs_naive_times(finished_run, in_run, tmp_path):
+    """Personalized weights are not exported (no producer yet): the manifest says ``local: null``,
+    the card ``weights: global``, and ``weights/`` holds ``global.pt`` only."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns("logs", ".hydra"))
-    bias = torch.load(finished_run / "model.pt", weights_only=True)["state_dict"]["readout.bias"]
-    (run / LOCAL_PARAMS_DIR).mkdir()
-    torch.save({"readout.bias": bias + 1.0}, run / LOCAL_PARAMS_DIR / f"{PACKAGED_TERRITORY}.pt")
     local = export_package(run, PACKAGED_TERRITORY, tmp_path / "pkg", onnx=False)
-    assert local.manifest["weights"]["local"] == "weights/local.pt" and local.manifest["onnx"] is None
-    assert local.card()["model"]["local_parameters"] == ["readout.bias"]
-    glob = ForecastPackage.load(package_dir)
-    batch = collate([in_run.task.windows["test"][0]])
-    with torch.no_grad():
-        y_local = local.model(batch.x, local.edge_index, local.edge_weight)
-        y_glob = glob.model(batch.x, glob.edge_index, glob.edge_weight)
-    assert torch.allclose(y_local - y_glob, torch.ones_like(y_glob), atol=1e-5)  # +1 in scaled units, every output
+    assert local.manifest["weights"] == {"global": "weights/global.pt", "local": None} and local.manifest["onnx"] is None
+    assert local.card()["model"]["weights"] == "global" and "local_parameters" not in local.card()["model"]
+    assert sorted(p.name for p in (tmp_path / "pkg" / "weights").iterdir()) == ["global.pt"]
     # exported without --timezone: timestamps must be naive local times
     assert local.timezone is None and any("time zone was not recorded" in x for x in local.card()["limitations"])
     ds = in_run.task.dataset

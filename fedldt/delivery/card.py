@@ -77,7 +77,6 @@ def build_card(
     provenance: Mapping[str, Any],
     model_config: Mapping[str, Any],
     num_parameters: int,
-    local_params: list[str] | None,
     reproduced: Mapping[str, Any],
     onnx_info: Mapping[str, Any] | None,
     run_finished: str,
@@ -97,7 +96,6 @@ def build_card(
         train_complete: the territory's training part had no missing value.
         provenance: see :func:`dataset_provenance`.
         model_config: the model's config; num_parameters: its parameter count.
-        local_params: names of personalized parameters in ``weights/local.pt``, or ``None``.
         reproduced: the test MAE re-computed at export vs the reported one.
         onnx_info: ONNX export facts (opset, parity error) or ``None``.
         run_finished: time the run wrote its model; created: export time; both ISO 8601.
@@ -120,13 +118,9 @@ def build_card(
         f"{interval_min:g} min apart; a new, moved or removed sensor needs a new run and export "
         "(the graph hash changes).",
     ]
-    if local_params is None:
-        limitations.append(
-            f"A global {summary['mode']} model ({cfg['strategy']['name']} over {len(summary['territories'])} "
-            "territories), not personalized to this territory.")
-    else:
-        limitations.append("Personalized parameters (weights/local.pt) override the global model; the test "
-                           "metrics below were measured with the global model.")
+    limitations.append(
+        f"A global {summary['mode']} model ({cfg['strategy']['name']} over {len(summary['territories'])} "
+        "territories), not personalized to this territory.")
     if train_complete:
         limitations.append("The training data had no missing value; forecasts from inputs with missing values "
                            "(allow_missing) are outside the training conditions.")
@@ -147,8 +141,7 @@ def build_card(
                       "sensors_file": "nodes.csv", "edges_file": "edges.csv"},
         "model": {"name": model_config["name"], "description": MODEL_PAPERS.get(model_config["name"], ""),
                   "config": dict(model_config), "num_parameters": num_parameters,
-                  "weights": "global" if local_params is None else "global + local",
-                  "local_parameters": local_params, "onnx": onnx_info},
+                  "weights": "global", "onnx": onnx_info},
         "task": {
             "inputs": f"the {task['window']} most recent {channel} observations ({unit}) of every sensor, "
                       f"{interval_min:g} min apart",
@@ -219,7 +212,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     ]
     if m["onnx"]:
         o = m["onnx"]
-        out.append(f"- ONNX (`model.onnx`, opset {o['opset']}, dense transition matrices for this graph): max |ONNX Runtime "
+        out.append(f"- ONNX (`model.onnx`, opset {o['opset']}, dense graph matrices for this graph): max |ONNX Runtime "
                    f"- PyTorch| = {o['parity_max_abs_err']:.2e} {card['task']['units'][0]} on {o['parity_windows']} test windows.")
     out += [
         "", "## Training", "",

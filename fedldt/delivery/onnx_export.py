@@ -1,12 +1,14 @@
 """ONNX export of a territory's forecaster: fixed graph, dynamic batch, data units in and out.
 
-The DCRNN model multiplies by its random-walk transition matrices with ``torch.sparse.mm``,
-which the ONNX exporters do not support. :class:`FixedGraphForecaster` precomputes the dense
-transition matrices of the territory's (fixed) graph and calls the same model code with dense
-products (:meth:`fedldt.models.dcrnn.DCRNNForecaster.forward_transitions`); it also bakes in the
-territory's scaler, so the ONNX model reads raw observations and returns data units. The
-PyTorch model used for training is unchanged; :func:`parity_error` measures how far ONNX
-Runtime is from it.
+The models propagate over the graph with sparse products (``torch.sparse.mm``) or PyG's
+scatter-based ``ChebConv``, which the ONNX exporters do not support. Every fedldt model
+therefore offers a fixed-graph path: ``graph_operators(edge_index, edge_weight, num_nodes)``
+returns the territory's graph as dense ``[node, node]`` matrices (DCRNN and Graph WaveNet: the
+random-walk transitions; STGCN: the scaled Laplacian), and ``forward_dense(x, *operators)`` runs
+the same layers with dense products. :class:`FixedGraphForecaster` stores those matrices as
+buffers and bakes in the territory's scaler, so the ONNX model reads raw observations and
+returns data units. The PyTorch model used for training is unchanged; :func:`parity_error`
+measures how far ONNX Runtime is from it, and :func:`parity_tolerance` says how far is too far.
 """
 
 from __future__ import annotations
@@ -19,19 +21,44 @@ import torch
 from torch import Tensor, nn
 
 from fedldt.data.windows import MaskedStandardScaler
-from fedldt.models.dcrnn import transition_matrices
 
 #: ONNX opset of exported models (ONNX Runtime >= 1.14 runs it).
 OPSET = 17
 INPUT_NAMES = ("values", "mask", "calendar")
 OUTPUT_NAME = "forecast"
+#: Relative parity tolerance, see :func:`parity_tolerance`.
+PARITY_RTOL = 1e-4
+
+
+class NotExportable(ValueError):
+    """The model has no fixed-graph path (``graph_operators``/``forward_dense``); the message
+    names the model and the fix (``--no-onnx``)."""
+
+
+def parity_tolerance(targets: np.ndarray) -> float:
+    """Largest accepted ``max |ONNX Runtime - PyTorch|``, in data units:
+    ``PARITY_RTOL * max(1, mean |targets|)`` = ``1e-4 * max(1, mean |y|)``.
+
+    float32 rounding grows with the values' magnitude, so a fixed absolute tolerance fails for
+    counts in the thousands; relative to the data's scale it is 1e-4 mph for speeds around
+    50 mph (floor 1e-4 for data below 1 in magnitude) and 0.2 for counts around 2000.
+
+    Args:
+        targets: data-unit values of the data (e.g. the observed inputs of the parity windows),
+            any shape; non-finite entries are ignored.
+    """
+    a = np.abs(np.asarray(targets, dtype=np.float64))
+    a = a[np.isfinite(a)]
+    scale = float(a.mean()) if a.size else 0.0
+    return PARITY_RTOL * max(1.0, scale)
 
 
 class FixedGraphForecaster(nn.Module):
     """A trained forecaster bound to one territory's graph and scaler, for export.
 
     Args:
-        model: a fedldt model with ``forward_transitions(x, p_f, p_b)`` (DCRNN).
+        model: a fedldt model with ``graph_operators(edge_index, edge_weight, num_nodes)`` and
+            ``forward_dense(x, *operators)`` (DCRNN, STGCN, Graph WaveNet).
         edge_index: ``[2, E]`` int64 graph of the territory; edge_weight ``[E]`` float32.
         num_nodes: N, the territory's number of sensors.
         scaler: the territory's fitted scaler (``mean``/``std`` ``[1, N or 1, C]``).
@@ -42,16 +69,24 @@ class FixedGraphForecaster(nn.Module):
         calendar ``[batch, window, k]`` float32 covariates of each step
         (:func:`fedldt.data.windows.time_features`) -> forecast ``[batch, horizon, N, C]``
         float32 in data units.
+
+    Raises:
+        NotExportable: ``model`` has no fixed-graph path.
     """
 
     def __init__(self, model: nn.Module, edge_index: Tensor, edge_weight: Tensor, num_nodes: int,
                  scaler: MaskedStandardScaler) -> None:
         super().__init__()
+        if not (callable(getattr(model, "graph_operators", None)) and callable(getattr(model, "forward_dense", None))):
+            name = getattr(model, "name", type(model).__name__)
+            raise NotExportable(f"model '{name}' cannot be exported to ONNX (it has no fixed-graph path: "
+                                "graph_operators/forward_dense); export with --no-onnx and use the torch engine")
         self.model = model
         self.num_nodes = int(num_nodes)
-        p_f, p_b = transition_matrices(edge_index, edge_weight.float(), self.num_nodes)
-        self.register_buffer("p_f", p_f.to_dense())  # [N, N]
-        self.register_buffer("p_b", p_b.to_dense())  # [N, N]
+        ops = model.graph_operators(edge_index, edge_weight.float(), self.num_nodes)
+        self.num_operators = len(ops)
+        for i, op in enumerate(ops):
+            self.register_buffer(f"op{i}", op.to_dense().float())  # [N, N]
         self.register_buffer("mean", torch.as_tensor(scaler.mean[0], dtype=torch.float32))  # [N or 1, C]
         self.register_buffer("std", torch.as_tensor(scaler.std[0], dtype=torch.float32))  # [N or 1, C]
 
@@ -59,7 +94,8 @@ class FixedGraphForecaster(nn.Module):
         scaled = (values - self.mean) / self.std * mask  # [B, W, N, C], as MaskedStandardScaler.transform * mask
         cal = calendar.unsqueeze(2).expand(-1, -1, self.num_nodes, -1)  # [B, W, N, k]
         x = torch.cat([scaled, cal], dim=-1)  # [B, W, N, C+k]
-        y = self.model.forward_transitions(x, self.p_f, self.p_b)  # [B, H, N, C] scaled
+        ops = [getattr(self, f"op{i}") for i in range(self.num_operators)]
+        y = self.model.forward_dense(x, *ops)  # [B, H, N, C] scaled
         return y * self.std + self.mean  # data units
 
 

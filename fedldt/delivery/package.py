@@ -7,7 +7,6 @@ Layout (written by :func:`fedldt.delivery.export.export_package`)::
                         file, ``field_sha256`` (one hash per field) and ``digest`` (over all of it)
     package.sig         optional: Ed25519 signature of the digest (:mod:`fedldt.delivery.signing`)
     weights/global.pt   the global model's state dict (torch.save of tensors; loads with weights_only)
-    weights/local.pt    optional: the territory's personalized parameters, overriding global keys
     scaler.json         the territory's z-score statistics ``mean``/``std`` ``[1, node, channel]``
     nodes.csv           ``index,sensor_id[,latitude,longitude]``: the node order of the model
     edges.csv           ``source,target,weight``: the territory's graph (indices into nodes.csv)
@@ -46,7 +45,6 @@ PACKAGE_FORMAT = "fedldt-model-package/2"
 MANIFEST = "package.json"
 SIGNATURE = "package.sig"
 GLOBAL_WEIGHTS = "weights/global.pt"
-LOCAL_WEIGHTS = "weights/local.pt"
 SCALER = "scaler.json"
 NODES = "nodes.csv"
 EDGES = "edges.csv"
@@ -240,8 +238,6 @@ def _check_task(task: dict[str, Any], mpath: Path) -> None:
 def expected_files(manifest: dict[str, Any]) -> set[str]:
     """The files a package with this manifest holds besides ``package.json`` (and ``package.sig``)."""
     names = {GLOBAL_WEIGHTS, SCALER, NODES, EDGES, CARD_JSON, CARD_MD}
-    if manifest.get("weights", {}).get("local"):
-        names.add(LOCAL_WEIGHTS)
     if manifest.get("onnx"):
         names.add(ONNX)
     return names
@@ -326,8 +322,9 @@ def check_package(path: str | Path, verify_key: str | Path | None = None) -> dic
     if set(files) != want:
         raise PackageError(f"{mpath}: 'files' lists {sorted(files)}, a package of this manifest has {sorted(want)}; "
                            "re-export the package")
-    if manifest["weights"].get("global") != GLOBAL_WEIGHTS or manifest["weights"].get("local") not in (None, LOCAL_WEIGHTS):
-        raise PackageError(f"{mpath}: 'weights' must name {GLOBAL_WEIGHTS} (and {LOCAL_WEIGHTS} or null)")
+    if manifest["weights"].get("global") != GLOBAL_WEIGHTS or manifest["weights"].get("local") is not None:
+        raise PackageError(f"{mpath}: 'weights' must be {{'global': '{GLOBAL_WEIGHTS}', 'local': null}} (packages "
+                           "carry the global model only); re-export the package")
     real_root = root.resolve()
     for rel, f in members.items():
         if not f.resolve().is_relative_to(real_root):
@@ -458,7 +455,7 @@ class ForecastPackage:
     Attributes:
         root: the package folder.
         manifest: ``package.json``.
-        model: the forecaster (global weights, overridden by ``weights/local.pt`` if present), eval mode.
+        model: the forecaster (the global weights), eval mode.
         scaler: the territory's fitted scaler.
         node_ids: ``[node]`` sensor ids in model order.
         edge_index: ``[2, E]`` int64, edge_weight ``[E]`` float32: the territory's graph.
@@ -514,12 +511,6 @@ class ForecastPackage:
         except (ValueError, TypeError) as e:
             raise PackageError(f"{root / MANIFEST}: model_config: {e}") from None
         state = _load_tensors(root / GLOBAL_WEIGHTS)
-        if manifest["weights"].get("local"):
-            local = _load_tensors(root / LOCAL_WEIGHTS)
-            extra = sorted(set(local) - set(state))
-            if extra:
-                raise PackageError(f"{root / LOCAL_WEIGHTS}: parameters {extra} are not in the model")
-            state = {**state, **local}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:

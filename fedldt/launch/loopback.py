@@ -102,8 +102,8 @@ class LocalFederation:
         num_territories: SuperNodes to start (territories ``0..num_territories-1``).
         data_root: folder of datasets every territory's node config names as ``data-root``
             (``None``: the territories use the path the server sends).
-        node_config: extra node config per territory index, e.g. ``{1: {"fail-in-round": 1}}``
-            (test-only keys such as ``fail-in-round`` go here).
+        node_config: extra node config per territory index, e.g. ``{1: {"data-path": "/srv/x"}}``
+            (keys read by a test app's mods go here too).
         startup_timeout: seconds to wait for the SuperLink and for every SuperNode to be online.
 
     Use as a context manager: ``with LocalFederation(dir, 3) as fed: summary = fed.run([...])``.
@@ -348,13 +348,16 @@ class LocalFederation:
             time.sleep(1.0)
         raise RunFailed(f"SuperNodes not online within {timeout:.0f}s: {status}; see {self.logs}")
 
-    def run(self, overrides: Sequence[str], run_dir: Path | None = None, timeout_s: float = 7200.0) -> dict[str, Any]:
+    def run(self, overrides: Sequence[str], run_dir: Path | None = None, timeout_s: float = 7200.0,
+            app_dir: Path | None = None) -> dict[str, Any]:
         """Run a pilot on this federation (``flwr run``) and return its ``summary.json``.
 
         Args:
             overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped).
             run_dir: where the ServerApp writes results (default: this federation's ``run_dir``).
             timeout_s: give up after this many seconds.
+            app_dir: the Flower app to submit (``None``: this checkout's; a test submits an app
+                with test-only mods, see ``tests/apps.py``).
 
         Raises:
             RunFailed: the run ended other than *finished:completed* (``logs/server.log`` holds
@@ -365,7 +368,7 @@ class LocalFederation:
         check_run_dir(run_dir)  # before the run: never overwrite what fedldt did not write
         ov = json.dumps([o for o in overrides if not o.startswith("hydra.")])
         run_flwr_app(CONNECTION, self._cli_env, self._require_work(), {"hydra-overrides": ov, "run-dir": str(run_dir)},
-                     None, self.logs / "server.log", timeout_s=timeout_s)
+                     None, self.logs / "server.log", timeout_s=timeout_s, app_dir=app_dir)
         summary_path = run_dir / "summary.json"
         if not summary_path.is_file():
             raise RunFailed(f"the run finished but wrote no {summary_path}; see {self.logs}")

@@ -216,8 +216,13 @@ def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, 
 
 def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: dict[str, str],
                  federation_config: dict[str, Any] | None, log_path: Path, poll_s: float = 2.0,
-                 timeout_s: float = 7200.0) -> int:
-    """Submit this checkout as a Flower app on ``connection``, stream its log, check its status.
+                 timeout_s: float = 7200.0, app_dir: Path | None = None) -> int:
+    """Submit this checkout (or ``app_dir``) as a Flower app on ``connection``, stream its log,
+    check its status.
+
+    Args:
+        app_dir: the app folder ``flwr run`` builds the FAB from (its ``pyproject.toml`` names
+            the components); ``None``: this checkout (``clients/``, ``server/``).
 
     Returns:
         The Flower run id.
@@ -226,7 +231,7 @@ def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: di
         RunFailed: the run ended in a status other than ``finished:completed`` (log path named).
     """
     rc = " ".join(f"{k}='{v}'" for k, v in run_config.items())
-    args = ["run", str(checkout_root()), connection, "-c", rc]
+    args = ["run", str(checkout_root() if app_dir is None else Path(app_dir).resolve()), connection, "-c", rc]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
     run_id = int(flwr_json(args, env, cwd)["run-id"])

@@ -166,11 +166,18 @@ class DCRNNForecaster(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), x.shape[2])
-        return self.forward_transitions(x, p_f, p_b)
+        return self.forward_dense(x, p_f, p_b)
 
-    def forward_transitions(self, x: Tensor, p_f: Tensor, p_b: Tensor) -> Tensor:
+    def graph_operators(self, edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
+        """The fixed graph as dense matrices for :meth:`forward_dense`: ``(P_f, P_b)``, each
+        ``[node, node]`` float32 (:func:`transition_matrices`)."""
+        p_f, p_b = transition_matrices(edge_index, edge_weight.float(), num_nodes)
+        return p_f.to_dense(), p_b.to_dense()
+
+    def forward_dense(self, x: Tensor, p_f: Tensor, p_b: Tensor) -> Tensor:
         """:meth:`forward` with the transition matrices already built (sparse or dense
-        ``[node, node]``, see :func:`transition_matrices`): the fixed-graph export path."""
+        ``[node, node]``, see :func:`transition_matrices`); with the dense ones of
+        :meth:`graph_operators` it is the fixed-graph ONNX export path."""
         b, t, n, _ = x.shape
         xs = x.permute(1, 2, 0, 3)  # [T, N, B, F]
         hs = [x.new_zeros(n, b, self.cfg.hidden) for _ in self.cells]

@@ -204,8 +204,19 @@ class GWNetForecaster(nn.Module):
         return [k for k in self.state_dict() if k.startswith(("end1.", "end2."))]
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), x.shape[2])
+        return self.forward_dense(x, p_f, p_b)
+
+    def graph_operators(self, edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
+        """The fixed graph as dense matrices for :meth:`forward_dense`: the forward and backward
+        random-walk transitions ``(P_f, P_b)``, each ``[node, node]`` float32."""
+        p_f, p_b = transition_matrices(edge_index, edge_weight.float(), num_nodes)
+        return p_f.to_dense(), p_b.to_dense()
+
+    def forward_dense(self, x: Tensor, p_f: Tensor, p_b: Tensor) -> Tensor:
+        """:meth:`forward` with the transition matrices already built (sparse COO or dense
+        ``[node, node]``): dense ones make it the ONNX export path. Shapes as :meth:`forward`."""
         b, t, n, _ = x.shape
-        p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), n)
         supports = [p_f, p_b]
         if self.cfg.adaptive:
             if n != self.node_emb1.shape[0]:

@@ -47,6 +47,19 @@ def undirected_graph(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) ->
     return to_undirected(edge_index, edge_weight, num_nodes=num_nodes, reduce="mean")
 
 
+def scaled_laplacian(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> Tensor:
+    """Dense ``[node, node]`` float32 matrix of the operator STGCN's ChebConv applies:
+    ``L~ = 2 L_sym / lambda_max - I`` with ``lambda_max = 2``, i.e. ``-D^-1/2 A D^-1/2`` of the
+    undirected graph (:func:`undirected_graph`), built with PyG's own normalization so that
+    ``L~ @ x`` equals ChebConv's propagation (``out[i] = sum over edges j->i``).
+    """
+    ei, ew = undirected_graph(edge_index, edge_weight.float(), num_nodes)
+    conv = ChebConv(1, 1, K=2, normalization="sym")
+    ei, norm = conv.__norm__(ei, num_nodes, ew, "sym", 2.0, dtype=ew.dtype)
+    lap = torch.zeros(num_nodes, num_nodes, dtype=ew.dtype)
+    return lap.index_put_((ei[1], ei[0]), norm, accumulate=True)  # row = target, column = source
+
+
 class Align(nn.Module):
     """Residual path that brings ``c_in`` channels to ``c_out`` (as in the authors' code):
     identity when equal, zero-padding of the extra channels when ``c_in < c_out``, a 1x1
@@ -132,9 +145,33 @@ class STConvBlock(nn.Module):
         h = self.cheb(x.permute(0, 2, 3, 1), edge_index, edge_weight, lambda_max=2.0)  # [B, T, N, Cs]
         return torch.relu(h.permute(0, 3, 1, 2) + self.align(x))  # [B, Cs, T, N]
 
-    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+    def spatial_dense(self, x: Tensor, lap: Tensor) -> Tensor:
+        """:meth:`spatial` with the scaled Laplacian given as a dense matrix (the export path:
+        no scatter, only matrix products, which ONNX exports).
+
+        Shapes: x ``[batch, c_t, time, node]``, lap ``[node, node]`` from
+        :func:`scaled_laplacian` -> ``[batch, c_s, time, node]``.
+        """
+        tx0 = x.permute(0, 2, 3, 1)  # [B, T, N, Ct]
+        h = self.cheb.lins[0](tx0)
+        if len(self.cheb.lins) > 1:
+            tx1 = torch.einsum("ij,btjc->btic", lap, tx0)
+            h = h + self.cheb.lins[1](tx1)
+            for lin in self.cheb.lins[2:]:  # Chebyshev recursion T_k = 2 L~ T_{k-1} - T_{k-2}
+                tx2 = 2.0 * torch.einsum("ij,btjc->btic", lap, tx1) - tx0
+                h = h + lin(tx2)
+                tx0, tx1 = tx1, tx2
+        if self.cheb.bias is not None:
+            h = h + self.cheb.bias
+        return torch.relu(h.permute(0, 3, 1, 2) + self.align(x))  # [B, Cs, T, N]
+
+    def forward(self, x: Tensor, edge_index: Tensor | None = None, edge_weight: Tensor | None = None,
+                lap: Tensor | None = None) -> Tensor:
+        """Shapes: x ``[batch, c_in, time, node]`` -> ``[batch, c_t, time', node]``; the graph as
+        ``edge_index``/``edge_weight`` (PyG's ChebConv) or as the dense ``lap`` (export)."""
         x = self.temporal1(x)  # [B, Ct, T1, N]
-        x = self.temporal2(self.spatial(x, edge_index, edge_weight))  # [B, Ct, T2, N]
+        s = self.spatial(x, edge_index, edge_weight) if lap is None else self.spatial_dense(x, lap)
+        x = self.temporal2(s)  # [B, Ct, T2, N]
         x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B, Ct, T2, N]
         return self.dropout(x)
 
@@ -220,6 +257,20 @@ class STGCNForecaster(nn.Module):
         return [k for k in self.state_dict() if k.startswith(("out_temporal.", "out_norm.", "out_fc."))]
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        edge_index, edge_weight = undirected_graph(edge_index, edge_weight.to(x.dtype), x.shape[2])
+        return self._forward(x, lambda block, h: block(h, edge_index, edge_weight))
+
+    def graph_operators(self, edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor]:
+        """The fixed graph as dense matrices for :meth:`forward_dense`: ``(L~ [node, node],)``
+        (:func:`scaled_laplacian`)."""
+        return (scaled_laplacian(edge_index, edge_weight, num_nodes),)
+
+    def forward_dense(self, x: Tensor, lap: Tensor) -> Tensor:
+        """:meth:`forward` on a fixed graph given by :meth:`graph_operators` (dense products only:
+        the ONNX export path). Shapes as :meth:`forward`."""
+        return self._forward(x, lambda block, h: block(h, lap=lap))
+
+    def _forward(self, x: Tensor, run_block) -> Tensor:
         b, t, n, _ = x.shape
         if t < self.receptive_field:
             c = self.cfg
@@ -228,10 +279,9 @@ class STGCNForecaster(nn.Module):
                 f"(= num_blocks*2*(Kt-1) + output_kernel = {c.num_blocks}*2*({c.Kt}-1) + {c.output_kernel}); "
                 "raise task.window or lower model.num_blocks, model.Kt or model.output_kernel"
             )
-        edge_index, edge_weight = undirected_graph(edge_index, edge_weight.to(x.dtype), n)
         h = x.permute(0, 3, 1, 2)  # [B, F, T, N]
         for block in self.blocks:
-            h = block(h, edge_index, edge_weight)  # [B, Ct, T', N]
+            h = run_block(block, h)  # [B, Ct, T', N]
         h = self.out_temporal(h)[:, :, -1, :]  # [B, Ct, N] (last step)
         h = self.out_norm(h.transpose(1, 2))  # [B, N, Ct]
         out = self.out_fc(h)  # [B, N, horizon*C]
