@@ -35,8 +35,8 @@ def _strategy(strategy_cfg, n=2, **kw):  # n territories t0.. on SuperNodes 10..
 def _configure(strategy, template: dict[str, np.ndarray]):
     """Round 1 as the server starts it: the strategy sees the global arrays and the messages get ids."""
     grid = InProcessGrid(app, NODES)
-    sent = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid))
-    grid.stamp(sent)
+    sent = strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid)
+    sent = grid.stamp(sent)  # the strategy's own list, stamped in place
     return {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
 
 
@@ -121,8 +121,8 @@ def test_every_rule_returns_float32_in_the_global_shapes(name):
     replies = [({k: rng.normal(size=v.shape).astype(F32) for k, v in template.items()}, 10 + i) for i in range(3)]
     s = _strategy(cfg, n=3)
     grid = InProcessGrid(app, {10 + i: {"partition-id": i} for i in range(3)})
-    sent = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid))
-    grid.stamp(sent)
+    sent = s.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid)
+    sent = grid.stamp(sent)  # the strategy's own list, stamped in place
     ids = {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
     arrays, _ = s.aggregate_train(1, [_reply(ids, i, a, n) for i, (a, n) in enumerate(replies)])
     for k, v in template.items():
@@ -317,7 +317,7 @@ def _round(s, rnd: int, global_arrays: dict[str, np.ndarray], replies_spec, node
     """One aggregation as the server runs it: configure (the global model), then the replies."""
     grid = InProcessGrid(app, nodes)
     sent = list(s.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in global_arrays.items()}), ConfigRecord(), grid))
-    grid.stamp(sent)
+    sent = grid.stamp(sent)  # the strategy's own list, stamped in place
     ids = {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
     arrays, _ = s.aggregate_train(rnd, [_reply(ids, i, a, n) for i, (a, n) in enumerate(replies_spec)])
     return {k: arrays[k].numpy() for k in arrays.keys()}
