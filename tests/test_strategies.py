@@ -17,7 +17,7 @@ from fedldt.config import compose_config, resolve_config
 from fedldt.models import build_model, local_state_names, split_state
 from server.rounds import config_record
 from server.strategy import STRATEGIES, AggregationGuardError, FederationError, build_strategy, strategy_arguments
-from tests.conftest import write_los_loop_like
+from tests.conftest import small_config, write_los_loop_like
 from tests.inprocess import InProcessGrid
 
 NODES = {10: {"partition-id": 0}, 11: {"partition-id": 1}}
@@ -437,14 +437,12 @@ def test_territory_with_no_valid_validation_target_does_not_stop_the_run(tmp_pat
 
     folder = write_los_loop_like(tmp_path / "syn", num_nodes=10, num_steps=300)
     speed = pd.read_csv(folder / "los_speed.csv", dtype=str)
-    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
-                                         "model.hidden=8", "train.rounds=2"]))
+    cfg = small_config(folder, "train.rounds=2")
     t1, t2 = split_bounds(len(speed), cfg["task"]["split"])["val"]
     dark = set(load_territories(cfg)[1].node_ids)  # territory t1: every sensor missing over the validation split
     speed.loc[t1:t2 - 1, [c for c in speed.columns if c in dark]] = ""
     speed.to_csv(folder / "los_speed.csv", index=False)
-    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
-                                         "model.hidden=8", "train.rounds=2", "seed=1"]))  # another cache key: reload
+    cfg = small_config(folder, "train.rounds=2", "seed=1")  # another cache key: reload
     infos = {i: territory.describe(cfg, i) for i in range(2)}
     torch.manual_seed(0)
     model = build_model({**cfg["model"], **{k: infos[0][k.replace("_", "-")] for k in ("in_channels", "out_channels", "horizon")}},
