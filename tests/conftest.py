@@ -1,5 +1,7 @@
-"""Shared fixtures: the real shared datasets, small synthetic territory files, and one real
-federated run of the los_loop_3 pilot (made once per test session) with a model package of it."""
+"""Shared fixtures: the real shared datasets, small synthetic territory files, the small config the
+unit tests share, a real run folder of the los_loop_3 pilot made without Flower (one centralized round
+on the real data, seconds) with a model package of it for the delivery tests, and one real federated
+run of the pilot (made once per session, only by the tests that federate)."""
 
 from __future__ import annotations
 
@@ -55,6 +57,24 @@ def synthetic_dir(tmp_path: Path) -> Path:
     return write_los_loop_like(tmp_path / "synthetic")
 
 
+#: What :func:`small_config` adds to the los_loop_3 pilot: two territories, a small DCRNN.
+SMALL = ("partition.num_territories=2", "model.hidden=8")
+
+
+def small_config(folder: Path | str, *extra: str) -> dict:
+    """The resolved los_loop_3 config on the dataset at ``folder`` (e.g. :func:`write_los_loop_like`)
+    with :data:`SMALL` and then ``extra`` Hydra overrides (later ones win)."""
+    from fedldt.config import compose_config, resolve_config
+
+    return resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", *SMALL, *extra]))
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    """:func:`small_config`, as a fixture: ``small_cfg(folder, *overrides) -> resolved config``."""
+    return small_config
+
+
 @dataclass
 class SimulatedRun:
     """A finished ``scripts/simulate.py`` run: its folder and what the command printed."""
@@ -92,11 +112,30 @@ def los_loop_run(tmp_path_factory, data_root) -> SimulatedRun:
 
 
 @pytest.fixture(scope="session")
-def finished_run(los_loop_run) -> Path:
-    """The los_loop_3 run folder, failing the test if the run did not finish."""
+def federated_run(los_loop_run) -> Path:
+    """The session's real federated los_loop_3 run folder, failing the test if the run did not finish."""
     if los_loop_run.returncode != 0:
         pytest.fail("the los_loop_3 run failed:\n" + los_loop_run.stdout[-3000:] + los_loop_run.stderr[-3000:])
     return los_loop_run.path
+
+
+#: The run the delivery tests package: the los_loop_3 pilot on the real Los-loop data, one round of a
+#: smaller DCRNN, trained centrally (no Flower): the results folder federated runs write, in seconds.
+DELIVERY_RUN = ("pilot=los_loop_3", "train.rounds=1", "model.hidden=16")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, data_root) -> Path:
+    """A real, finished los_loop_3 run folder (``summary.json``, ``model.pt``, ``resolved_config.yaml``,
+    ``history.csv``) written by ``fedldt.runner.run_mode(mode="centralized")`` on the real data with
+    :data:`DELIVERY_RUN`: a real trained model and the run's own test metrics, without a Flower run.
+    (``tests/test_export.py::test_export_of_a_real_federated_run`` exports from a Flower run.)"""
+    from fedldt.config import compose_config, resolve_config
+    from fedldt.runner import run_mode
+
+    out = tmp_path_factory.mktemp("los_loop_3_centralized") / "run"
+    run_mode(resolve_config(compose_config(list(DELIVERY_RUN))), list(DELIVERY_RUN), out, mode="centralized")
+    return out
 
 
 #: The territory whose model the delivery tests package, and the time zone of Los-loop's timestamps.
@@ -106,7 +145,7 @@ LOS_LOOP_TZ = "America/Los_Angeles"
 
 @pytest.fixture(scope="session")
 def package_dir(finished_run, tmp_path_factory) -> Path:
-    """``fedldt export RUN --territory t1 --timezone America/Los_Angeles`` of the session's run."""
+    """``fedldt export RUN --territory t1 --timezone America/Los_Angeles`` of :func:`finished_run`."""
     from fedldt.delivery.export import export_package
 
     out = tmp_path_factory.mktemp("package") / PACKAGED_TERRITORY

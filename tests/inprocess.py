@@ -11,7 +11,7 @@ import itertools
 import time
 from typing import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -46,15 +46,25 @@ class InProcessGrid(Grid):
         return replies
 
     def stamp(self, messages: Iterable[Message]) -> list[Message]:
-        """Give messages the ids a real grid gives them when it pushes them (in place, as flwr's
-        ``InMemoryGrid.push_messages`` does; strategies match replies to them)."""
-        messages = list(messages)
+        """The messages as a real grid delivers them: with the message id, creation time and TTL a
+        SuperLink gives them, each rebuilt with Flower's public ``Metadata`` and ``Message``
+        constructors (its other metadata and its content unchanged).
+
+        A strategy matches replies to the messages it sent by id, so when ``messages`` is a list (the
+        list a strategy's ``configure_train``/``configure_evaluate`` returned and keeps), its items are
+        replaced by the stamped messages in place; the stamped messages are also returned.
+        """
+        stamped = []
         for msg in messages:
             md = msg.metadata
-            md.__dict__["_message_id"] = f"msg-{next(self._ids)}"
-            md.__dict__["_created_at"] = time.time()
-            md.__dict__["_ttl"] = 3600.0
-        return messages
+            stamped.append(Message(msg.content, metadata=Metadata(
+                run_id=md.run_id, message_id=f"msg-{next(self._ids)}", src_node_id=md.src_node_id,
+                dst_node_id=md.dst_node_id, reply_to_message_id=md.reply_to_message_id, group_id=md.group_id,
+                created_at=time.time(), ttl=3600.0, message_type=md.message_type, src_task_id=md.src_task_id,
+                dst_task_id=md.dst_task_id)))
+        if isinstance(messages, list):
+            messages[:] = stamped
+        return stamped
 
     # not needed by the strategies' round loop
     def create_message(self, *args, **kwargs):  # pragma: no cover

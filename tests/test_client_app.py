@@ -10,7 +10,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 
 from clients import territory
 from clients.client_app import app
-from fedldt.config import compose_config, resolve_config
 from fedldt.metrics import SUM_KEYS
 from fedldt.models import build_model
 
@@ -23,11 +22,10 @@ def _msg(content, mtype):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tests.conftest import write_los_loop_like
+    from tests.conftest import small_config, write_los_loop_like
 
     folder = write_los_loop_like(tmp_path_factory.mktemp("syn") / "syn", num_nodes=10, num_steps=300)
-    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
-                                         "model.hidden=8"]))
+    cfg = small_config(folder)
     out = tmp_path_factory.mktemp("territory-1")  # its egress log, away from the checkout's outputs/
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2, "out-dir": str(out)},
                   state=RecordDict(), run_config={})

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fedldt.config import (CONF_DIR, DATASET_LOADERS, PARTITIONS, compose_config, load_territories, parse_overrides,
                            registered_call, resolve_config)
@@ -37,7 +38,13 @@ def test_each_group_option_instantiates(group, option, data_root):
     pilot = "charged_ev_3cities" if option == "charged_ev" or option == "as_given" else "los_loop_3"
     extra = ["model=stgcn"] if option == "fedbn" else []  # the default dcrnn has no normalization layers
     cfg = resolve_config(compose_config([f"pilot={pilot}", f"{group}={option}", *extra]))
-    assert cfg[group]["name"] == option if group not in ("train", "partition") else True
+    if group in ("train", "partition"):  # no name field: the group holds the option file's values (the pilot's win)
+        pilot_sets = yaml.safe_load((CONF_DIR / "pilot" / f"{pilot}.yaml").read_text()).get(group, {})
+        own = {k: cfg["seed"] if v == "${seed}" else v
+               for k, v in yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()).items()}
+        assert cfg[group] == {**own, **pilot_sets} and len(own) >= 2
+    else:
+        assert cfg[group]["name"] == option
     if group in ("dataset", "partition"):
         territories = load_territories(cfg)
         assert len(territories) == cfg["partition"]["num_territories"] and all(t.num_nodes > 0 for t in territories)

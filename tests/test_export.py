@@ -1,4 +1,7 @@
-"""`fedldt export`: the model package of one territory of a real los_loop_3 run, its card, its ONNX model."""
+"""`fedldt export`: the model package of one territory of a real los_loop_3 run, its card, its ONNX model.
+
+Most tests export the fast centralized run (``conftest.finished_run``: real data, real training, no
+Flower); ``test_export_of_a_real_federated_run`` exports from a real Flower run (slow)."""
 
 import json
 import re
@@ -27,7 +30,6 @@ from fedldt.launch.simulation import free_port
 from tests.conftest import LOS_LOOP_TZ, PACKAGED_TERRITORY
 from tests.test_package_integrity import TAMPERS, edit_manifest
 
-pytestmark = pytest.mark.slow  # needs the session's real federated run
 
 
 def test_package_holds_the_territorys_own_graph_scaler_and_weights(package_dir, in_run, finished_run):
@@ -53,7 +55,7 @@ def test_model_card_carries_provenance_training_and_metrics(package_dir, finishe
     summary = json.loads((finished_run / "summary.json").read_text())
     assert card["pilot"] == "los_loop_3" and card["territory"]["id"] == PACKAGED_TERRITORY
     tr = card["training"]
-    assert tr["mode"] == "federated" and tr["strategy"] == "fedavg"
+    assert tr["mode"] == summary["mode"] == "centralized"  # the fast run (conftest.finished_run)
     assert tr["rounds"] == summary["rounds"] and tr["seed"] == summary["seed"] == 0
     assert [t["id"] for t in tr["territories"]] == ["t0", "t1", "t2"]
     ev = card["evaluation"]
@@ -268,3 +270,23 @@ def test_force_replaces_a_package_and_nothing_else(finished_run, package_dir, tm
     assert export(earlier) == 0
     assert ForecastPackage.load(earlier).manifest["onnx"] is None and not (earlier / "model.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "mixed", "project"]
+
+
+@pytest.mark.slow
+def test_export_of_a_real_federated_run(federated_run, tmp_path):
+    """The Flower path to delivery end to end: the package of a real federated run (Flower's simulation
+    engine, 2 rounds of FedAvg) holds the run's weights, and export re-computes the reported test MAE."""
+    summary = json.loads((federated_run / "summary.json").read_text())
+    out = tmp_path / PACKAGED_TERRITORY
+    export_package(federated_run, PACKAGED_TERRITORY, out, timezone=LOS_LOOP_TZ)
+    check_package(out)
+    card = json.loads((out / "model_card.json").read_text())
+    tr = card["training"]
+    assert summary["mode"] == tr["mode"] == "federated" and tr["strategy"] == "fedavg" and tr["rounds"] == 2
+    rep = card["evaluation"]["reproduced_at_export"]
+    assert rep["reported_mae_all"] == summary["test_per_territory"][PACKAGED_TERRITORY]["mae"]["all"]
+    assert rep["mae_all"] == pytest.approx(rep["reported_mae_all"], abs=1e-4)
+    run_state = torch.load(federated_run / "model.pt", weights_only=True)["state_dict"]
+    pkg = ForecastPackage.load(out)
+    assert all(torch.equal(v, run_state[k]) for k, v in pkg.model.state_dict().items() if k in run_state)
+    assert pkg.manifest["onnx"]["parity_max_abs_err"] <= 1e-4

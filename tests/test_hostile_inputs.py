@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from fedldt.cli import main
 from fedldt.delivery.service import MAX_DETAIL, create_app
 
-pytestmark = pytest.mark.slow  # needs the session's real federated run
 
 CELLS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),

@@ -12,13 +12,12 @@ from fedldt.config import compose_config, resolve_config
 from fedldt.data import load_charged_city
 
 
-def _cfg(folder, *extra):
-    return resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
-                                          "train.rounds=2", "model.hidden=8", "seed=5", *extra]))
+#: What these tests add to the shared small config (conftest.small_config).
+MODES_RUN = ("train.rounds=2", "seed=5")
 
 
-def test_modes_use_identical_splits_and_test_windows(synthetic_dir, tmp_path):
-    cfg = _cfg(synthetic_dir)
+def test_modes_use_identical_splits_and_test_windows(synthetic_dir, small_cfg, tmp_path):
+    cfg = small_cfg(synthetic_dir, *MODES_RUN)
     cent = run_centralized({**cfg, "mode": "centralized"}, tmp_path / "c")
     loc = run_local({**cfg, "mode": "local"}, tmp_path / "l")
     assert cent["mode"] == "centralized" and loc["mode"] == "local"
@@ -37,16 +36,16 @@ def test_modes_use_identical_splits_and_test_windows(synthetic_dir, tmp_path):
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["test"] == cent["test"]
 
 
-def test_centralized_on_one_territory_equals_local(synthetic_dir, tmp_path):
-    cfg = _cfg(synthetic_dir, "partition.num_territories=1")
+def test_centralized_on_one_territory_equals_local(synthetic_dir, small_cfg, tmp_path):
+    cfg = small_cfg(synthetic_dir, *MODES_RUN, "partition.num_territories=1")
     cent = run_centralized({**cfg, "mode": "centralized"}, tmp_path / "c")
     loc = run_local({**cfg, "mode": "local"}, tmp_path / "l")
     assert cent["test"] == loc["test"]
     assert cent["history"] == loc["history"]
 
 
-def test_comparison_json_and_markdown(synthetic_dir, tmp_path):
-    cfg = _cfg(synthetic_dir, "train.rounds=1")
+def test_comparison_json_and_markdown(synthetic_dir, small_cfg, tmp_path):
+    cfg = small_cfg(synthetic_dir, *MODES_RUN, "train.rounds=1")
     s = {"centralized": run_centralized({**cfg, "mode": "centralized"}, tmp_path / "c"),
          "local": run_local({**cfg, "mode": "local"}, tmp_path / "l")}
     s["federated"] = {**s["centralized"], "mode": "federated"}  # stand-in: same schema, same windows
@@ -88,11 +87,11 @@ def test_charged_pilot_scales_all_zero_sites_without_nan(data_root):
     assert int(s.num_valid[0]) == tasks[0].num_windows("test") * (47 - 12)  # all-zero sites excluded
 
 
-def test_a_run_never_overwrites_result_files_fedldt_did_not_write(synthetic_dir, tmp_path):
+def test_a_run_never_overwrites_result_files_fedldt_did_not_write(synthetic_dir, small_cfg, tmp_path):
     from fedldt.results import check_run_dir
     from fedldt.runner import run_mode
 
-    cfg = _cfg(synthetic_dir, "train.rounds=1")
+    cfg = small_cfg(synthetic_dir, *MODES_RUN, "train.rounds=1")
     run_dir = tmp_path / "run"
     run_mode(cfg, [], run_dir, mode="local")
     first = json.loads((run_dir / "summary.json").read_text())

@@ -92,7 +92,6 @@ def test_bad_entities_are_named():
         table_from_entities([], ids, SPEED)
 
 
-@pytest.mark.slow
 def test_ngsi_ld_round_trip_gives_the_table_forecast(package_dir, in_run, tmp_path):
     pkg = ForecastPackage.load(package_dir)
     ds = in_run.task.dataset
@@ -131,7 +130,6 @@ def test_ngsi_ld_round_trip_gives_the_table_forecast(package_dir, in_run, tmp_pa
     assert np.array_equal(pkg.forecast(table).values, expected.values)
 
 
-@pytest.mark.slow
 def test_implausible_ngsi_ld_values_are_refused_or_masked(package_dir, in_run):
     pkg = ForecastPackage.load(package_dir)
     ds = in_run.task.dataset

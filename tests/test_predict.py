@@ -18,7 +18,6 @@ from fedldt.delivery import ForecastPackage, InputError
 from fedldt.delivery.observations import read_csv_table
 from fedldt.engine import TerritoryTask
 
-pytestmark = pytest.mark.slow  # needs the session's real federated run
 
 
 def step_of(task, when: str) -> int:

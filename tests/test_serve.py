@@ -20,7 +20,6 @@ from fedldt.delivery import ForecastPackage
 from fedldt.delivery.service import create_app
 from fedldt.launch.simulation import free_port
 
-pytestmark = pytest.mark.slow  # needs the session's real federated run
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from fedldt.config import compose_config, resolve_config
 from fedldt.models import build_model, local_state_names, split_state
 from server.rounds import config_record
 from server.strategy import STRATEGIES, AggregationGuardError, FederationError, build_strategy, strategy_arguments
-from tests.conftest import write_los_loop_like
+from tests.conftest import small_config, write_los_loop_like
 from tests.inprocess import InProcessGrid
 
 NODES = {10: {"partition-id": 0}, 11: {"partition-id": 1}}
@@ -35,8 +35,8 @@ def _strategy(strategy_cfg, n=2, **kw):  # n territories t0.. on SuperNodes 10..
 def _configure(strategy, template: dict[str, np.ndarray]):
     """Round 1 as the server starts it: the strategy sees the global arrays and the messages get ids."""
     grid = InProcessGrid(app, NODES)
-    sent = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid))
-    grid.stamp(sent)
+    sent = strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid)
+    sent = grid.stamp(sent)  # the strategy's own list, stamped in place
     return {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
 
 
@@ -121,8 +121,8 @@ def test_every_rule_returns_float32_in_the_global_shapes(name):
     replies = [({k: rng.normal(size=v.shape).astype(F32) for k, v in template.items()}, 10 + i) for i in range(3)]
     s = _strategy(cfg, n=3)
     grid = InProcessGrid(app, {10 + i: {"partition-id": i} for i in range(3)})
-    sent = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid))
-    grid.stamp(sent)
+    sent = s.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid)
+    sent = grid.stamp(sent)  # the strategy's own list, stamped in place
     ids = {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
     arrays, _ = s.aggregate_train(1, [_reply(ids, i, a, n) for i, (a, n) in enumerate(replies)])
     for k, v in template.items():
@@ -317,7 +317,7 @@ def _round(s, rnd: int, global_arrays: dict[str, np.ndarray], replies_spec, node
     """One aggregation as the server runs it: configure (the global model), then the replies."""
     grid = InProcessGrid(app, nodes)
     sent = list(s.configure_train(rnd, ArrayRecord({k: Array(v) for k, v in global_arrays.items()}), ConfigRecord(), grid))
-    grid.stamp(sent)
+    sent = grid.stamp(sent)  # the strategy's own list, stamped in place
     ids = {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
     arrays, _ = s.aggregate_train(rnd, [_reply(ids, i, a, n) for i, (a, n) in enumerate(replies_spec)])
     return {k: arrays[k].numpy() for k in arrays.keys()}
@@ -437,14 +437,12 @@ def test_territory_with_no_valid_validation_target_does_not_stop_the_run(tmp_pat
 
     folder = write_los_loop_like(tmp_path / "syn", num_nodes=10, num_steps=300)
     speed = pd.read_csv(folder / "los_speed.csv", dtype=str)
-    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
-                                         "model.hidden=8", "train.rounds=2"]))
+    cfg = small_config(folder, "train.rounds=2")
     t1, t2 = split_bounds(len(speed), cfg["task"]["split"])["val"]
     dark = set(load_territories(cfg)[1].node_ids)  # territory t1: every sensor missing over the validation split
     speed.loc[t1:t2 - 1, [c for c in speed.columns if c in dark]] = ""
     speed.to_csv(folder / "los_speed.csv", index=False)
-    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=2",
-                                         "model.hidden=8", "train.rounds=2", "seed=1"]))  # another cache key: reload
+    cfg = small_config(folder, "train.rounds=2", "seed=1")  # another cache key: reload
     infos = {i: territory.describe(cfg, i) for i in range(2)}
     torch.manual_seed(0)
     model = build_model({**cfg["model"], **{k: infos[0][k.replace("_", "-")] for k in ("in_channels", "out_channels", "horizon")}},
