@@ -56,6 +56,9 @@ def test_model_card_carries_provenance_training_and_metrics(package_dir, finishe
     assert card["pilot"] == "los_loop_3" and card["territory"]["id"] == PACKAGED_TERRITORY
     tr = card["training"]
     assert tr["mode"] == summary["mode"] == "centralized"  # the fast run (conftest.finished_run)
+    assert tr["strategy"] is None  # no federated strategy trained a centralized model
+    assert "A global centralized model (over 3 territories)" in " ".join(card["limitations"])
+    assert "- Pilot `los_loop_3`, centralized, " in (package_dir / "MODEL_CARD.md").read_text()
     assert tr["rounds"] == summary["rounds"] and tr["seed"] == summary["seed"] == 0
     assert [t["id"] for t in tr["territories"]] == ["t0", "t1", "t2"]
     ev = card["evaluation"]

@@ -13,17 +13,9 @@ from fedldt.delivery.onnx_export import (NotExportable, FixedGraphForecaster, ex
                                          parity_tolerance)
 from fedldt.models import MODELS, build_model
 from fedldt.models.stgcn import STConvBlock, scaled_laplacian, undirected_graph
+from tests.test_models_zoo import SMALL  # the same small versions of each model
 
 N, W, H, BATCH = 7, 12, 3, 5
-# Small versions of each model (stgcn's receptive field 2*2*(3-1)+4 = 12 = W).
-SMALL = {
-    "dcrnn": dict(name="dcrnn", hidden=8, num_layers=2, K=2),
-    "stgcn": dict(name="stgcn", temporal_channels=8, spatial_channels=4, num_blocks=2, Kt=3, Ks=3, output_kernel=4),
-    "gwnet": dict(name="gwnet", adaptive=False, residual_channels=8, dilation_channels=8, skip_channels=16,
-                  end_channels=16, blocks=2, layers=2, dropout=0.0),
-    "gwnet_adaptive": dict(name="gwnet", adaptive=True, emb_dim=4, residual_channels=8, dilation_channels=8,
-                           skip_channels=16, end_channels=16, blocks=2, layers=2, dropout=0.0),
-}
 
 
 def _territory(seed=0, scale=2000.0):

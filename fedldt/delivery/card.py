@@ -118,8 +118,9 @@ def build_card(
         f"{interval_min:g} min apart; a new, moved or removed sensor needs a new run and export "
         "(the graph hash changes).",
     ]
+    strategy = cfg["strategy"]["name"] if summary["mode"] == "federated" else None  # no strategy outside federation
     limitations.append(
-        f"A global {summary['mode']} model ({cfg['strategy']['name']} over {len(summary['territories'])} "
+        f"A global {summary['mode']} model ({f'{strategy} ' if strategy else ''}over {len(summary['territories'])} "
         "territories), not personalized to this territory.")
     if train_complete:
         limitations.append("The training data had no missing value; forecasts from inputs with missing values "
@@ -154,7 +155,7 @@ def build_card(
         },
         "training": {
             "mode": summary["mode"],
-            "strategy": cfg["strategy"]["name"],
+            "strategy": strategy,
             "rounds": summary["rounds"],
             "local_epochs": tr["local_epochs"], "lr": tr["lr"], "batch_size": tr["batch_size"],
             "seed": summary["seed"],
@@ -214,9 +215,10 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         o = m["onnx"]
         out.append(f"- ONNX (`model.onnx`, opset {o['opset']}, dense graph matrices for this graph): max |ONNX Runtime "
                    f"- PyTorch| = {o['parity_max_abs_err']:.2e} {card['task']['units'][0]} on {o['parity_windows']} test windows.")
+    strategy = f" ({tr['strategy']})" if tr["strategy"] else ""
     out += [
         "", "## Training", "",
-        f"- Pilot `{card['pilot']}`, {tr['mode']} ({tr['strategy']}), {tr['rounds']} rounds of {tr['local_epochs']} local "
+        f"- Pilot `{card['pilot']}`, {tr['mode']}{strategy}, {tr['rounds']} rounds of {tr['local_epochs']} local "
         f"epoch(s), lr {tr['lr']}, batch {tr['batch_size']}, seed {tr['seed']}; run finished {tr['run_finished']} "
         f"(fedldt {tr['fedldt_version']}).",
         "- Territories that took part: " + ", ".join(f"{x['id']} ({x['num_nodes']} sensors)" for x in tr["territories"]) + ".",
