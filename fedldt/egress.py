@@ -1,7 +1,7 @@
 """What may leave a territory: the reply allow-lists, their check and the coded error replies.
 
 This module belongs to the territory's **own installation** of fedldt. The coordinator's app
-(the FAB) does not ship ``fedldt/`` (``[tool.flwr.app] fab-include`` in ``pyproject.toml``), so
+(the FAB) does not ship ``fedldt/`` (``fab-include`` of the Flower app table in ``pyproject.toml``), so
 the ClientApp's egress mod (``clients/audit.py``) imports this file from the territory's
 installed package, not from the coordinator. See ``docs/egress.md`` for every value that leaves
 and why.
