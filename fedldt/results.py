@@ -130,7 +130,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     """A short plain-text table of test MAE/RMSE/MAPE: model vs. persistence, pooled and per territory."""
     steps = [k for k in summary["test"]["mae"]]
     head = f"{'':22s}" + "".join(f"{s:>9s}" for s in steps)
-    lines = [f"test metrics of pilot '{summary['pilot']}' ({summary['mode']}, {summary['rounds']} rounds)", head]
+    lines = [f"test metrics of pilot '{summary['pilot']}' ({summary['mode']}, {summary['rounds']} round{'' if summary['rounds'] == 1 else 's'})", head]
     for metric in ("mae", "rmse", "mape"):
         for label, block in (("model", summary["test"]), ("persistence", summary["persistence"]),
                              ("hist. average", summary["historical_average"])):

@@ -93,7 +93,7 @@ def _check_writable(path: Path, kind: str, overwrite: bool) -> None:
         raise KeyFileError(f"{path} exists and is not a regular file; choose another --out")
     if not overwrite:
         raise KeyFileError(f"{path} already exists; fedldt does not overwrite it. Choose another --out, or pass "
-                           "--force (overwrite=True) to replace a key or certificate fedldt made")
+                           "--force to replace a key or certificate fedldt made")
     try:
         _KINDS[kind](path.read_bytes()[:1_000_000])
     except Exception as e:  # noqa: BLE001 - any parse failure means: not a file fedldt wrote
