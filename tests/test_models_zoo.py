@@ -12,7 +12,7 @@ from torch import nn
 from fedldt.config import CONF_DIR, compose_config
 from fedldt.models import MODELS, build_model, load_shared_state, local_state_names, split_state
 from fedldt.models.dcrnn import transition_matrices
-from fedldt.models.gwnet import MultiSupportGraphConv, adaptive_adjacency, graph_product
+from fedldt.models.gwnet import MultiSupportGraphConv, adaptive_adjacency
 from fedldt.models.stgcn import STConvBlock, TemporalGLU, undirected_graph
 
 DIMS = dict(in_channels=2, out_channels=1, horizon=3)
@@ -222,13 +222,15 @@ def test_gwnet_graph_conv_known_answer_sparse_and_dense():
     p_f, _ = transition_matrices(torch.tensor([[0, 1, 2], [1, 2, 0]]), torch.tensor([1.0, 2.0, 3.0]), 3)
     conv = MultiSupportGraphConv(1, 1, num_supports=1, order=2)
     with torch.no_grad():
-        conv.mlp.weight.copy_(torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1)); conv.mlp.bias.zero_()
+        for lin, w in zip(conv.lins, (1.0, 10.0, 100.0)):  # the terms x, P x, P^2 x
+            lin.weight.fill_(w)
+        conv.lins[0].bias.zero_()
     x = torch.tensor([1.0, 2.0, 5.0]).view(1, 1, 3, 1)  # [B, C, N, T]
     expected = [1 + 10 * 5 + 100 * 2, 2 + 10 * 1 + 100 * 5, 5 + 10 * 2 + 100 * 1]  # x + 10 Px + 100 P^2 x
     assert conv(x, [p_f]).view(-1).tolist() == pytest.approx(expected)
     assert conv(x, [p_f.to_dense()]).view(-1).tolist() == pytest.approx(expected)
-    xb = torch.randn(2, 3, 3, 4)
-    assert torch.allclose(graph_product(p_f, xb), graph_product(p_f.to_dense(), xb), atol=1e-6)
+    xb = torch.randn(2, 1, 3, 4)  # [B, C, N, T]
+    assert torch.allclose(conv(xb, [p_f]), conv(xb, [p_f.to_dense()]), atol=1e-6)
 
 
 # ------------------------------------------------------------------ training sanity

@@ -1,9 +1,10 @@
 """DCRNN-style forecaster: diffusion-convolution GRU encoder with a direct multi-step readout.
 
 Li, Yu, Shahabi, Liu, "Diffusion Convolutional Recurrent Neural Network: Data-Driven Traffic
-Forecasting", ICLR 2018. The diffusion convolution (their eq. 2) mixes ``K`` steps of the
-forward random walk ``D_in^-1 W`` and of the reverse walk on the transposed graph, each with its
-own weight matrix; the DCGRU cell replaces the GRU's matrix products by this convolution
+Forecasting", ICLR 2018. The diffusion convolution (their eq. 2;
+:class:`fedldt.models.diffusion.DiffusionConv`, shared with Graph WaveNet) mixes ``K`` steps of
+the forward random walk ``D_in^-1 W`` and of the reverse walk on the transposed graph, each with
+its own weight matrix; the DCGRU cell replaces the GRU's matrix products by this convolution
 (their eq. 3). Unlike the paper's seq2seq decoder, this model reads the ``horizon`` forecasts
 off the encoder's last hidden state with a per-node linear layer (as in e.g. AGCRN).
 
@@ -16,24 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
 
-
-def random_walk_weights(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
-    """Weights of the forward and reverse random-walk transitions for each edge.
-
-    For an edge ``j -> i`` with weight ``w``: forward ``w / sum_{k->i} w`` (normalised by the
-    target's weighted in-degree), reverse ``w / sum_{j->k} w`` (used on the reversed edge).
-
-    Returns:
-        ``(fwd, bwd)`` float tensors of shape ``[num_edges]``.
-    """
-    src, dst = edge_index
-    deg_in = scatter(edge_weight, dst, dim=0, dim_size=num_nodes, reduce="sum")
-    deg_out = scatter(edge_weight, src, dim=0, dim_size=num_nodes, reduce="sum")
-    fwd = edge_weight / deg_in.clamp_min(1e-12)[dst]
-    bwd = edge_weight / deg_out.clamp_min(1e-12)[src]
-    return fwd, bwd
+from fedldt.models.diffusion import DiffusionConv, transition_matrices
 
 
 def plus_last_observed(out: Tensor, x: Tensor) -> Tensor:
@@ -41,55 +26,6 @@ def plus_last_observed(out: Tensor, x: Tensor) -> Tensor:
     ``x`` ``[batch, window, node, F]`` (the scaled values): the ``residual`` option of the models,
     which then forecast the change from the last observed value."""
     return out + x[:, -1:, :, : out.shape[-1]]
-
-
-def transition_matrices(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
-    """Sparse (COO) forward and reverse random-walk transition matrices ``[node, node]``.
-
-    ``P_f[i, j] = w_{j->i} / sum_k w_{k->i}`` aggregates over a node's in-edges;
-    ``P_b[j, i] = w_{j->i} / sum_k w_{j->k}`` walks the edges backwards (DCRNN's
-    ``D_O^-1 W`` and ``D_I^-1 W^T``), degrees computed with PyG's ``scatter``.
-    """
-    fwd, bwd = random_walk_weights(edge_index, edge_weight, num_nodes)
-    src, dst = edge_index
-    size = (num_nodes, num_nodes)
-    p_f = torch.sparse_coo_tensor(torch.stack([dst, src]), fwd, size, check_invariants=False).coalesce()
-    p_b = torch.sparse_coo_tensor(torch.stack([src, dst]), bwd, size, check_invariants=False).coalesce()
-    return p_f, p_b
-
-
-class DiffusionConv(nn.Module):
-    """Bidirectional K-step diffusion convolution (Li et al. 2018, eq. 2).
-
-    ``out = X Θ_0 + Σ_{k=1..K} (P_f^k X) Θ_{f,k} + (P_b^k X) Θ_{b,k} + b``; the graph
-    products are sparse-dense products (``torch.sparse.mm``) over all batch items at once, or
-    dense products when ``p_f``/``p_b`` are dense (the fixed-graph ONNX export path).
-
-    Args:
-        in_channels: input features per node.
-        out_channels: output features per node.
-        K: diffusion steps (K=0 is a per-node linear layer).
-
-    Shapes:
-        x ``[node, batch, in_channels]`` -> ``[node, batch, out_channels]`` (node-major, so
-        that a graph product is one ``spmm``); ``p_f``, ``p_b`` ``[node, node]`` from
-        :func:`transition_matrices`, sparse COO or their ``.to_dense()``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, K: int = 2) -> None:
-        super().__init__()
-        self.K = K
-        self.lins = nn.ModuleList(nn.Linear(in_channels, out_channels, bias=(i == 0)) for i in range(2 * K + 1))
-
-    def forward(self, x: Tensor, p_f: Tensor, p_b: Tensor) -> Tensor:
-        n, b, c = x.shape
-        out = self.lins[0](x)
-        for d, p in enumerate((p_f, p_b)):
-            h = x.reshape(n, b * c)
-            for k in range(self.K):
-                h = torch.sparse.mm(p, h) if p.is_sparse else p @ h  # [N, B*C]
-                out = out + self.lins[1 + d * self.K + k](h.view(n, b, c))
-        return out
 
 
 class DCGRUCell(nn.Module):

@@ -3,12 +3,13 @@ given transitions and an optional adaptive adjacency learnt from node embeddings
 
 Wu, Pan, Long, Jiang, Zhang, "Graph WaveNet for Deep Spatial-Temporal Graph Modeling",
 IJCAI 2019. Each layer (their Fig. 3) is a gated TCN ``tanh(Θ1 * X) ⊙ σ(Θ2 * X)`` (dilated
-causal convolutions, Sec. 3.3), a skip connection, and a graph convolution (Sec. 3.2)
+causal convolutions, Sec. 3.3), a skip connection, and a graph convolution (Sec. 3.2; the
+diffusion convolution :class:`fedldt.models.diffusion.DiffusionConv` shared with DCRNN)
 
     ``Z = X W_0 + Σ_{k=1..K} P_f^k X W_{k,1} + P_b^k X W_{k,2} + Ã_apt^k X W_{k,3}``
 
 with the forward/backward random-walk transitions ``P_f``, ``P_b`` of the territory's graph
-(:func:`fedldt.models.dcrnn.transition_matrices`) and, when ``adaptive`` is on, the
+(:func:`fedldt.models.diffusion.transition_matrices`) and, when ``adaptive`` is on, the
 self-adaptive adjacency ``Ã_apt = softmax(relu(E1 E2^T))`` (Sec. 3.2, row-wise softmax)
 from node embeddings ``E1, E2`` of shape ``[num_nodes, emb_dim]``; then a residual connection
 and batch normalisation (as in the authors' code). The skip sum goes through two 1x1
@@ -32,24 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedldt.models.dcrnn import plus_last_observed, transition_matrices
+from fedldt.models.dcrnn import plus_last_observed
+from fedldt.models.diffusion import DiffusionConv, transition_matrices
 
 
-def graph_product(a: Tensor, x: Tensor) -> Tensor:
-    """``out[:, :, i, :] = Σ_j a[i, j] x[:, :, j, :]`` for a sparse (COO) or dense ``a``.
-
-    Shapes: a ``[node, node]``, x ``[batch, channel, node, time]`` -> same as x.
-    """
-    if a.is_sparse:
-        b, c, n, t = x.shape
-        h = torch.sparse.mm(a, x.permute(2, 0, 1, 3).reshape(n, b * c * t))  # [N, B*C*T]
-        return h.view(n, b, c, t).permute(1, 2, 0, 3)
-    return torch.einsum("ij,bcjt->bcit", a, x)
-
-
-class MultiSupportGraphConv(nn.Module):
-    """Graph WaveNet's graph convolution (Wu et al. 2019, Sec. 3.2): powers ``1..order`` of each
-    support matrix, concatenated with the input, mixed by a 1x1 convolution, then dropout.
+class MultiSupportGraphConv(DiffusionConv):
+    """Graph WaveNet's graph convolution (Wu et al. 2019, Sec. 3.2): the shared diffusion
+    convolution (:class:`fedldt.models.diffusion.DiffusionConv`, powers ``1..order`` of each
+    support) in the TCN's channel-first layout, then dropout. Initialised as the paper's single
+    1x1 convolution of the concatenated terms (``joint_init``); a state dict in that older layout
+    (one ``mlp`` 1x1 convolution, fedldt 0.1.0) still loads (:meth:`DiffusionConv.load_joint_weights`).
 
     Args:
         c_in: input channels.
@@ -67,21 +60,17 @@ class MultiSupportGraphConv(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, num_supports: int, order: int = 2, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.num_supports, self.order = num_supports, order
-        self.mlp = nn.Conv2d(c_in * (1 + num_supports * order), c_out, kernel_size=1)
+        super().__init__(c_in, c_out, K=order, num_supports=num_supports, joint_init=True)
+        self.order = order
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, supports: list[Tensor]) -> Tensor:
-        if len(supports) != self.num_supports:
-            raise ValueError(f"graph conv built for {self.num_supports} supports, got {len(supports)}")
-        terms = [x]
-        for a in supports:
-            h = x
-            for _ in range(self.order):
-                h = graph_product(a, h)  # [B, C, N, T]
-                terms.append(h)
-        return self.dropout(self.mlp(torch.cat(terms, dim=1)))  # [B, c_out, N, T]
+    def forward(self, x: Tensor, supports: list[Tensor]) -> Tensor:  # type: ignore[override]
+        h = super().forward(x.permute(2, 0, 3, 1), *supports)  # [N, B, T, c_out]
+        return self.dropout(h.permute(1, 3, 0, 2))  # [B, c_out, N, T]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        self.load_joint_weights(state_dict, prefix)  # the fedldt 0.1.0 layout (as BatchNorm converts old versions)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def adaptive_adjacency(emb1: Tensor, emb2: Tensor) -> Tensor:
