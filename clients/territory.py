@@ -18,6 +18,7 @@ import torch
 from fedldt.config import load_territories
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
+from fedldt.results import evaluation_sums, sums_to_record, territory_info
 
 #: Train metric names (the allow-list ``fedldt.egress.TRAIN_METRICS`` is exactly these).
 SCALAR_METRICS = ("num-examples", "territory", "train_loss")
@@ -99,15 +100,7 @@ def get_task(cfg: Mapping[str, Any], index: int) -> TerritoryTask:
 def describe(cfg: Mapping[str, Any], index: int) -> dict[str, int | str]:
     """Sizes the server needs to build the global model and report territories."""
     task = get_task(cfg, index)
-    return {
-        "territory": index,
-        "territory-id": task.dataset.name,
-        "num-nodes": task.dataset.num_nodes,
-        "num-train": task.num_windows("train"),
-        "num-val": task.num_windows("val"),
-        "num-test": task.num_windows("test"),
-        **{k.replace("_", "-"): v for k, v in task.model_dims().items()},
-    }
+    return {"territory": index, **territory_info(task), **{k.replace("_", "-"): v for k, v in task.model_dims().items()}}
 
 
 def _model(cfg: Mapping[str, Any], index: int, task: TerritoryTask, shared: Mapping[str, torch.Tensor],
@@ -181,10 +174,5 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
         raise ValueError(f"evaluate split must be 'val' or 'test', got {split!r}")
     task = get_task(cfg, index)
     model = _model(cfg, index, task, state_dict, local_state)
-    return {
-        "num-examples": task.num_windows(split),
-        "territory": index,
-        **task.evaluate(model, split).to_dict("model."),
-        **task.persistence(split).to_dict("persistence."),
-        **task.historical_average(split).to_dict("historical_average."),
-    }
+    return {"num-examples": task.num_windows(split), "territory": index,
+            **sums_to_record(evaluation_sums(task, model, split))}

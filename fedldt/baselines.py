@@ -23,9 +23,10 @@ import torch
 from fedldt.config import load_territories
 from fedldt.engine import TerritoryTask, derive_seed, seed_everything, task_from_config, train_epochs
 from fedldt.launch.progress import RunProgress, round_line
-from fedldt.metrics import MetricSums, pool, report
+from fedldt.metrics import pool, report
 from fedldt.models import build_model
-from fedldt.results import NOT_AVAILABLE, build_summary, write_run_outputs
+from fedldt.results import (build_summary, evaluation_sums, history_row, round_row, territory_info, territory_row,
+                            write_run_outputs)
 
 MODES = ("federated", "centralized", "local")
 
@@ -45,9 +46,12 @@ def initial_model(cfg: dict[str, Any], task: TerritoryTask, per_territory: bool 
 
 
 def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple[int, TerritoryTask]],
-                  history: list[dict[str, Any]], val: dict[int, list], label: str | None) -> None:
+                  history: list[dict[str, Any]], val: dict[int, dict[str, tuple[tuple[float, int], Any]]],
+                  label: str | None) -> None:
     """Train ``model`` on ``tasks`` (index, task) round by round, appending per-territory history
-    rows and, per round, each territory's ``(train loss, validation sums)`` to ``val``. With a
+    rows (:func:`~fedldt.results.history_row`) and, per round, each territory's
+    ``((train loss, training windows), validation sums)`` to ``val[round][territory id]``. With
+    ``tasks`` trained together (centralized) every territory's loss is the joint one. With a
     ``label``, each round prints its progress line (train loss, pooled validation MAE) and shows it
     in a :class:`~fedldt.launch.progress.RunProgress` display."""
     tr = cfg["train"]
@@ -59,37 +63,24 @@ def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple
             seeds = [(task, derive_seed(cfg["seed"], idx, rnd)) for idx, task in tasks]
             loss = train_epochs(model, opt, seeds, int(tr["local_epochs"]), seed=derive_seed(cfg["seed"], 10_000, rnd),
                                 grad_clip=tr["grad_clip"])
+            this_round = {}
             for idx, task in tasks:
-                sums = task.evaluate(model, "val")
-                val.setdefault(rnd, []).append((loss, sums, task.dataset.name))
-                history.append({"round": rnd, "territory": task.dataset.name, "train_loss": loss,
-                                "num_train": task.num_windows("train"),
-                                **{f"val_{m}_{h}": v for m, b in report(sums, steps).items() for h, v in b.items()},
-                                "eval_status": NOT_AVAILABLE if int(sums.num_valid.sum()) == 0 else "ok"})
+                train, sums = (loss, task.num_windows("train")), task.evaluate(model, "val")
+                this_round[task.dataset.name] = (train, sums)
+                history.append(history_row(rnd, task.dataset.name, steps, train=train, val=sums))
+            val.setdefault(rnd, {}).update(this_round)
             if progress is not None:
-                mae = report(pool(sums for _, sums, _ in val[rnd]), [])["mae"]["all"]
+                mae = report(pool(sums for _, sums in this_round.values()), [])["mae"]["all"]
                 line = round_line(rnd, rounds, loss, mae, label)
                 print(line, flush=True)
                 progress.feed(line)
 
 
-def _pooled_rounds(cfg: dict[str, Any], val: dict[int, list]) -> list[dict[str, Any]]:
-    """Per round: mean train loss and pooled validation metrics (as the federated history)."""
+def _pooled_rounds(cfg: dict[str, Any], val: dict[int, dict[str, tuple[tuple[float, int], Any]]]) -> list[dict[str, Any]]:
+    """``summary.json``'s ``history``: one :func:`~fedldt.results.round_row` per round."""
     steps = list(cfg["task"]["report_steps"])
-    return [{"round": rnd, "train_loss": sum(item[0] for item in items) / len(items),
-             "val": report(pool(item[1] for item in items), steps),
-             "val_not_available": [name for _, sums, name in items if int(sums.num_valid.sum()) == 0]}
-            for rnd, items in sorted(val.items())]
-
-
-def _test_sums(task: TerritoryTask, model: torch.nn.Module) -> dict[str, MetricSums]:
-    return {"model": task.evaluate(model, "test"), "persistence": task.persistence("test"),
-            "historical_average": task.historical_average("test")}
-
-
-def _territory_rows(tasks: list[TerritoryTask]) -> list[dict[str, Any]]:
-    return [{"id": t.dataset.name, "num_nodes": t.dataset.num_nodes, "num_train_windows": t.num_windows("train"),
-             "num_val_windows": t.num_windows("val"), "num_test_windows": t.num_windows("test")} for t in tasks]
+    return [round_row(rnd, [train for train, _ in per.values()], {tid: sums for tid, (_, sums) in per.items()}, steps)
+            for rnd, per in sorted(val.items())]
 
 
 def run_centralized(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | None = None) -> dict[str, Any]:
@@ -102,10 +93,11 @@ def run_centralized(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTas
     tasks = tasks if tasks is not None else build_tasks(cfg)
     model, model_cfg = initial_model(cfg, tasks[0])
     history: list[dict[str, Any]] = []
-    val: dict[int, list] = {}
+    val: dict[int, dict[str, Any]] = {}
     _train_rounds(cfg, model, list(enumerate(tasks)), history, val, "centralized")
-    test = {t.dataset.name: _test_sums(t, model) for t in tasks}
-    summary = build_summary(cfg, "centralized", _territory_rows(tasks), test, _pooled_rounds(cfg, val), [],
+    test = {t.dataset.name: evaluation_sums(t, model, "test") for t in tasks}
+    summary = build_summary(cfg, "centralized", [territory_row(territory_info(t)) for t in tasks], test,
+                            _pooled_rounds(cfg, val), [],
                             model_cfg, time.time() - t0)
     write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dict": model.state_dict(), "model_config": model_cfg})
     return summary
@@ -122,16 +114,17 @@ def run_local(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | N
     t0 = time.time()
     tasks = tasks if tasks is not None else build_tasks(cfg)
     history: list[dict[str, Any]] = []
-    val: dict[int, list] = {}
+    val: dict[int, dict[str, Any]] = {}
     test, states = {}, {}
     model_cfg: dict[str, Any] = {}
     for idx, task in enumerate(tasks):
         model, model_cfg = initial_model(cfg, task, per_territory=True)
         _train_rounds(cfg, model, [(idx, task)], history, val, f"local {task.dataset.name}")
-        test[task.dataset.name] = _test_sums(task, model)
+        test[task.dataset.name] = evaluation_sums(task, model, "test")
         states[task.dataset.name] = model.state_dict()
     history.sort(key=lambda r: (r["round"], [t.dataset.name for t in tasks].index(r["territory"])))
-    summary = build_summary(cfg, "local", _territory_rows(tasks), test, _pooled_rounds(cfg, val), [],
+    summary = build_summary(cfg, "local", [territory_row(territory_info(t)) for t in tasks], test,
+                            _pooled_rounds(cfg, val), [],
                             model_cfg, time.time() - t0)
     write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dicts": states, "model_config": model_cfg})
     return summary

@@ -25,7 +25,7 @@ from fedldt.data.windows import (
     split_bounds,
     window_starts,
 )
-from fedldt.metrics import MetricSums, masked_error_sums
+from fedldt.metrics import MetricSums, masked_error_sums, windows_weighted_mean
 
 
 def seed_everything(seed: int) -> None:
@@ -210,7 +210,8 @@ class TerritoryTask:
                 territory passes its shared ones, so local parameters may move freely).
 
         Returns:
-            Mean training loss (scaled MAE) over the last epoch's batches.
+            Training loss (scaled MAE) of the last epoch, a windows-weighted mean over its
+            batches (:func:`train_epochs`).
         """
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu,
@@ -262,7 +263,8 @@ def train_epochs(
         proximal_names: parameters under the proximal term (default: all).
 
     Returns:
-        Mean loss over the last epoch's batches.
+        The last epoch's training loss: the batch losses' windows-weighted mean
+        (:func:`fedldt.metrics.windows_weighted_mean`); 0.0 when there was no batch.
     """
     seed_everything(seed)
     model.train()
@@ -270,9 +272,9 @@ def train_epochs(
     start_params = [p.detach().clone() for p in prox_params] if proximal_mu > 0 else None
     last_loss = float("nan")
     for epoch in range(int(epochs)):
+        losses: list[tuple[float, int]] = []  # (batch loss, windows in the batch)
         batches = [(task, b) for task, s in tasks for b in task.loader("train", shuffle=True, seed=s + epoch)]
         order = np.random.default_rng(seed + epoch).permutation(len(batches)) if len(tasks) > 1 else range(len(batches))
-        total = 0.0
         for i in order:
             task, batch = batches[i]
             opt.zero_grad()
@@ -285,8 +287,8 @@ def train_epochs(
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
-            total += float(loss.detach())
-        last_loss = total / max(len(batches), 1)
+            losses.append((float(loss.detach()), int(batch.x.shape[0])))
+        last_loss = windows_weighted_mean(losses) or 0.0
     return last_loss
 
 

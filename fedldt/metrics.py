@@ -212,3 +212,28 @@ def pool(sums: Iterable[MetricSums]) -> MetricSums:
     for s in sums:
         total = total + s
     return total
+
+
+def windows_weighted_mean(values: Iterable[tuple[float, int]]) -> float | None:
+    """``Σ v·n / Σ n`` over ``(value, windows)`` pairs: the one definition of ``train_loss``.
+
+    A training loss is a mean over windows: within a territory over its batches (``n`` = the
+    batch's windows, so a short last batch counts for what it holds), and across territories
+    over their mean losses (``n`` = the territory's training windows, the FedAvg weight), so a
+    round's loss is the same whether territories trained together (centralized), apart (local)
+    or federated. Pairs with ``n == 0`` add nothing.
+
+    Returns:
+        The weighted mean, or ``None`` (JSON ``null``) when no pair has a window.
+
+    Raises:
+        ValueError: a negative window count.
+    """
+    num, den = 0.0, 0
+    for value, n in values:
+        if n < 0:
+            raise ValueError(f"window count {n} < 0 in a windows-weighted mean")
+        if n:
+            num += float(value) * int(n)
+            den += int(n)
+    return num / den if den else None

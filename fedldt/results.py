@@ -4,20 +4,117 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
 
 import fedldt
-from fedldt.metrics import MetricSums, pool, report
+from fedldt.metrics import MetricSums, pool, report, windows_weighted_mean
 
 #: Reference forecasts evaluated on the same test windows as the trained model.
 REFERENCES = ("persistence", "historical_average")
 #: ``eval_status`` (history.csv) of a territory that evaluated but has no valid target (every
 #: target of the split masked): its metrics are empty cells (``null`` in JSON), never NaN or 0.
 NOT_AVAILABLE = "not available"
+#: The ``error`` text (history.csv) of such a territory.
+NO_VALID_TARGET = "no valid target (every target in the split is masked)"
+
+# ---------------------------------------------------------------------------------------------
+# The rows of every mode's results (federated: server/rounds.py and server/strategy.py from the
+# territories' replies; centralized and local: fedldt/baselines.py from the tasks themselves).
+
+#: ``summary.json`` territory-row field -> the key of the territory's describe reply that fills it.
+TERRITORY_FIELDS = {"id": "territory-id", "num_nodes": "num-nodes", "num_train_windows": "num-train",
+                    "num_val_windows": "num-val", "num_test_windows": "num-test"}
+
+
+def territory_info(task: Any) -> dict[str, int | str]:
+    """A territory's name and sizes, keyed as its describe reply carries them (the values of
+    :data:`TERRITORY_FIELDS`), from its :class:`~fedldt.engine.TerritoryTask`."""
+    return {"territory-id": task.dataset.name, "num-nodes": int(task.dataset.num_nodes),
+            "num-train": task.num_windows("train"), "num-val": task.num_windows("val"),
+            "num-test": task.num_windows("test")}
+
+
+def territory_row(info: Mapping[str, Any]) -> dict[str, int | str]:
+    """The ``summary.json`` territory row (``id``, ``num_nodes``, window counts) of a describe
+    reply or :func:`territory_info`."""
+    return {field: str(info[key]) if field == "id" else int(info[key]) for field, key in TERRITORY_FIELDS.items()}
+
+
+def evaluation_sums(task: Any, model: torch.nn.Module, split: str) -> dict[str, MetricSums]:
+    """Masked error sums on ``split`` of ``model`` and of the :data:`REFERENCES` forecasts:
+    ``{"model", "persistence", "historical_average"}`` (what a territory's evaluate reply
+    carries, :func:`sums_to_record`)."""
+    return {"model": task.evaluate(model, split), "persistence": task.persistence(split),
+            "historical_average": task.historical_average(split)}
+
+
+def sums_to_record(sums: Mapping[str, MetricSums]) -> dict[str, list[float] | list[int]]:
+    """Flat metric-record entries ``<name>.<sum>`` of :func:`evaluation_sums`."""
+    return {k: v for name, s in sums.items() for k, v in s.to_dict(f"{name}.").items()}
+
+
+def sums_from_record(record: Mapping[str, Any]) -> dict[str, MetricSums]:
+    """:func:`evaluation_sums` back from a metric record made by :func:`sums_to_record`.
+
+    Raises:
+        ValueError, KeyError: see :meth:`fedldt.metrics.MetricSums.from_dict`.
+    """
+    return {name: MetricSums.from_dict(record, f"{name}.") for name in ("model", *REFERENCES)}
+
+
+def no_valid_target(sums: MetricSums) -> bool:
+    """Whether every target behind ``sums`` was masked (its metrics are ``None``)."""
+    return int(np.sum(sums.num_valid)) == 0
+
+
+def flat_metrics(block: Mapping[str, Mapping[str, float | None]], prefix: str) -> dict[str, float | None]:
+    """``{"mae": {"h3": x}}`` -> ``{"<prefix>mae_h3": x}`` (history.csv columns, metric records)."""
+    return {f"{prefix}{metric}_{step}": v for metric, steps in block.items() for step, v in steps.items()}
+
+
+def history_row(rnd: int, territory: str, steps: Sequence[int], *, train: tuple[float, int] | None = None,
+                val: MetricSums | None = None, train_status: str = "ok", eval_status: str = "ok",
+                train_error: str = "", eval_error: str = "") -> dict[str, Any]:
+    """One ``history.csv`` row (one round of one territory), the same columns in every mode:
+    ``round, territory, train_loss, num_train, val_<metric>_<step>..., train_status,
+    eval_status, error``.
+
+    Args:
+        train: ``(train loss, training windows)``; ``None`` when the territory did not train
+            (empty cells).
+        val: its validation sums; ``None`` when it did not evaluate (no ``val_`` columns).
+            Sums without a valid target make ``eval_status`` :data:`NOT_AVAILABLE`.
+        train_status, eval_status: ``ok``, ``failed`` or ``not sampled``.
+        train_error, eval_error: the reason of a failure (joined into ``error``).
+    """
+    loss, num_train = train if train is not None else (None, None)
+    row: dict[str, Any] = {"round": int(rnd), "territory": territory, "train_loss": loss, "num_train": num_train}
+    if val is not None:
+        row.update(flat_metrics(report(val, steps), "val_"))
+        if no_valid_target(val):
+            eval_status, eval_error = NOT_AVAILABLE, NO_VALID_TARGET
+    row.update(train_status=train_status, eval_status=eval_status,
+               error="; ".join(f"{p}: {e}" for p, e in (("train", train_error), ("evaluate", eval_error)) if e))
+    return row
+
+
+def round_row(rnd: int, train: Iterable[tuple[float, int]], val: Mapping[str, MetricSums],
+              steps: Sequence[int]) -> dict[str, Any]:
+    """One round of ``summary.json``'s ``history``: ``train_loss`` (the windows-weighted mean of
+    the territories' ``(loss, training windows)``, :func:`fedldt.metrics.windows_weighted_mean`),
+    ``val`` (validation metrics pooled exactly over ``val``, territory id -> sums; ``None`` where
+    no territory has a valid target) and ``val_not_available`` (the territories without one).
+
+    Raises:
+        ValueError: ``val`` is empty.
+    """
+    return {"round": int(rnd), "train_loss": windows_weighted_mean(train), "val": report(pool(val.values()), steps),
+            "val_not_available": [tid for tid, s in val.items() if no_valid_target(s)]}
 
 
 def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, Any]],
@@ -53,7 +150,7 @@ def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, An
         "test_per_territory": {tid: report(t["model"], steps) for tid, t in test.items()},
         # territories whose test targets are all missing: their metrics are null, the pooled ones
         # come from the others
-        "test_not_available": [tid for tid, t in test.items() if int(t["model"].num_valid.sum()) == 0],
+        "test_not_available": [tid for tid, t in test.items() if no_valid_target(t["model"])],
     }
     for ref in REFERENCES:
         out[ref] = report(pool(t[ref] for t in test.values()), steps)

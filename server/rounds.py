@@ -19,7 +19,7 @@ from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
 from fedldt.metrics import MetricSums
 from fedldt.models import build_model, split_state
-from fedldt.results import REFERENCES, build_summary, write_run_outputs
+from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
 from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory
 
 
@@ -82,7 +82,7 @@ def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cf
     out = {}
     for r in replies:
         rec = next(iter(r.content.metric_records.values()))
-        out[reply_territory(r)] = {k: MetricSums.from_dict(rec, f"{k}.") for k in ("model", *REFERENCES)}
+        out[reply_territory(r)] = sums_from_record(rec)
     expected = num_territories(cfg)
     if sorted(out) != list(range(expected)):
         raise FederationError(f"final {split} evaluation: territories {sorted(out)} answered, expected 0..{expected - 1}")
@@ -160,12 +160,7 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     if strategy.failures:
         print(f"[fedldt] WARNING: {len(strategy.failures)} failed replies: {strategy.failures}", flush=True)
     test = evaluate_split(grid, strategy, result.arrays, cfg, "test", rounds + 1, timeout)
-    territories = [
-        {"id": ids[i], "num_nodes": int(infos[i]["num-nodes"]), "num_train_windows": int(infos[i]["num-train"]),
-         "num_val_windows": int(infos[i]["num-val"]), "num_test_windows": int(infos[i]["num-test"])}
-        for i in infos
-    ]
-    summary = build_summary(cfg, "federated", territories, {ids[i]: t for i, t in test.items()}, strategy.rounds,
+    summary = build_summary(cfg, "federated", [territory_row(info) for info in infos.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
                             strategy.failures, model_cfg, time.time() - t_start)
     final = result.arrays.to_torch_state_dict()
     if set(final) != set(shared):

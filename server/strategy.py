@@ -32,13 +32,12 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedldt.launch.progress import fmt as _fmt
 from fedldt.launch.progress import round_line
-from fedldt.metrics import MetricSums, pool, report
-from fedldt.results import NOT_AVAILABLE
+from fedldt.metrics import MetricSums, report, windows_weighted_mean
+from fedldt.results import flat_metrics, history_row, round_row
 from fedldt.strategy_options import strategy_arguments
 
 #: Weight of a territory's parameters in the average: its number of training windows.
 WEIGHT_KEY = "num-examples"
-NO_VALID_TARGET = "no valid target (every target in the split is masked)"
 
 
 class FederationError(RuntimeError):
@@ -124,12 +123,13 @@ def _with_weighted_mean(arrays: ArrayRecord, replies: list[Message], keys: Itera
 
 
 def _train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Aggregated train metrics: the example-weighted mean ``train_loss`` and the total examples
-    (the per-territory values are kept in the strategy's history)."""
-    total = sum(int(next(iter(r.metric_records.values()))[weighted_by_key]) for r in records)
-    loss = sum(float(next(iter(r.metric_records.values()))["train_loss"]) * int(next(iter(r.metric_records.values()))[weighted_by_key])
-               for r in records) / total
-    return MetricRecord({"train_loss": loss, weighted_by_key: total})
+    """Aggregated train metrics: the windows-weighted mean ``train_loss``
+    (:func:`fedldt.metrics.windows_weighted_mean`) and the total examples (the per-territory
+    values are kept in the strategy's history)."""
+    recs = [next(iter(r.metric_records.values())) for r in records]
+    pairs = [(float(m["train_loss"]), int(m[weighted_by_key])) for m in recs]
+    loss = windows_weighted_mean(pairs)
+    return MetricRecord({**({"train_loss": loss} if loss is not None else {}), weighted_by_key: sum(n for _, n in pairs)})
 
 
 class FedLDTStrategy:
@@ -197,7 +197,7 @@ class FedLDTStrategy:
         self.history: list[dict[str, Any]] = []
         self.rounds: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
-        self._train: dict[int, dict[str, float]] = {}
+        self._train: dict[int, tuple[float, int]] = {}  # territory -> (train loss, training windows)
         self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._status: dict[str, dict[int, tuple[str, str]]] = {"train": {}, "evaluate": {}}
         self._template: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -228,7 +228,7 @@ class FedLDTStrategy:
             if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0 or n != int(n):
                 raise AggregationGuardError(f"round {server_round}: territory {self._tid(reply_territory(m))} reported "
                                             f"{WEIGHT_KEY}={n!r}; it must be a whole number >= 0 (training windows)")
-            self._train[reply_territory(m)] = {"train_loss": float(rec["train_loss"]), "num_train": int(n)}
+            self._train[reply_territory(m)] = (float(rec["train_loss"]), int(n))
         if len(ok) < self.min_train_territories:
             failed = [f for f in self.failures if f["round"] == server_round and f["phase"] == "train"]
             raise FederationError(
@@ -241,7 +241,7 @@ class FedLDTStrategy:
             if self._template:
                 check_reply_arrays(self._template, next(iter(m.content.array_records.values())), str(tid))
                 _in_template_order(m, self._template)
-            if self._train[reply_territory(m)]["num_train"] > 0:
+            if self._train[reply_territory(m)][1] > 0:
                 contributing.append(m)
         if ok and not contributing:
             raise FederationError(
@@ -277,36 +277,28 @@ class FedLDTStrategy:
         for m in replies:
             if not m.has_error():
                 per[reply_territory(m)] = MetricSums.from_dict(next(iter(m.content.metric_records.values())), "model.")
-        # a territory whose validation targets are all missing has no metric this round; the
-        # pooled metrics come from the others (its zero counts add nothing to the sums)
-        unavailable = {i for i, s in per.items() if int(np.sum(s.num_valid)) == 0}
+        # a territory whose validation targets are all missing has no metric this round
+        # (history_row marks it); the pooled metrics come from the others (its zero counts add
+        # nothing to the sums)
         known = set(per) | set(self._train) | set(self._status["train"]) | set(self._status["evaluate"])
         for idx in sorted(known | set(self.territory_ids)):
-            row: dict[str, Any] = {"round": server_round, "territory": self.territory_ids.get(idx, str(idx))}
-            row.update(self._train.get(idx, {"train_loss": None, "num_train": None}))
-            row.update(_flat(report(per[idx], self.report_steps), "val_") if idx in per else {})
             train_status, train_err = self._status["train"].get(idx, ("not sampled", ""))
             eval_status, eval_err = self._status["evaluate"].get(idx, ("not sampled", ""))
-            if idx in unavailable:
-                eval_status, eval_err = NOT_AVAILABLE, NO_VALID_TARGET
-            row.update(train_status=train_status, eval_status=eval_status,
-                       error="; ".join(f"{p}: {e}" for p, e in (("train", train_err), ("evaluate", eval_err)) if e))
-            self.history.append(row)
+            self.history.append(history_row(server_round, self.territory_ids.get(idx, str(idx)), self.report_steps,
+                                            train=self._train.get(idx), val=per.get(idx), train_status=train_status,
+                                            eval_status=eval_status, train_error=train_err, eval_error=eval_err))
         self._status = {"train": {}, "evaluate": {}}
         if not per:
             return None
-        pooled = report(pool(per.values()), self.report_steps)  # all None when no territory has a valid target
-        trained = [v for v in self._train.values() if v["num_train"] > 0]
-        total = sum(v["num_train"] for v in trained)
-        mean_loss = sum(v["train_loss"] * v["num_train"] for v in trained) / total if total else None
-        self.rounds.append({"round": server_round, "train_loss": mean_loss, "val": pooled,
-                            "val_not_available": [self._tid(i) for i in sorted(unavailable)]})
+        row = round_row(server_round, self._train.values(), {self._tid(i): s for i, s in per.items()}, self.report_steps)
+        self.rounds.append(row)
+        pooled, mean_loss = row["val"], row["train_loss"]  # pooled: all None when no territory has a valid target
         per_mae = "  ".join(f"{self.territory_ids.get(i, i)}={_fmt(report(s, [])['mae']['all'], 3)}" for i, s in per.items())
         last = f"h{self.report_steps[-1]}"
         # the progress line the launching process shows (fedldt.launch.progress parses it)
         print(round_line(server_round, self.num_rounds, mean_loss, pooled["mae"]["all"],
                          extra=f" ({last} {_fmt(pooled['mae'][last], 3)})  per territory: {per_mae}"), flush=True)
-        return MetricRecord({k: v for k, v in _flat(pooled, "val_").items() if v is not None})
+        return MetricRecord({k: v for k, v in flat_metrics(pooled, "val_").items() if v is not None})
 
     def _record_failures(self, server_round: int, phase: str, replies: list[Message]) -> None:
         """Record every error reply and every message that got no reply, with its territory
@@ -333,11 +325,6 @@ class FedLDTStrategy:
 
     def _tid(self, idx: int | None) -> str | None:
         return None if idx is None else self.territory_ids.get(idx, str(idx))
-
-
-def _flat(block: dict[str, dict[str, float | None]], prefix: str) -> dict[str, float | None]:
-    """``{"mae": {"h3": x}}`` -> ``{"<prefix>mae_h3": x}``."""
-    return {f"{prefix}{metric}_{step}": v for metric, steps in block.items() for step, v in steps.items()}
 
 
 class FedLDTAvg(FedLDTStrategy, FedAvg):
