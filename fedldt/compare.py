@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from fedldt.baselines import MODES, build_tasks  # noqa: E402
 from fedldt.launch.progress import run_slot  # noqa: E402
 from fedldt.models import build_model  # noqa: E402
-from fedldt.results import check_publish_dir, publish  # noqa: E402
+from fedldt.results import check_publish_dir, fmt_metric, markdown_table, publish  # noqa: E402
 from fedldt.runner import run_mode  # noqa: E402
 
 #: The files a comparison writes (and publishes).
@@ -55,12 +55,6 @@ def comparison_json(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _f(v: float | None, pct: bool = False) -> str:
-    if v is None:
-        return "n/a"
-    return f"{100 * v:.2f}%" if pct else f"{v:.3f}"
-
-
 def comparison_markdown(cmp: dict[str, Any], summaries: dict[str, dict[str, Any]], pilot: str) -> str:
     """The ``comparison.md`` tables: pooled metrics per method and horizon, per-territory MAE and
     WAPE, and what each territory gains from federation against training alone."""
@@ -74,29 +68,27 @@ def comparison_markdown(cmp: dict[str, Any], summaries: dict[str, dict[str, Any]
     lines.append("Metrics are masked and pooled exactly over all territories' test windows, in data units; "
                  "MAPE and WAPE are percentages.")
     lines += ["", "## Pooled test metrics", ""]
-    head = ["method"] + [f"{m.upper()} {s}" for m in ("mae", "rmse", "mape") for s in steps]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in METHODS:
-        t = cmp[method]["test"]
-        row = [method] + [_f(t[m][s], pct=(m == "mape")) for m in ("mae", "rmse", "mape") for s in steps]
-        lines.append("| " + " | ".join(row) + " |")
+    lines += markdown_table(
+        ["method"] + [f"{m.upper()} {s}" for m in ("mae", "rmse", "mape") for s in steps],
+        [[method] + [fmt_metric(cmp[method]["test"][m][s], percent=(m == "mape")) for m in ("mae", "rmse", "mape")
+                     for s in steps] for method in METHODS])
     lines += ["", "## Per-territory test MAE (all horizon steps) and WAPE", ""]
-    head = ["method"] + [f"MAE {t}" for t in terr] + [f"WAPE {t}" for t in terr]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in METHODS:
-        per = cmp[method]["test_per_territory"]
-        row = [method] + [_f(per[t]["mae"]["all"]) for t in terr] + [_f(per[t]["wape"]["all"], pct=True) for t in terr]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Does each territory gain from federation?", "",
-              "| territory | federated MAE | local MAE | change vs local | centralized MAE |", "|---|---|---|---|---|"]
+    lines += markdown_table(
+        ["method"] + [f"MAE {t}" for t in terr] + [f"WAPE {t}" for t in terr],
+        [[method] + [fmt_metric(per[t]["mae"]["all"]) for t in terr] + [fmt_metric(per[t]["wape"]["all"], percent=True)
+                                                                      for t in terr]
+         for method, per in ((m, cmp[m]["test_per_territory"]) for m in METHODS)])
+    lines += ["", "## Does each territory gain from federation?", ""]
+    gains = []
     for t in terr:
         f, l, c = (cmp[m]["test_per_territory"][t]["mae"]["all"] for m in ("federated", "local", "centralized"))
         if f is None or l is None or l == 0:  # no valid test target: not available
-            lines.append(f"| {t} | {_f(f)} | {_f(l)} | n/a | {_f(c)} |")
+            gains.append([t, fmt_metric(f), fmt_metric(l), "n/a", fmt_metric(c)])
             continue
         change = (f - l) / l
         verdict = "gains" if change < -GAIN_THRESHOLD else "loses" if change > GAIN_THRESHOLD else "no clear difference"
-        lines.append(f"| {t} | {_f(f)} | {_f(l)} | {100 * change:+.1f}% ({verdict}) | {_f(c)} |")
+        gains.append([t, fmt_metric(f), fmt_metric(l), f"{100 * change:+.1f}% ({verdict})", fmt_metric(c)])
+    lines += markdown_table(["territory", "federated MAE", "local MAE", "change vs local", "centralized MAE"], gains)
     lines += ["", f"A territory gains (loses) when its federated test MAE is more than {100 * GAIN_THRESHOLD:.0f} % "
               "below (above) its local-only MAE; one seed, so smaller differences are not read as a gain."]
     lines += ["", "Wall time (s): " + ", ".join(f"{m} {summaries[m]['wall_time_s']:.0f}" for m in MODES), ""]

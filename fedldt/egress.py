@@ -125,7 +125,8 @@ _TERRITORY = Allowed(int, False, "the territory's index (the server knows it fro
 #: Train reply metrics (record ``metrics``).
 TRAIN_METRICS: dict[str, Allowed] = {
     "num-examples": Allowed(int, False, "training windows: the FedAvg weight"),
-    "train_loss": Allowed(float, False, "mean scaled training MAE of the last local epoch (progress report)"),
+    "train_loss": Allowed(float, False, "scaled training MAE of the last local epoch, a windows-weighted mean "
+                                        "over its batches (progress report)"),
     "territory": _TERRITORY,
 }
 #: Evaluate reply metrics (record ``metrics``): counts plus, for the model and each reference

@@ -223,24 +223,63 @@ def write_run_outputs(run_dir: Path, cfg: dict[str, Any], summary: dict[str, Any
     (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+# ---------------------------------------------------------------------------------------------
+# The one metric-table renderer of every report: the closing table of scripts/simulate.py and
+# federation_local.py, comparison.md, models_strategies.md and MODEL_CARD.md.
+
+def fmt_metric(value: float | None, digits: int = 3, percent: bool = False) -> str:
+    """A metric cell: ``n/a`` for ``None`` (no valid target), else ``digits`` decimals, or with
+    ``percent`` a fraction as a percentage with 2 decimals (``0.0625`` -> ``6.25%``)."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}%" if percent else f"{value:.{digits}f}"
+
+
+def markdown_table(head: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    """The lines of a GitHub-flavoured Markdown table (readable as plain text too).
+
+    Args:
+        head: column titles.
+        rows: cells, as strings, one sequence per row (each as long as ``head``); an empty
+            cell is written ``| |``.
+        right: indices of right-aligned columns (``---:``).
+
+    Raises:
+        ValueError: a row has another number of cells than ``head``.
+    """
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    lines = [line(head), "|" + "".join("---:|" if i in right else "---|" for i in range(len(head)))]
+    for row in rows:
+        if len(row) != len(head):
+            raise ValueError(f"table row {list(row)} has {len(row)} cells for {len(head)} columns")
+        lines.append(line(row))
+    return lines
+
+
+def metric_rows(blocks: Mapping[str, Mapping[str, Mapping[str, float | None]]], steps: Sequence[str],
+                metrics: Sequence[str] = ("mae", "rmse", "mape"), digits: int = 4) -> list[list[str]]:
+    """Rows ``<METRIC> <label>`` then one cell per step, for each metric and each labelled
+    ``summary.json`` metric block (``{"mae": {"h3": ..}, ..}``), metric by metric."""
+    return [[f"{metric.upper()} {label}"] + [fmt_metric(block[metric][s], digits) for s in steps]
+            for metric in metrics for label, block in blocks.items()]
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-    """A short plain-text table of test MAE/RMSE/MAPE: model vs. persistence, pooled and per territory."""
-    steps = [k for k in summary["test"]["mae"]]
-    head = f"{'':22s}" + "".join(f"{s:>9s}" for s in steps)
-    lines = [f"test metrics of pilot '{summary['pilot']}' ({summary['mode']}, {summary['rounds']} round{'' if summary['rounds'] == 1 else 's'})", head]
-    for metric in ("mae", "rmse", "mape"):
-        for label, block in (("model", summary["test"]), ("persistence", summary["persistence"]),
-                             ("hist. average", summary["historical_average"])):
-            vals = "".join(f"{_fmt(block[metric][s]):>9s}" for s in steps)
-            lines.append(f"{metric.upper() + ' ' + label:22s}{vals}")
-    lines.append("per territory (model MAE):")
-    for tid, block in summary["test_per_territory"].items():
-        lines.append(f"  {tid:20s}" + "".join(f"{_fmt(block['mae'][s]):>9s}" for s in steps))
+    """The closing table of a run: test MAE/RMSE/MAPE of the model, persistence and historical
+    average, pooled, then the model's MAE per territory (Markdown, :func:`markdown_table`)."""
+    steps = list(summary["test"]["mae"])
+    rounds = summary["rounds"]
+    blocks = {"model": summary["test"], "persistence": summary["persistence"],
+              "hist. average": summary["historical_average"]}
+    lines = [f"test metrics of pilot '{summary['pilot']}' ({summary['mode']}, {rounds} round{'' if rounds == 1 else 's'})", ""]
+    lines += markdown_table(["metric", *steps], metric_rows(blocks, steps), right=range(1, len(steps) + 1))
+    lines += ["", "per territory (model MAE):", ""]
+    lines += markdown_table(["territory", *steps],
+                            [[tid] + [fmt_metric(block["mae"][s], 4) for s in steps]
+                             for tid, block in summary["test_per_territory"].items()], right=range(1, len(steps) + 1))
     return "\n".join(lines)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 #: Record, in a publish folder, of the files fedldt published there and their sha256.

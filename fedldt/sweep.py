@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fedldt.config import compose_config, resolve_config
-from fedldt.results import check_publish_dir, publish
+from fedldt.results import check_publish_dir, fmt_metric, markdown_table, publish
 from fedldt.launch.progress import run_slot
 from fedldt.runner import run_mode
 
@@ -122,17 +122,15 @@ def sweep_markdown(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
         f"{cfg['train']['rounds']} rounds, seed {cfg['seed']}; one federated run per row "
         "(Flower simulation engine). Wall time: the whole run, simulation start-up included.",
         "",
-        "| model | strategy | personalization | " + " | ".join(f"MAE {s}" for s in steps) + " | MAE all | wall time (s) |",
-        "|---|---|---|" + "---:|" * (len(steps) + 2),
     ]
-    for r in rows:
-        mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['model']}{mark} | {r['strategy']} | {r['personalization']} | "
-                     + " | ".join(f"{r['test']['mae'][s]:.3f}" for s in steps)
-                     + f" | {r['test']['mae']['all']:.3f} | {r['wall_time_s']:.0f} |")
+    cells = [[r["model"] + (" **(best)**" if r is best else ""), r["strategy"], r["personalization"]]
+             + [fmt_metric(r["test"]["mae"][s]) for s in [*steps, "all"]] + [f"{r['wall_time_s']:.0f}"] for r in rows]
     if rows:
         p = rows[0]["persistence"]["mae"]
-        lines.append("| persistence (last value) | | | " + " | ".join(f"{p[s]:.3f}" for s in steps) + f" | {p['all']:.3f} | |")
+        cells.append(["persistence (last value)", "", "", *(fmt_metric(p[s]) for s in [*steps, "all"]), ""])
+    lines += markdown_table(["model", "strategy", "personalization", *(f"MAE {s}" for s in steps), "MAE all", "wall time (s)"],
+                            cells, right=range(3, len(steps) + 5))
+    if rows:
         lines += ["", "Reproduce one row with its `command` in `models_strategies.json`; the whole table with",
                   f"`python scripts/sweep.py pilot={cfg['name']}`."]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from fedldt.config import CONF_DIR
+from fedldt.results import markdown_table, metric_rows
 
 CARD_FORMAT = "fedldt-model-card/1"
 PROVENANCE_DIR = CONF_DIR / "provenance"
@@ -186,12 +187,7 @@ def build_card(
 
 def _metric_table(model: Mapping, base: Mapping) -> list[str]:
     steps = list(model["mae"])
-    lines = ["| metric | " + " | ".join(steps) + " |", "|---|" + "---|" * len(steps)]
-    for metric in ("mae", "rmse", "mape"):
-        for label, block in (("model", model), ("persistence", base)):
-            vals = [("n/a" if block[metric][s] is None else f"{block[metric][s]:.4f}") for s in steps]
-            lines.append(f"| {metric.upper()} {label} | " + " | ".join(vals) + " |")
-    return lines
+    return markdown_table(["metric", *steps], metric_rows({"model": model, "persistence": base}, steps))
 
 
 def render_markdown(card: Mapping[str, Any]) -> str:
