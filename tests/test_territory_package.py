@@ -253,3 +253,19 @@ def test_builtin_los_loop_graph_is_unchanged_by_self_loop_completion(data_root):
     ei, ew = dense_to_sparse(torch.from_numpy(adj).float())
     out = complete_self_loops(ei, ew, adj.shape[0])
     assert out[0] is ei and out[1] is ew
+
+
+def test_covariates_and_a_knn_graph_from_coordinates(tmp_path):
+    rows = [[f"2012-03-01 00:{m:02d}", s, 50.0] for m in (0, 5, 10) for s in ("a", "b", "c")]
+    root = write_package(tmp_path, rows, sensors=["a", "b", "c"], graph={"method": "knn", "k": 1},
+                         covariates={"file": "weather.csv", "columns": ["temp"]})
+    pd.DataFrame({"timestamp": ["2012-03-01T08:10:00Z", "2012-03-01T08:00:00Z", "2012-03-01T08:05:00Z"],
+                  "temp": [12.5, 11.0, 11.5]}).to_csv(root / "weather.csv", index=False)
+    ds = load_package(root)
+    np.testing.assert_array_equal(ds.extra["covariates"][:, 0], [11.0, 11.5, 12.5])  # put on the grid by time
+    assert ds.extra["covariate_names"] == ["temp"]
+    # sensors 0.01 deg of latitude apart on a line: each one's nearest neighbour is the next one
+    np.testing.assert_array_equal(ds.adjacency() > 0, [[1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    pd.DataFrame({"timestamp": ["2012-03-01T08:00:00Z"], "temp": [11.0]}).to_csv(root / "weather.csv", index=False)
+    with pytest.raises(PackageError, match=r"weather.csv: no row for 2 step\(s\).*fix"):
+        load_package(root)
