@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedldt.data.graph import complete_self_loops, normalized_adjacency, self_loop_counts
-from fedldt.data.package import PackageError, load_package
+from fedldt.data.package import TerritoryPackageError, load_package
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import day_fraction
 
@@ -76,7 +76,7 @@ def test_repeated_autumn_hour_is_resolved_by_order(tmp_path):
 
 def test_spring_gap_is_not_invented(tmp_path):
     local = [f"2013-03-10 {h:02d}:{m:02d}" for h in (0, 1, 3) for m in range(0, 60, 5)]
-    ds = load_package(write_package(tmp_path, [[t, "s1", 50.0] for t in local]))
+    ds = load_package(write_package(tmp_path, [[t, "s1", 50.0 + i] for i, t in enumerate(local)]))
     assert ds.num_steps == 36 and ds.mask.sum() == 36
     assert (np.diff(ds.timestamps.asi8) == 300 * 10**9).all()
     assert ds.extra["problems"] == []
@@ -97,17 +97,17 @@ def test_offsets_and_z_are_converted_and_time_of_day_stays_local(tmp_path):
 
 
 def test_local_time_in_the_spring_gap_is_refused(tmp_path):
-    with pytest.raises(PackageError, match=r"observations.csv.*2013-03-10 02:30.*does not exist.*fix"):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv.*2013-03-10 02:30.*does not exist.*fix"):
         load_package(write_package(tmp_path, [["2013-03-10 01:55", "s1", 1], ["2013-03-10 02:30", "s1", 2]]))
 
 
 def test_mixed_naive_and_offset_stamps_name_file_and_fix(tmp_path):
-    with pytest.raises(PackageError, match=r"observations.csv: column 'timestamp'.*offset.*fix"):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: column 'timestamp'.*offset.*fix"):
         load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 1], ["2012-03-01T00:05:00Z", "s1", 2]]))
 
 
 def test_off_grid_stamp_is_refused(tmp_path):
-    with pytest.raises(PackageError, match=r"observations.csv: 1 timestamp\(s\) are off the 5min grid.*fix"):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: 1 timestamp\(s\) are off the 5min grid.*fix"):
         load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 1], ["2012-03-01 00:07", "s1", 2]]))
 
 
@@ -120,7 +120,7 @@ def test_duplicate_rule(tmp_path, rule, expected, mask):
     np.testing.assert_array_equal(ds.mask[:, 0, 0], [mask, 1])
     codes = [p["code"] for p in ds.extra["problems"]]
     assert codes == ["missing_values", "duplicates"]
-    with pytest.raises(PackageError, match=r"2 \(timestamp, sensor\) pair\(s\) occur more than once.*duplicates: mean\|first"):
+    with pytest.raises(TerritoryPackageError, match=r"2 \(timestamp, sensor\) pair\(s\) occur more than once.*duplicates: mean\|first"):
         load_package(write_package(tmp_path / "e", rows, missing_values=[-1]))
 
 
@@ -132,16 +132,16 @@ def test_markers_non_finite_and_out_of_range_are_masked_and_counted(tmp_path):
     msgs = {p["code"]: p["message"] for p in ds.extra["problems"]}
     assert msgs["out_of_range"].startswith("1 speed value(s) outside the valid range 0 to 120 mph")
     assert msgs["missing_values"].startswith("2 speed cell(s)") and msgs["infinite"].startswith("1 infinite")
-    with pytest.raises(PackageError, match=r"column 'speed': 1 cell\(s\) are not numbers, e.g. 'fast'.*missing_values"):
+    with pytest.raises(TerritoryPackageError, match=r"column 'speed': 1 cell\(s\) are not numbers, e.g. 'fast'.*missing_values"):
         load_package(write_package(tmp_path / "b", [["2012-03-01 00:00", "s1", "fast"]]))
 
 
 # ------------------------------------------------------------------------------------- sensors
 def test_example_package_end_to_end():
     ds = load_package(EXAMPLE)
-    assert ds.name == "example_madrid" and ds.values.shape == (196, 5, 1)  # 2 days + the repeated hour
+    assert ds.name == "example_madrid" and ds.values.shape == (292, 5, 1)  # 3 days + the repeated hour
     assert ds.node_ids.tolist() == ["0717804", "00", "A12", "0042", "B7"]
-    assert ds.timestamps.tz.key == "Europe/Madrid" and str(ds.timestamps[0]) == "2024-10-26 00:00:00+02:00"
+    assert ds.timestamps.tz.key == "Europe/Madrid" and str(ds.timestamps[0]) == "2024-10-25 00:00:00+02:00"
     assert str(ds.timestamps[-1]) == "2024-10-27 23:45:00+01:00"
     assert int((ds.mask == 0).sum()) == 4 + 1 + 5  # four -1 markers, one empty cell, one lost step x 5 sensors
     assert [p["code"] for p in ds.extra["problems"]] == ["missing_values", "gaps", "edges_unknown_sensors"]
@@ -167,7 +167,7 @@ def test_sensor_ids_stay_text_through_every_layout(tmp_path):
     np.testing.assert_array_equal(load_package(root).values[0, :, 0], [6, 5])
     long["sensor_id"] = [0, 717804]
     long.to_parquet(root / "obs.parquet")
-    with pytest.raises(PackageError, match=r"obs.parquet: column 'sensor_id' is int64, not text; fix"):
+    with pytest.raises(TerritoryPackageError, match=r"obs.parquet: column 'sensor_id' is int64, not text; fix"):
         load_package(root)
 
 
@@ -179,22 +179,22 @@ def test_sensor_sets_that_differ_follow_the_stated_rule(tmp_path):
     assert problems["sensor_without_data"]["sensors"] == ["c"]
     assert problems["edges_unknown_sensors"]["sensors"] == ["z"]
     assert problems["isolated_sensor"]["sensors"] == ["c"]
-    with pytest.raises(PackageError, match=r"observations.csv: sensor\(s\) 'b' are not in sensors.csv; fix"):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: sensor\(s\) 'b' are not in sensors.csv; fix"):
         load_package(write_package(tmp_path / "x", rows, sensors=["a"]))
 
 
 def test_manifest_errors_name_file_field_and_fix(tmp_path):
     root = write_package(tmp_path, [["2012-03-01 00:00", "s1", 1]], intervall="5min")
-    with pytest.raises(PackageError, match=r"territory.yaml: field 'intervall': unknown key; fix"):
+    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: field 'intervall': unknown key; fix"):
         load_package(root)
     root = write_package(tmp_path / "b", [["2012-03-01 00:00", "s1", 1]], timezone="Mars/Olympus",
                          duplicates="max", observations={"file": "../secret.csv"})
-    with pytest.raises(PackageError) as e:
+    with pytest.raises(TerritoryPackageError) as e:
         load_package(root)
     assert "field 'timezone': 'Mars/Olympus' is not an IANA time zone" in str(e.value)
     assert "field 'duplicates'" in str(e.value)
     root = write_package(tmp_path / "c", [["2012-03-01 00:00", "s1", 1]], observations={"file": "../secret.csv"})
-    with pytest.raises(PackageError, match=r"field 'observations.file': '../secret.csv' must be a file name inside"):
+    with pytest.raises(TerritoryPackageError, match=r"field 'observations.file': '../secret.csv' must be a file name inside"):
         load_package(root)
 
 
@@ -267,5 +267,12 @@ def test_covariates_and_a_knn_graph_from_coordinates(tmp_path):
     # sensors 0.01 deg of latitude apart on a line: each one's nearest neighbour is the next one
     np.testing.assert_array_equal(ds.adjacency() > 0, [[1, 1, 0], [1, 1, 1], [0, 1, 1]])
     pd.DataFrame({"timestamp": ["2012-03-01T08:00:00Z"], "temp": [11.0]}).to_csv(root / "weather.csv", index=False)
-    with pytest.raises(PackageError, match=r"weather.csv: no row for 2 step\(s\).*fix"):
+    with pytest.raises(TerritoryPackageError, match=r"weather.csv: no row for 2 step\(s\).*fix"):
         load_package(root)
+
+
+def test_data_format_doc_shows_the_example_manifest_as_it_is():
+    doc = (Path(__file__).parents[1] / "docs" / "data-format.md").read_text()
+    shown = doc.split("`tests/data/territory_example/territory.yaml`:\n\n```yaml\n")[1].split("```")[0]
+    real = "".join(line for line in (EXAMPLE / "territory.yaml").read_text().splitlines(True) if not line.startswith("#"))
+    assert shown == real

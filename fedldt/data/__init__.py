@@ -4,7 +4,7 @@ splits, scaling and windows."""
 from fedldt.data.charged_ev import distance_graph, load_charged_cities, load_charged_city
 from fedldt.data.graph import complete_self_loops, normalized_adjacency
 from fedldt.data.los_loop import load_los_loop
-from fedldt.data.package import PackageError, load_package
+from fedldt.data.package import TerritoryPackageError, load_package
 from fedldt.data.partition import as_given, kmeans_node_partition, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import MaskedStandardScaler, WindowDataset, split_bounds, window_starts
@@ -13,7 +13,7 @@ __all__ = [
     "TerritoryDataset",
     "load_los_loop",
     "load_package",
-    "PackageError",
+    "TerritoryPackageError",
     "complete_self_loops",
     "normalized_adjacency",
     "load_charged_city",

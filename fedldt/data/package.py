@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedldt.data.charged_ev import distance_graph
+from fedldt.data.checks import MAX_LISTED, dataset_problems, history_problems, is_usable, problem
 from fedldt.data.ranges import ValidRange
 from fedldt.data.territory import TerritoryDataset
 
@@ -39,12 +40,10 @@ from fedldt.data.territory import TerritoryDataset
 MANIFEST = "territory.yaml"
 #: Largest ``steps x sensors x channels`` a package may expand to (a mistyped date could ask for more).
 MAX_CELLS = 200_000_000
-#: At most this many sensors or timestamps are named in one problem.
-MAX_LISTED = 8
 DOC = "docs/data-format.md"
 
 
-class PackageError(ValueError):
+class TerritoryPackageError(ValueError):
     """A territory data package that cannot be loaded; the message names the file, the field and the fix."""
 
 
@@ -194,22 +193,22 @@ def read_spec(root: str | Path) -> TerritorySpec:
     """Read and check ``territory.yaml`` of the package folder ``root`` (``yaml.safe_load``).
 
     Raises:
-        PackageError: the file is missing, not YAML, or breaks the schema (each faulty field is
+        TerritoryPackageError: the file is missing, not YAML, or breaks the schema (each faulty field is
             named with its fix).
     """
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise PackageError(f"{path}: not found; fix: a territory data package is a folder holding {MANIFEST} ({DOC})")
+        raise TerritoryPackageError(f"{path}: not found; fix: a territory data package is a folder holding {MANIFEST} ({DOC})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise PackageError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0][:200]}); fix: correct the syntax") from None
+        raise TerritoryPackageError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0][:200]}); fix: correct the syntax") from None
     if not isinstance(raw, dict):
-        raise PackageError(f"{path}: expected a mapping of keys (name, interval, timezone, ...); fix: see {DOC}")
+        raise TerritoryPackageError(f"{path}: expected a mapping of keys (name, interval, timezone, ...); fix: see {DOC}")
     try:
         return TerritorySpec.model_validate(raw)
     except ValidationError as e:
-        raise PackageError(_pydantic_message(path, e)) from None
+        raise TerritoryPackageError(_pydantic_message(path, e)) from None
 
 
 def _member(root: Path, name: str, field: str) -> Path:
@@ -217,10 +216,10 @@ def _member(root: Path, name: str, field: str) -> Path:
     p = Path(name)
     where = f"{root / MANIFEST}: field '{field}'"
     if p.is_absolute() or ".." in p.parts or not name.strip():
-        raise PackageError(f"{where}: {name!r} must be a file name inside the package folder; fix: move the file into {root}")
+        raise TerritoryPackageError(f"{where}: {name!r} must be a file name inside the package folder; fix: move the file into {root}")
     f = root / p
     if not f.is_file():
-        raise PackageError(f"{where}: file {f} not found; fix: add it or correct the name")
+        raise TerritoryPackageError(f"{where}: file {f} not found; fix: add it or correct the name")
     return f
 
 
@@ -230,24 +229,24 @@ def _read_table(path: Path, text_columns: tuple[str, ...]) -> pd.DataFrame:
         try:
             df = pd.read_parquet(path)
         except Exception as e:  # pyarrow raises many kinds
-            raise PackageError(f"{path}: not a readable Parquet file ({str(e)[:200]})") from None
+            raise TerritoryPackageError(f"{path}: not a readable Parquet file ({str(e)[:200]})") from None
         for c in text_columns:
             if c in df.columns and not (pd.api.types.is_string_dtype(df[c]) or pd.api.types.is_datetime64_any_dtype(df[c])):
-                raise PackageError(f"{path}: column '{c}' is {df[c].dtype}, not text; fix: store it as a string column "
+                raise TerritoryPackageError(f"{path}: column '{c}' is {df[c].dtype}, not text; fix: store it as a string column "
                                    "(ids such as 0717804 lose their leading zeros as numbers)")
         return df
     if path.suffix.lower() != ".csv":
-        raise PackageError(f"{path}: unknown file type; fix: use .csv or .parquet")
+        raise TerritoryPackageError(f"{path}: unknown file type; fix: use .csv or .parquet")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise PackageError(f"{path}: not a readable UTF-8 CSV file ({str(e).splitlines()[0][:200]})") from None
+        raise TerritoryPackageError(f"{path}: not a readable UTF-8 CSV file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _require(df: pd.DataFrame, columns: list[str], path: Path) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise PackageError(f"{path}: column(s) {missing} missing (has {_listing(list(df.columns))}); fix: add them "
+        raise TerritoryPackageError(f"{path}: column(s) {missing} missing (has {_listing(list(df.columns))}); fix: add them "
                            f"or name the right columns in {MANIFEST}")
 
 
@@ -266,7 +265,7 @@ def _numbers(col: pd.Series, markers: list, where: str) -> tuple[np.ndarray, np.
         bad = np.isnan(v) & ~missing & ~s.str.lower().isin({"nan", "na"}).to_numpy()
         if bad.any():
             rows = np.flatnonzero(bad)
-            raise PackageError(f"{where}: {int(bad.sum())} cell(s) are not numbers, e.g. {_listing(s.iloc[rows].tolist())} "
+            raise TerritoryPackageError(f"{where}: {int(bad.sum())} cell(s) are not numbers, e.g. {_listing(s.iloc[rows].tolist())} "
                                f"(data rows {_listing((rows + 1).tolist())}); fix: write numbers, leave the cell empty, or "
                                "declare the text in missing_values")
         missing = missing | np.isnan(v)
@@ -293,7 +292,7 @@ def _utc_times(raw: pd.Series, tz: str, groups: pd.Series | None, where: str) ->
         try:
             parsed = parse_timestamps(list(uniq), where)
         except ValueError as e:
-            raise PackageError(f"{e}; fix: ISO 8601 stamps, all with a UTC offset or all local times ({DOC})") from None
+            raise TerritoryPackageError(f"{e}; fix: ISO 8601 stamps, all with a UTC offset or all local times ({DOC})") from None
         times = pd.DatetimeIndex(parsed[codes])
     times = times.as_unit("ns")
     if times.tz is not None:
@@ -305,18 +304,12 @@ def _utc_times(raw: pd.Series, tz: str, groups: pd.Series | None, where: str) ->
     try:
         local = times.tz_localize(tz, ambiguous=first, nonexistent="raise")
     except Exception as e:  # pytz.NonExistentTimeError and friends
-        raise PackageError(f"{where}: local time {e} does not exist in {tz} (the clock skips it); fix: correct "
+        raise TerritoryPackageError(f"{where}: local time {e} does not exist in {tz} (the clock skips it); fix: correct "
                            "the stamp or give stamps with a UTC offset") from None
     return local.tz_convert("UTC").as_unit("ns")
 
 
 # ---------------------------------------------------------------------------------- the loader
-def _problem(problems: list, code: str, severity: str, message: str, sensors=(), timestamps=()) -> None:
-    problems.append({"code": code, "severity": severity, "message": message,
-                     "sensors": [str(s) for s in list(sensors)[:MAX_LISTED]],
-                     "timestamps": [str(t) for t in list(timestamps)[:MAX_LISTED]]})
-
-
 def _read_sensors(root: Path, spec: TerritorySpec, problems: list) -> tuple[np.ndarray, np.ndarray | None]:
     path = _member(root, spec.sensors.file, "sensors.file")
     df = _read_table(path, ("sensor_id",))
@@ -326,15 +319,15 @@ def _read_sensors(root: Path, spec: TerritorySpec, problems: list) -> tuple[np.n
     ids = df["sensor_id"].astype(str).to_numpy()
     empty = [i + 1 for i, s in enumerate(ids) if s.strip() == ""]
     if empty:
-        raise PackageError(f"{path}: column 'sensor_id' is empty in data row(s) {_listing(empty)}; fix: give every sensor an id")
+        raise TerritoryPackageError(f"{path}: column 'sensor_id' is empty in data row(s) {_listing(empty)}; fix: give every sensor an id")
     dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if dup:
-        raise PackageError(f"{path}: column 'sensor_id' repeats {_listing(dup)}; fix: list each sensor once")
+        raise TerritoryPackageError(f"{path}: column 'sensor_id' repeats {_listing(dup)}; fix: list each sensor once")
     a, a_missing = _numbers(df[xy[0]], [], f"{path}: column '{xy[0]}'")
     b, b_missing = _numbers(df[xy[1]], [], f"{path}: column '{xy[1]}'")
     missing = a_missing | b_missing
     if missing.any():
-        _problem(problems, "no_coordinates", "warning", f"{int(missing.sum())} sensor(s) of {path.name} have no coordinates",
+        problem(problems, "no_coordinates", "warning", f"{int(missing.sum())} sensor(s) of {path.name} have no coordinates",
                  sensors=ids[missing])
         return ids, None
     if not geo:
@@ -344,13 +337,13 @@ def _read_sensors(root: Path, spec: TerritorySpec, problems: list) -> tuple[np.n
         try:
             tr = Transformer.from_crs(spec.sensors.crs, "EPSG:4326", always_xy=True)
         except CRSError:
-            raise PackageError(f"{root / MANIFEST}: field 'sensors.crs': {spec.sensors.crs} is unknown to pyproj; "
+            raise TerritoryPackageError(f"{root / MANIFEST}: field 'sensors.crs': {spec.sensors.crs} is unknown to pyproj; "
                                "fix: give the EPSG code of the projected x/y") from None
         a, b = tr.transform(a, b)
     lon, lat = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     bad = ~np.isfinite(lat) | ~np.isfinite(lon) | (np.abs(lat) > 90) | (np.abs(lon) > 180)
     if bad.any():
-        raise PackageError(f"{path}: sensor(s) {_listing(ids[bad].tolist())} have coordinates outside the globe "
+        raise TerritoryPackageError(f"{path}: sensor(s) {_listing(ids[bad].tolist())} have coordinates outside the globe "
                            f"(latitude -90..90, longitude -180..180 after {spec.sensors.crs}); fix: correct them or sensors.crs")
     return ids, np.stack([lat, lon], axis=1)
 
@@ -374,7 +367,7 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
     n = len(ids)
     if g.edges is None:
         if coords is None:
-            raise PackageError(f"{root / MANIFEST}: field 'graph.edges' is not set and some sensors lack coordinates; "
+            raise TerritoryPackageError(f"{root / MANIFEST}: field 'graph.edges' is not set and some sensors lack coordinates; "
                                f"fix: give every sensor coordinates in {spec.sensors.file}, or an edges file")
         return distance_graph(distances_km(coords), method=g.method, sigma_km=g.sigma_km, threshold=g.threshold, k=g.k)
     path = _member(root, g.edges, "graph.edges")
@@ -385,7 +378,7 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
         w, w_missing = _numbers(df["weight"], [], f"{path}: column 'weight'")
         bad = w_missing | ~np.isfinite(w) | (w <= 0)
         if bad.any():
-            raise PackageError(f"{path}: column 'weight' must be a positive number, not in data row(s) "
+            raise TerritoryPackageError(f"{path}: column 'weight' must be a positive number, not in data row(s) "
                                f"{_listing((np.flatnonzero(bad) + 1).tolist())}; fix: correct them or drop those edges")
     else:
         w = np.ones(len(df), dtype=np.float64)
@@ -394,13 +387,13 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
     unknown = (s_i < 0) | (d_i < 0)
     if unknown.any():
         names = sorted({x for x, k in zip(src, s_i) if k < 0} | {x for x, k in zip(dst, d_i) if k < 0})
-        _problem(problems, "edges_unknown_sensors", "warning",
+        problem(problems, "edges_unknown_sensors", "warning",
                  f"{int(unknown.sum())} of {len(df)} edge(s) of {path.name} name sensor(s) not in {spec.sensors.file}; "
                  "they were left out", sensors=names)
     s_i, d_i, w = s_i[~unknown], d_i[~unknown], w[~unknown]
     pairs = pd.Series(s_i * max(n, 1) + d_i)
     if pairs.duplicated().any():
-        raise PackageError(f"{path}: edge(s) listed twice, e.g. {ids[s_i[pairs.duplicated().to_numpy()][0]]!r} -> "
+        raise TerritoryPackageError(f"{path}: edge(s) listed twice, e.g. {ids[s_i[pairs.duplicated().to_numpy()][0]]!r} -> "
                            f"{ids[d_i[pairs.duplicated().to_numpy()][0]]!r}; fix: list each edge once")
     ei = torch.as_tensor(np.stack([s_i, d_i]).astype(np.int64))
     ew = torch.as_tensor(w.astype(np.float32))
@@ -426,7 +419,7 @@ def _long_table(root: Path, spec: TerritorySpec) -> tuple[pd.DataFrame, Path]:
     _require(df, [o.timestamp_column], path)
     sensors = [c for c in df.columns if c != o.timestamp_column]
     if not sensors:
-        raise PackageError(f"{path}: no sensor columns besides '{o.timestamp_column}'; fix: one column per sensor id")
+        raise TerritoryPackageError(f"{path}: no sensor columns besides '{o.timestamp_column}'; fix: one column per sensor id")
     channel = spec.channels[0].name
     long = df.melt(id_vars=[o.timestamp_column], value_vars=sensors, var_name="sensor", value_name=channel,
                    ignore_index=True)
@@ -451,6 +444,9 @@ def load_package(path: str | Path) -> TerritoryDataset:
     reported; edges naming unlisted sensors are left out and reported; every node ends with one
     self-loop (:func:`fedldt.data.graph.complete_self_loops`).
 
+    The data-quality checks of :func:`fedldt.data.checks.dataset_problems` (all-zero and constant
+    sensors, ...) are run too, so ``extra["problems"]`` is what ``fedldt validate`` reports.
+
     Returns:
         A :class:`TerritoryDataset`: values/mask ``[time, node, channel]`` float32, node_ids as
         written, coords ``[node, 2]`` (latitude, longitude) or ``None``, ``extra`` with
@@ -459,35 +455,35 @@ def load_package(path: str | Path) -> TerritoryDataset:
         ``[time, k]`` float32 with ``covariate_names``.
 
     Raises:
-        PackageError: (a ``ValueError``) naming the file, the field and the fix.
+        TerritoryPackageError: (a ``ValueError``) naming the file, the field and the fix.
     """
     root = Path(path)
     if not root.is_dir():
-        raise PackageError(f"{root}: not a folder; fix: give the folder of a territory data package ({DOC})")
+        raise TerritoryPackageError(f"{root}: not a folder; fix: give the folder of a territory data package ({DOC})")
     spec = read_spec(root)
     problems: list[dict[str, Any]] = []
     ids, coords = _read_sensors(root, spec, problems)
     table, obs_path = _long_table(root, spec)
     if table.empty:
-        raise PackageError(f"{obs_path}: no observations; fix: add rows")
+        raise TerritoryPackageError(f"{obs_path}: no observations; fix: add rows")
     times = _utc_times(table["time"], spec.timezone, table["sensor"],
                        f"{obs_path}: column '{spec.observations.timestamp_column}'")
     node = pd.Index(ids).get_indexer(table["sensor"])
     unknown = sorted(set(table["sensor"][node < 0]))
     if unknown:
-        raise PackageError(f"{obs_path}: sensor(s) {_listing(unknown)} are not in {spec.sensors.file}; fix: add them "
+        raise TerritoryPackageError(f"{obs_path}: sensor(s) {_listing(unknown)} are not in {spec.sensors.file}; fix: add them "
                            "(with coordinates) to it, or remove their rows")
     step_ns = spec.step.value
     t_ns = times.asi8
     t0, t1 = int(t_ns.min()), int(t_ns.max())
     off = (t_ns - t0) % step_ns != 0
     if off.any():
-        raise PackageError(f"{obs_path}: {int(off.sum())} timestamp(s) are off the {spec.interval} grid that starts at "
+        raise TerritoryPackageError(f"{obs_path}: {int(off.sum())} timestamp(s) are off the {spec.interval} grid that starts at "
                            f"{pd.Timestamp(t0, tz='UTC')}, e.g. {_listing(times[off].unique().astype(str).tolist())}; "
                            "fix: resample to the interval or correct 'interval'")
     num_steps = (t1 - t0) // step_ns + 1
     if num_steps * len(ids) * len(spec.channels) > MAX_CELLS:
-        raise PackageError(f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} values; fix: "
+        raise TerritoryPackageError(f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} values; fix: "
                            "check the timestamps for a wrong date, or split the period")
     step = ((t_ns - t0) // step_ns).astype(np.int64)
     grid = pd.date_range(pd.Timestamp(t0, tz="UTC"), periods=num_steps, freq=spec.step)
@@ -501,14 +497,14 @@ def load_package(path: str | Path) -> TerritoryDataset:
         v, missing = _numbers(table[ch.name], spec.missing_values, f"{obs_path}: column '{ch.name}'")
         finite = np.isfinite(v) & ~missing
         if (~np.isfinite(v) & ~np.isnan(v)).any():
-            _problem(problems, "infinite", "warning", f"{int((~np.isfinite(v) & ~np.isnan(v)).sum())} infinite "
+            problem(problems, "infinite", "warning", f"{int((~np.isfinite(v) & ~np.isnan(v)).sum())} infinite "
                      f"{ch.name} value(s) masked")
         if missing.any():
-            _problem(problems, "missing_values", "info", f"{int(missing.sum())} {ch.name} cell(s) empty, NaN or a "
+            problem(problems, "missing_values", "info", f"{int(missing.sum())} {ch.name} cell(s) empty, NaN or a "
                      "missing-value marker: masked", sensors=pd.unique(table["sensor"][missing]))
         bad = finite & ch.valid_range().violations(np.where(finite, v, 0.0))
         if bad.any():
-            _problem(problems, "out_of_range", "warning", f"{int(bad.sum())} {ch.name} value(s) outside the valid range "
+            problem(problems, "out_of_range", "warning", f"{int(bad.sum())} {ch.name} value(s) outside the valid range "
                      f"{ch.valid_range().describe(ch.unit)}: masked", sensors=pd.unique(table["sensor"][bad]),
                      timestamps=times[bad].unique())
         vals[:, k] = np.where(finite & ~bad, v, 0.0)
@@ -519,7 +515,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
         n_dup = int(pd.Series(key[dup]).nunique())
         where = dict(sensors=pd.unique(table["sensor"][dup]), timestamps=times[dup].unique())
         if spec.duplicates == "error":
-            raise PackageError(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. "
+            raise TerritoryPackageError(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. "
                                f"{_listing(where['timestamps'].astype(str).tolist())}; fix: remove them, or set "
                                f"duplicates: mean|first in {MANIFEST}")
         frame = pd.DataFrame(np.where(valid, vals, np.nan), columns=names)
@@ -528,7 +524,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
         key = agg.index.to_numpy()
         vals = np.nan_to_num(agg[names].to_numpy(dtype=np.float64), nan=0.0)
         valid = agg[names].notna().to_numpy()
-        _problem(problems, "duplicates", "warning", f"{n_dup} (timestamp, sensor) pair(s) occurred more than once: "
+        problem(problems, "duplicates", "warning", f"{n_dup} (timestamp, sensor) pair(s) occurred more than once: "
                  f"resolved by '{spec.duplicates}'", **where)
 
     values = np.zeros((num_steps, len(ids), len(names)), dtype=np.float32)
@@ -539,11 +535,11 @@ def load_package(path: str | Path) -> TerritoryDataset:
     present = np.zeros(num_steps, dtype=bool)
     present[s_idx] = True
     if not present.all():
-        _problem(problems, "gaps", "warning", f"{int((~present).sum())} of {num_steps} step(s) have no row at all: masked",
+        problem(problems, "gaps", "warning", f"{int((~present).sum())} of {num_steps} step(s) have no row at all: masked",
                  timestamps=grid[~present].tz_convert(spec.timezone))
     no_data = mask.sum(axis=(0, 2)) == 0
     if no_data.any():
-        _problem(problems, "sensor_without_data", "warning", f"{int(no_data.sum())} sensor(s) of {spec.sensors.file} have "
+        problem(problems, "sensor_without_data", "warning", f"{int(no_data.sum())} sensor(s) of {spec.sensors.file} have "
                  "no valid observation: kept with mask 0", sensors=ids[no_data])
 
     edge_index, edge_weight = _graph(root, spec, ids, coords, problems)
@@ -552,7 +548,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
     linked[ei[0][ei[0] != ei[1]]] = True
     linked[ei[1][ei[0] != ei[1]]] = True
     if len(ids) > 1 and not linked.all():
-        _problem(problems, "isolated_sensor", "warning", f"{int((~linked).sum())} sensor(s) have no edge to another sensor",
+        problem(problems, "isolated_sensor", "warning", f"{int((~linked).sum())} sensor(s) have no edge to another sensor",
                  sensors=ids[~linked])
     extra: dict[str, Any] = {
         "problems": problems, "timezone": spec.timezone, "interval": spec.interval,
@@ -561,12 +557,14 @@ def load_package(path: str | Path) -> TerritoryDataset:
     }
     if spec.covariates is not None:
         extra["covariates"], extra["covariate_names"] = _covariates(root, spec, grid)
-    return TerritoryDataset(
+    ds = TerritoryDataset(
         name=spec.name, values=values, mask=mask, timestamps=grid.tz_convert(spec.timezone), node_ids=ids,
         edge_index=edge_index, edge_weight=edge_weight, coords=coords,
         units=tuple(c.unit for c in spec.channels), channels=tuple(names),
         source=f"territory data package {spec.name} ({spec.provenance}; licence {spec.licence})", extra=extra,
     )
+    problems += dataset_problems(ds)
+    return ds
 
 
 def _covariates(root: Path, spec: TerritorySpec, grid: pd.DatetimeIndex) -> tuple[np.ndarray, list[str]]:
@@ -576,18 +574,61 @@ def _covariates(root: Path, spec: TerritorySpec, grid: pd.DatetimeIndex) -> tupl
     _require(df, [c.timestamp_column, *c.columns], path)
     times = _utc_times(df[c.timestamp_column], spec.timezone, None, f"{path}: column '{c.timestamp_column}'")
     if times.duplicated().any():
-        raise PackageError(f"{path}: timestamp(s) {_listing(times[times.duplicated()].astype(str).tolist())} repeat; "
+        raise TerritoryPackageError(f"{path}: timestamp(s) {_listing(times[times.duplicated()].astype(str).tolist())} repeat; "
                            "fix: one row per step")
     pos = pd.Index(times).get_indexer(grid)
     if (pos < 0).any():
-        raise PackageError(f"{path}: no row for {int((pos < 0).sum())} step(s) of the observations' grid, e.g. "
+        raise TerritoryPackageError(f"{path}: no row for {int((pos < 0).sum())} step(s) of the observations' grid, e.g. "
                            f"{_listing(grid[pos < 0].astype(str).tolist())}; fix: covariates need a value at every step")
     out = np.zeros((len(grid), len(c.columns)), dtype=np.float64)
     for k, name in enumerate(c.columns):
         v, missing = _numbers(df[name], spec.missing_values, f"{path}: column '{name}'")
         v = v[pos]
         if (missing[pos] | ~np.isfinite(v)).any():
-            raise PackageError(f"{path}: column '{name}' is missing or not finite at {int((missing[pos] | ~np.isfinite(v)).sum())} "
+            raise TerritoryPackageError(f"{path}: column '{name}' is missing or not finite at {int((missing[pos] | ~np.isfinite(v)).sum())} "
                                "step(s); fix: covariates must be complete (the model reads them without a mask)")
         out[:, k] = v
     return out.astype(np.float32), list(c.columns)
+
+
+# ---------------------------------------------------------------------------------- validate
+def validate_package(path: str | Path, window: int = 12, horizon: int = 12,
+                     split: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict[str, Any]:
+    """The report of ``fedldt validate``: load the package (:func:`load_package`, its checks
+    included) and check that each train/val/test part holds one window.
+
+    Returns:
+        JSON-able ``{"package", "usable", "num_sensors", "num_steps", "interval", "coverage",
+        "problems"}``: ``coverage`` the fraction of valid (mask 1) entries, ``problems`` as in
+        :mod:`fedldt.data.checks`. A package that cannot be loaded gives ``usable: false`` and one
+        ``unreadable`` error whose message names the file, field and fix; sizes are then ``null``.
+    """
+    report: dict[str, Any] = {"package": str(path), "usable": False, "num_sensors": None, "num_steps": None,
+                              "interval": None, "coverage": None, "problems": []}
+    try:
+        ds = load_package(path)
+    except TerritoryPackageError as e:
+        problem(report["problems"], "unreadable", "error", str(e))
+        return report
+    problems = list(ds.extra["problems"]) + history_problems(ds.num_steps, window, horizon, split)
+    report.update(usable=is_usable(problems), num_sensors=ds.num_nodes, num_steps=ds.num_steps,
+                  interval=ds.extra["interval"], coverage=round(float(ds.mask.mean()), 6), problems=problems)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """``report`` (:func:`validate_package`) as readable text, one line per problem."""
+    head = "usable" if report["usable"] else "NOT usable"
+    lines = [f"{report['package']}: {head}"]
+    if report["num_steps"] is not None:
+        lines.append(f"  {report['num_sensors']} sensors, {report['num_steps']} steps of {report['interval']}, "
+                     f"coverage {100 * report['coverage']:.2f} % of values valid")
+    for p in report["problems"]:
+        lines.append(f"  [{p['severity']}] {p['code']}: {p['message']}")
+        if p["sensors"]:
+            lines.append(f"      sensors: {', '.join(p['sensors'])}")
+        if p["timestamps"]:
+            lines.append(f"      timestamps: {', '.join(p['timestamps'])}")
+    if not report["problems"]:
+        lines.append("  no problems found")
+    return "\n".join(lines)
