@@ -9,6 +9,7 @@
     fedldt keygen --out KEY
     fedldt gateway --listen HOST:PORT --superlink 127.0.0.1:PORT --ca CA --cert CERT --key KEY  (docs/deploy.md)
     fedldt certs ca --out DIR [--san ADDR ...] [--days N] [--force]  |  fedldt certs territory-key --out KEY [--force]
+    fedldt validate PACKAGE_DIR [--json] [--window N] [--horizon N]  (a territory data package, docs/data-format.md)
 
 Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
 names the file, field or sensor and the fix), 2 for command-line usage errors. See
@@ -101,6 +102,17 @@ def _parser() -> argparse.ArgumentParser:
                        description="Write an Ed25519 private key (PEM, mode 0600) to --out and its public key to "
                                    "OUT.pub; never overwrites a file.")
     k.add_argument("--out", required=True, type=Path, help="private key file to create; the public key goes to OUT.pub")
+
+    v = sub.add_parser("validate", help="check a territory data package before joining a federation",
+                       description="Load a territory data package (docs/data-format.md) and report its problems: "
+                                   "gaps, duplicates, missing and out-of-range values (masked and counted), all-zero "
+                                   "and constant sensors, sensors without coordinates or edges, sensor sets that "
+                                   "differ, too little history. Exit status 0 when usable, 1 when not.")
+    v.add_argument("package_dir", type=Path, help="folder holding territory.yaml")
+    v.add_argument("--json", action="store_true", help="print the report as JSON (usable, num_sensors, num_steps, "
+                   "interval, coverage, problems)")
+    v.add_argument("--window", type=_positive, default=12, help="input steps of one window (default 12)")
+    v.add_argument("--horizon", type=_positive, default=12, help="forecast steps of one window (default 12)")
 
     from fedldt.launch import certs, gateway  # the coordinator's gateway and certificates (docs/deploy.md)
     certs.add_arguments(sub.add_parser("certs", help="the federation's CA, SuperLink certificate and territory keys",
@@ -277,6 +289,14 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from fedldt.data.package import format_report, validate_package
+
+    report = validate_package(args.package_dir, window=args.window, horizon=args.horizon)
+    print(json.dumps(report, indent=1, allow_nan=False) if args.json else format_report(report))
+    return 0 if report["usable"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedldt`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -292,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "certs":
             from fedldt.launch.certs import run as _certs
             return _certs(args)
-        return {"export": _export, "predict": _predict, "serve": _serve, "keygen": _keygen}[args.command](args)
+        return {"export": _export, "predict": _predict, "serve": _serve, "keygen": _keygen,
+                "validate": _validate}[args.command](args)
     except (ExportError, InputError, PackageError, SignatureError) as e:
         print(f"fedldt {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -36,7 +36,9 @@ def load_los_loop(
         freq: sampling interval (pandas offset alias).
         zero_is_missing: treat speed 0 as missing (METR-LA's convention; Los-loop is already
             interpolated and has no zeros, so the default is False).
-        self_loops: keep the diagonal of ``los_adj.csv`` (weight 1) as self-loop edges.
+        self_loops: must be True (kept for old configs): every dataset has exactly one
+            self-loop per node (:func:`fedldt.data.graph.complete_self_loops`); the diagonal of
+            ``los_adj.csv`` is 1 for every sensor.
         name: dataset name carried into results.
         valid_range: plausible speeds, ``{"speed": {"min": 0, "max": 120}}`` (see
             :mod:`fedldt.data.ranges`); the data is checked against it and ``fedldt export``
@@ -50,6 +52,9 @@ def load_los_loop(
         ValueError: the files disagree (sizes, sensor ids), naming the file, or a speed is
             outside ``valid_range``.
     """
+    if not self_loops:
+        raise ValueError("dataset.self_loops=false is no longer possible: every sensor graph has exactly one "
+                         "self-loop per node (fedldt/data/graph.py); remove dataset.self_loops")
     ranges = parse_valid_ranges(valid_range, "dataset.valid_range")
     unknown = sorted(set(ranges) - {"speed"})
     if unknown:
@@ -72,8 +77,6 @@ def load_los_loop(
         raise ValueError(f"{adj_f}: adjacency is {adj.shape}, expected ({n}, {n}) to match {speed_f}")
     if (adj < 0).any():
         raise ValueError(f"{adj_f}: negative edge weights")
-    if not self_loops:
-        np.fill_diagonal(adj, 0.0)
     loc = pd.read_csv(loc_f, dtype={"sensor_id": str})
     loc = loc.set_index(loc["sensor_id"].str.strip())
     missing = [s for s in node_ids if s not in loc.index]

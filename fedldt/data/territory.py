@@ -9,6 +9,8 @@ import pandas as pd
 import torch
 from torch_geometric.utils import subgraph
 
+from fedldt.data.graph import complete_self_loops
+
 
 @dataclass
 class TerritoryDataset:
@@ -19,9 +21,13 @@ class TerritoryDataset:
         values: ``[time, node, channel]`` float32 observations in data units (e.g. mph).
             Entries whose mask is 0 hold an arbitrary finite filler (0).
         mask: ``[time, node, channel]`` float32, 1 = valid observation, 0 = missing.
-        timestamps: pandas ``DatetimeIndex`` of length ``time`` with a fixed interval.
+        timestamps: pandas ``DatetimeIndex`` of length ``time`` with a fixed interval: naive
+            (built-in datasets) or tz-aware in the territory's IANA time zone (territory data
+            packages), whose ``hour``/``day_of_week`` are local wall-clock time.
         node_ids: ``[node]`` sensor identifiers (strings), in the order of the node axis.
-        edge_index: ``[2, num_edges]`` int64 sensor graph, source row 0, target row 1.
+        edge_index: ``[2, num_edges]`` int64 sensor graph, source row 0, target row 1; on
+            construction it gets exactly one self-loop per node (added with weight 1 where
+            missing, never doubled: :func:`fedldt.data.graph.complete_self_loops`).
         edge_weight: ``[num_edges]`` float32 positive edge weights.
         coords: ``[node, 2]`` float64 (latitude, longitude) in degrees, or ``None`` if unknown.
         units: units of each channel, e.g. ``("mph",)``.
@@ -53,6 +59,7 @@ class TerritoryDataset:
         self.edge_index = torch.as_tensor(self.edge_index, dtype=torch.long)
         self.edge_weight = torch.as_tensor(self.edge_weight, dtype=torch.float32)
         self.validate()
+        self.edge_index, self.edge_weight = complete_self_loops(self.edge_index, self.edge_weight, self.num_nodes)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -105,11 +105,19 @@ class MaskedStandardScaler:
         return {"per_node": self.per_node, "mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
+def day_fraction(timestamps: pd.DatetimeIndex) -> np.ndarray:
+    """``[time]`` float64 time of day as a fraction of a day (00:05 -> 0.003472), from the local
+    wall-clock time: naive timestamps are read as local, tz-aware ones in their own time zone
+    (so 01:30 PDT and 01:30 PST both give 0.0625)."""
+    return (timestamps.hour * 3600 + timestamps.minute * 60 + timestamps.second).to_numpy() / 86400.0
+
+
 def time_features(timestamps: pd.DatetimeIndex, time_of_day: bool, day_of_week: bool) -> np.ndarray:
-    """Calendar covariates ``[time, k]`` float32: sin/cos of time of day, one-hot weekday."""
+    """Calendar covariates ``[time, k]`` float32: sin/cos of time of day (:func:`day_fraction`),
+    one-hot weekday (Monday first), both from local wall-clock time."""
     cols = []
     if time_of_day:
-        frac = (timestamps.hour * 3600 + timestamps.minute * 60 + timestamps.second).to_numpy() / 86400.0
+        frac = day_fraction(timestamps)
         cols += [np.sin(2 * np.pi * frac), np.cos(2 * np.pi * frac)]
     if day_of_week:
         dow = timestamps.day_of_week.to_numpy()

@@ -1,0 +1,85 @@
+"""Data-quality checks of a territory's data, shared by the package loader and ``fedldt validate``.
+
+A problem is a JSON-able dict ``{code, severity, message, sensors, timestamps}``: ``code`` a
+fixed identifier (the only part meant to leave a territory), ``severity`` ``error`` (the data is
+not usable for training), ``warning`` or ``info``, ``message`` a sentence for the territory's
+operator, ``sensors``/``timestamps`` at most :data:`MAX_LISTED` examples as text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from fedldt.data.territory import TerritoryDataset
+from fedldt.data.windows import split_bounds, window_starts
+
+#: At most this many sensors or timestamps are named in one problem.
+MAX_LISTED = 8
+SEVERITIES = ("error", "warning", "info")
+
+
+def problem(problems: list, code: str, severity: str, message: str, sensors: Iterable = (),
+            timestamps: Iterable = ()) -> None:
+    """Append one problem to ``problems`` (sensors and timestamps cut to :data:`MAX_LISTED`, as text)."""
+    assert severity in SEVERITIES, severity
+    problems.append({"code": code, "severity": severity, "message": message,
+                     "sensors": [str(s) for s in list(sensors)[:MAX_LISTED]],
+                     "timestamps": [str(t) for t in list(timestamps)[:MAX_LISTED]]})
+
+
+def dataset_problems(ds: TerritoryDataset) -> list[dict[str, Any]]:
+    """Checks of loaded data (values ``[time, node, channel]`` and mask), per sensor and channel.
+
+    * ``no_valid_data`` (error): not one valid value in the whole dataset;
+    * ``all_zero_sensor`` (warning): a sensor whose valid values of a channel are all 0 (an
+      outage written as zeros, or a sensor that never counts anything);
+    * ``constant_sensor`` (warning): a sensor whose (at least two) valid values of a channel are
+      all the same non-zero number (a stuck sensor);
+    * ``negative_values`` (info): valid negative values in a channel without a declared minimum.
+    """
+    out: list[dict[str, Any]] = []
+    if ds.mask.sum() == 0:
+        problem(out, "no_valid_data", "error", "the data holds no valid value at all")
+        return out
+    declared = ds.extra.get("valid_range", {})
+    for k, (name, unit) in enumerate(zip(ds.channels, ds.units)):
+        v, m = ds.values[:, :, k].astype(np.float64), ds.mask[:, :, k] > 0
+        count = m.sum(axis=0)
+        vmax = np.where(m, v, -np.inf).max(axis=0)
+        vmin = np.where(m, v, np.inf).min(axis=0)
+        zero = (count > 0) & (vmax == 0) & (vmin == 0)
+        if zero.any():
+            problem(out, "all_zero_sensor", "warning", f"{int(zero.sum())} sensor(s) have only zeros as valid {name} "
+                    "values (an outage written as 0? declare 0 in missing_values if so)", sensors=ds.node_ids[zero])
+        const = (count > 1) & (vmax == vmin) & ~zero
+        if const.any():
+            problem(out, "constant_sensor", "warning", f"{int(const.sum())} sensor(s) never change their valid {name} "
+                    "value (a stuck sensor?)", sensors=ds.node_ids[const])
+        if declared.get(name, {}).get("min") is None:
+            neg = m & (v < 0)
+            if neg.any():
+                problem(out, "negative_values", "info", f"{int(neg.sum())} valid {name} value(s) are negative; declare "
+                        f"min: 0 for channel {name} ({unit}) if they are impossible", sensors=ds.node_ids[neg.any(axis=0)])
+    return out
+
+
+def history_problems(num_steps: int, window: int, horizon: int,
+                     split: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> list[dict[str, Any]]:
+    """``too_little_history`` (error) when a chronological train/val/test part of ``num_steps``
+    steps (:func:`fedldt.data.windows.split_bounds`) cannot hold one window of ``window`` input
+    and ``horizon`` target steps."""
+    out: list[dict[str, Any]] = []
+    for part, bounds in split_bounds(num_steps, split).items():
+        try:
+            window_starts(bounds, window, horizon, part)
+        except ValueError as e:
+            problem(out, "too_little_history", "error", str(e))
+            break
+    return out
+
+
+def is_usable(problems: list[dict[str, Any]]) -> bool:
+    """Whether the data can be trained on: no problem of severity ``error``."""
+    return not any(p["severity"] == "error" for p in problems)

@@ -1,0 +1,634 @@
+"""Territory data packages: one folder of plain files per territory, loaded without per-dataset code.
+
+A package (format: ``docs/data-format.md``; example: ``tests/data/territory_example/``) holds
+
+* ``territory.yaml``: name, sampling interval, IANA time zone, channels with units and valid
+  ranges, missing-value markers, the duplicate-timestamp rule, the graph, optional covariates,
+  provenance and licence (schema: :class:`TerritorySpec`, unknown keys refused);
+* observations: CSV or Parquet, long (``timestamp``, ``sensor_id``, one column per channel) or
+  wide (``timestamp`` plus one column per sensor, one channel);
+* ``sensors.csv``: ``sensor_id`` (text, kept exactly as written), ``latitude``/``longitude`` in
+  degrees or projected ``x``/``y`` with an EPSG code (converted with pyproj);
+* optional ``edges.csv`` (``source``, ``target``, ``weight``), else a graph built from the
+  coordinates (k nearest neighbours or a thresholded Gaussian kernel on geodesic distances).
+
+:func:`load_package` turns it into a :class:`~fedldt.data.territory.TerritoryDataset`: time stamps
+are localised in the package's time zone and put on a regular UTC grid at the interval; missing
+steps and missing, non-finite or out-of-range values get mask 0 (never dropped, never
+interpolated), and every such fact is listed in ``dataset.extra["problems"]``.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedldt.data.charged_ev import distance_graph
+from fedldt.data.checks import MAX_LISTED, dataset_problems, history_problems, is_usable, problem
+from fedldt.data.ranges import ValidRange
+from fedldt.data.territory import TerritoryDataset
+
+#: The manifest's file name inside a package folder.
+MANIFEST = "territory.yaml"
+#: Largest ``steps x sensors x channels`` a package may expand to (a mistyped date could ask for more).
+MAX_CELLS = 200_000_000
+DOC = "docs/data-format.md"
+
+
+class TerritoryPackageError(ValueError):
+    """A territory data package that cannot be loaded; the message names the file, the field and the fix."""
+
+
+def _listing(items: list, limit: int = MAX_LISTED) -> str:
+    shown = ", ".join(repr(str(x))[:60] for x in items[:limit])
+    return f"{shown} and {len(items) - limit} more" if len(items) > limit else shown
+
+
+# ---------------------------------------------------------------------------------- the schema
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChannelSpec(_Strict):
+    """One observed quantity: ``name``, ``unit`` and its valid range (``min``/``max`` inclusive,
+    ``null`` = unbounded; ``type`` ``integer`` for counts). Values outside get mask 0."""
+
+    name: str = Field(min_length=1)
+    unit: str
+    min: float | None = None
+    max: float | None = None
+    type: Literal["number", "integer"] = "number"
+    non_negative: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ChannelSpec":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} > max {self.max:g}")
+        return self
+
+    def valid_range(self) -> ValidRange:
+        low = self.min if not self.non_negative else max(self.min or 0.0, 0.0)
+        return ValidRange(low, self.max, self.type)
+
+
+class ObservationsSpec(_Strict):
+    """The observations file (``.csv`` or ``.parquet``) and its layout."""
+
+    file: str = "observations.csv"
+    layout: Literal["long", "wide"] = "long"
+    timestamp_column: str = "timestamp"
+    sensor_column: str = "sensor_id"
+
+
+class SensorsSpec(_Strict):
+    """The sensors file: ``sensor_id`` plus ``latitude``/``longitude`` (``crs: EPSG:4326``, the
+    default) or projected ``x``/``y`` in the given ``crs`` (e.g. ``EPSG:32721``)."""
+
+    file: str = "sensors.csv"
+    crs: str = "EPSG:4326"
+
+    @field_validator("crs")
+    @classmethod
+    def _crs(cls, v: str) -> str:
+        if not re.fullmatch(r"EPSG:[0-9]{4,6}", v):
+            raise ValueError(f"{v!r} is not an EPSG code; write it like EPSG:4326 or EPSG:32721")
+        return v
+
+
+class GraphSpec(_Strict):
+    """The sensor graph: ``edges`` (a CSV file of ``source,target,weight``) or, when absent, a graph
+    built from the coordinates by ``method`` (``knn``: ``k`` nearest sensors, made symmetric;
+    ``gaussian``: ``exp(-(d/sigma_km)^2) >= threshold``), see :func:`fedldt.data.distance_graph`."""
+
+    edges: str | None = None
+    directed: bool = False
+    method: Literal["knn", "gaussian"] = "knn"
+    k: int = Field(default=8, ge=1)
+    sigma_km: float | None = Field(default=None, gt=0)
+    threshold: float = Field(default=0.1, gt=0, le=1)
+
+
+class CovariatesSpec(_Strict):
+    """Territory-level series (e.g. weather): a CSV or Parquet file with the timestamp column and
+    the named ``columns``; it must give a finite value for every step of the grid."""
+
+    file: str
+    columns: list[str] = Field(min_length=1)
+    timestamp_column: str = "timestamp"
+
+
+class TerritorySpec(_Strict):
+    """``territory.yaml`` (see ``docs/data-format.md``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    interval: str
+    timezone: str
+    channels: list[ChannelSpec] = Field(min_length=1)
+    observations: ObservationsSpec = ObservationsSpec()
+    sensors: SensorsSpec = SensorsSpec()
+    graph: GraphSpec = GraphSpec()
+    missing_values: list[float | str] = []
+    duplicates: Literal["mean", "first", "error"] = "error"
+    covariates: CovariatesSpec | None = None
+    provenance: str = Field(min_length=1)
+    licence: str = Field(min_length=1)
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: str) -> str:
+        try:
+            td = pd.Timedelta(v)
+        except (ValueError, TypeError):
+            raise ValueError(f"{v!r} is not a duration; write it like 5min, 15min or 1h") from None
+        if td <= pd.Timedelta(0) or td > pd.Timedelta("7D"):
+            raise ValueError(f"{v!r} must be a positive duration of at most 7 days")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone; write it like Europe/Madrid or UTC") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TerritorySpec":
+        names = [c.name for c in self.channels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"channels: names {names} repeat; give each channel its own name")
+        if self.observations.layout == "wide" and len(self.channels) != 1:
+            raise ValueError("observations.layout 'wide' holds one channel; declare exactly one channel, or use 'long'")
+        return self
+
+    @property
+    def step(self) -> pd.Timedelta:
+        return pd.Timedelta(self.interval)
+
+
+def _pydantic_message(path: Path, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:MAX_LISTED]:
+        field = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"field '{field}': unknown key; fix: remove it or correct its spelling ({DOC} lists the keys)")
+        elif e["type"] == "missing":
+            parts.append(f"field '{field}': required; fix: add it ({DOC})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"field '{field}': {msg}; fix: correct it ({DOC})")
+    return f"{path}: " + "; ".join(parts)
+
+
+def read_spec(root: str | Path) -> TerritorySpec:
+    """Read and check ``territory.yaml`` of the package folder ``root`` (``yaml.safe_load``).
+
+    Raises:
+        TerritoryPackageError: the file is missing, not YAML, or breaks the schema (each faulty field is
+            named with its fix).
+    """
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise TerritoryPackageError(f"{path}: not found; fix: a territory data package is a folder holding {MANIFEST} ({DOC})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TerritoryPackageError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0][:200]}); fix: correct the syntax") from None
+    if not isinstance(raw, dict):
+        raise TerritoryPackageError(f"{path}: expected a mapping of keys (name, interval, timezone, ...); fix: see {DOC}")
+    try:
+        return TerritorySpec.model_validate(raw)
+    except ValidationError as e:
+        raise TerritoryPackageError(_pydantic_message(path, e)) from None
+
+
+def _member(root: Path, name: str, field: str) -> Path:
+    """The file ``name`` inside the package folder (no absolute path, no way out of the folder)."""
+    p = Path(name)
+    where = f"{root / MANIFEST}: field '{field}'"
+    if p.is_absolute() or ".." in p.parts or not name.strip():
+        raise TerritoryPackageError(f"{where}: {name!r} must be a file name inside the package folder; fix: move the file into {root}")
+    f = root / p
+    if not f.is_file():
+        raise TerritoryPackageError(f"{where}: file {f} not found; fix: add it or correct the name")
+    return f
+
+
+def _read_table(path: Path, text_columns: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV (every cell as text, nothing read as NaN) or Parquet file; ``text_columns`` must be text."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises many kinds
+            raise TerritoryPackageError(f"{path}: not a readable Parquet file ({str(e)[:200]})") from None
+        for c in text_columns:
+            if c in df.columns and not (pd.api.types.is_string_dtype(df[c]) or pd.api.types.is_datetime64_any_dtype(df[c])):
+                raise TerritoryPackageError(f"{path}: column '{c}' is {df[c].dtype}, not text; fix: store it as a string column "
+                                   "(ids such as 0717804 lose their leading zeros as numbers)")
+        return df
+    if path.suffix.lower() != ".csv":
+        raise TerritoryPackageError(f"{path}: unknown file type; fix: use .csv or .parquet")
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise TerritoryPackageError(f"{path}: not a readable UTF-8 CSV file ({str(e).splitlines()[0][:200]})") from None
+
+
+def _require(df: pd.DataFrame, columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise TerritoryPackageError(f"{path}: column(s) {missing} missing (has {_listing(list(df.columns))}); fix: add them "
+                           f"or name the right columns in {MANIFEST}")
+
+
+def _numbers(col: pd.Series, markers: list, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 values and a boolean "missing" array: empty cells, text markers and numeric markers
+    are missing; any other text that is not a number is refused."""
+    text_markers = {str(m) for m in markers if isinstance(m, str)}
+    num_markers = np.array([float(m) for m in markers if not isinstance(m, str)], dtype=np.float64)
+    if pd.api.types.is_numeric_dtype(col):
+        v = col.to_numpy(dtype=np.float64)
+        missing = np.isnan(v)
+    else:
+        s = col.astype(str).str.strip()
+        missing = (s == "").to_numpy() | s.isin(text_markers).to_numpy()
+        v = pd.to_numeric(s.where(~missing, None), errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.isnan(v) & ~missing & ~s.str.lower().isin({"nan", "na"}).to_numpy()
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise TerritoryPackageError(f"{where}: {int(bad.sum())} cell(s) are not numbers, e.g. {_listing(s.iloc[rows].tolist())} "
+                               f"(data rows {_listing((rows + 1).tolist())}); fix: write numbers, leave the cell empty, or "
+                               "declare the text in missing_values")
+        missing = missing | np.isnan(v)
+    if num_markers.size:
+        missing = missing | np.isin(v, num_markers)
+    return v, missing
+
+
+def _utc_times(raw: pd.Series, tz: str, groups: pd.Series | None, where: str) -> pd.DatetimeIndex:
+    """Row timestamps in UTC.
+
+    Stamps with a UTC offset (``Z``, ``+01:00``, mixed offsets allowed) are converted to UTC; naive
+    stamps are local times of ``tz``. A local time that occurs twice (the autumn hour) is resolved
+    by order: its first occurrence (per sensor, in file order) is daylight time, the next standard
+    time. A local time that does not exist (the spring gap) is refused.
+    """
+    from fedldt.delivery.observations import parse_timestamps  # lazy: fedldt.delivery imports fedldt.data
+
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        times = pd.DatetimeIndex(raw)
+    else:
+        text = raw.astype(str).str.strip()
+        codes, uniq = pd.factorize(text)
+        try:
+            parsed = parse_timestamps(list(uniq), where)
+        except ValueError as e:
+            raise TerritoryPackageError(f"{e}; fix: ISO 8601 stamps, all with a UTC offset or all local times ({DOC})") from None
+        times = pd.DatetimeIndex(parsed[codes])
+    times = times.as_unit("ns")
+    if times.tz is not None:
+        return times.tz_convert("UTC")
+    key = pd.DataFrame({"t": times.asi8})
+    if groups is not None:
+        key["g"] = groups.to_numpy()
+    first = key.groupby(list(key.columns), sort=False).cumcount().to_numpy() == 0
+    try:
+        local = times.tz_localize(tz, ambiguous=first, nonexistent="raise")
+    except Exception as e:  # pytz.NonExistentTimeError and friends
+        raise TerritoryPackageError(f"{where}: local time {e} does not exist in {tz} (the clock skips it); fix: correct "
+                           "the stamp or give stamps with a UTC offset") from None
+    return local.tz_convert("UTC").as_unit("ns")
+
+
+# ---------------------------------------------------------------------------------- the loader
+def _read_sensors(root: Path, spec: TerritorySpec, problems: list) -> tuple[np.ndarray, np.ndarray | None]:
+    path = _member(root, spec.sensors.file, "sensors.file")
+    df = _read_table(path, ("sensor_id",))
+    geo = spec.sensors.crs == "EPSG:4326"
+    xy = ["longitude", "latitude"] if geo else ["x", "y"]
+    _require(df, ["sensor_id", *xy], path)
+    ids = df["sensor_id"].astype(str).to_numpy()
+    empty = [i + 1 for i, s in enumerate(ids) if s.strip() == ""]
+    if empty:
+        raise TerritoryPackageError(f"{path}: column 'sensor_id' is empty in data row(s) {_listing(empty)}; fix: give every sensor an id")
+    dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
+    if dup:
+        raise TerritoryPackageError(f"{path}: column 'sensor_id' repeats {_listing(dup)}; fix: list each sensor once")
+    a, a_missing = _numbers(df[xy[0]], [], f"{path}: column '{xy[0]}'")
+    b, b_missing = _numbers(df[xy[1]], [], f"{path}: column '{xy[1]}'")
+    missing = a_missing | b_missing
+    if missing.any():
+        problem(problems, "no_coordinates", "warning", f"{int(missing.sum())} sensor(s) of {path.name} have no coordinates",
+                 sensors=ids[missing])
+        return ids, None
+    if not geo:
+        from pyproj import Transformer
+        from pyproj.exceptions import CRSError
+
+        try:
+            tr = Transformer.from_crs(spec.sensors.crs, "EPSG:4326", always_xy=True)
+        except CRSError:
+            raise TerritoryPackageError(f"{root / MANIFEST}: field 'sensors.crs': {spec.sensors.crs} is unknown to pyproj; "
+                               "fix: give the EPSG code of the projected x/y") from None
+        a, b = tr.transform(a, b)
+    lon, lat = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    bad = ~np.isfinite(lat) | ~np.isfinite(lon) | (np.abs(lat) > 90) | (np.abs(lon) > 180)
+    if bad.any():
+        raise TerritoryPackageError(f"{path}: sensor(s) {_listing(ids[bad].tolist())} have coordinates outside the globe "
+                           f"(latitude -90..90, longitude -180..180 after {spec.sensors.crs}); fix: correct them or sensors.crs")
+    return ids, np.stack([lat, lon], axis=1)
+
+
+def distances_km(coords: np.ndarray) -> np.ndarray:
+    """``[node, node]`` float64 geodesic distances in km on the WGS84 ellipsoid (pyproj ``Geod``)
+    between ``coords`` ``[node, 2]`` (latitude, longitude in degrees)."""
+    from pyproj import Geod
+
+    n = coords.shape[0]
+    i, j = np.triu_indices(n, k=1)
+    _, _, d = Geod(ellps="WGS84").inv(coords[i, 1], coords[i, 0], coords[j, 1], coords[j, 0])
+    out = np.zeros((n, n), dtype=np.float64)
+    out[i, j] = out[j, i] = np.asarray(d) / 1000.0
+    return out
+
+
+def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray | None,
+           problems: list) -> tuple[torch.Tensor, torch.Tensor]:
+    g = spec.graph
+    n = len(ids)
+    if g.edges is None:
+        if coords is None:
+            raise TerritoryPackageError(f"{root / MANIFEST}: field 'graph.edges' is not set and some sensors lack coordinates; "
+                               f"fix: give every sensor coordinates in {spec.sensors.file}, or an edges file")
+        return distance_graph(distances_km(coords), method=g.method, sigma_km=g.sigma_km, threshold=g.threshold, k=g.k)
+    path = _member(root, g.edges, "graph.edges")
+    df = _read_table(path, ("source", "target"))
+    _require(df, ["source", "target"], path)
+    src, dst = df["source"].astype(str).to_numpy(), df["target"].astype(str).to_numpy()
+    if "weight" in df.columns:
+        w, w_missing = _numbers(df["weight"], [], f"{path}: column 'weight'")
+        bad = w_missing | ~np.isfinite(w) | (w <= 0)
+        if bad.any():
+            raise TerritoryPackageError(f"{path}: column 'weight' must be a positive number, not in data row(s) "
+                               f"{_listing((np.flatnonzero(bad) + 1).tolist())}; fix: correct them or drop those edges")
+    else:
+        w = np.ones(len(df), dtype=np.float64)
+    index = pd.Index(ids)
+    s_i, d_i = index.get_indexer(src), index.get_indexer(dst)
+    unknown = (s_i < 0) | (d_i < 0)
+    if unknown.any():
+        names = sorted({x for x, k in zip(src, s_i) if k < 0} | {x for x, k in zip(dst, d_i) if k < 0})
+        problem(problems, "edges_unknown_sensors", "warning",
+                 f"{int(unknown.sum())} of {len(df)} edge(s) of {path.name} name sensor(s) not in {spec.sensors.file}; "
+                 "they were left out", sensors=names)
+    s_i, d_i, w = s_i[~unknown], d_i[~unknown], w[~unknown]
+    pairs = pd.Series(s_i * max(n, 1) + d_i)
+    if pairs.duplicated().any():
+        raise TerritoryPackageError(f"{path}: edge(s) listed twice, e.g. {ids[s_i[pairs.duplicated().to_numpy()][0]]!r} -> "
+                           f"{ids[d_i[pairs.duplicated().to_numpy()][0]]!r}; fix: list each edge once")
+    ei = torch.as_tensor(np.stack([s_i, d_i]).astype(np.int64))
+    ew = torch.as_tensor(w.astype(np.float32))
+    if not g.directed:
+        from torch_geometric.utils import to_undirected
+
+        ei, ew = to_undirected(ei, ew, num_nodes=n, reduce="mean")
+    return ei, ew
+
+
+def _long_table(root: Path, spec: TerritorySpec) -> tuple[pd.DataFrame, Path]:
+    """Observations as a long table: ``time`` (raw), ``sensor`` (text), one column per channel (raw)."""
+    o = spec.observations
+    path = _member(root, o.file, "observations.file")
+    df = _read_table(path, (o.timestamp_column, o.sensor_column))
+    if o.layout == "long":
+        channels = [c.name for c in spec.channels]
+        _require(df, [o.timestamp_column, o.sensor_column, *channels], path)
+        out = pd.DataFrame({"time": df[o.timestamp_column], "sensor": df[o.sensor_column].astype(str)})
+        for c in channels:
+            out[c] = df[c]
+        return out, path
+    _require(df, [o.timestamp_column], path)
+    sensors = [c for c in df.columns if c != o.timestamp_column]
+    if not sensors:
+        raise TerritoryPackageError(f"{path}: no sensor columns besides '{o.timestamp_column}'; fix: one column per sensor id")
+    channel = spec.channels[0].name
+    long = df.melt(id_vars=[o.timestamp_column], value_vars=sensors, var_name="sensor", value_name=channel,
+                   ignore_index=True)
+    return pd.DataFrame({"time": long[o.timestamp_column], "sensor": long["sensor"].astype(str), channel: long[channel]}), path
+
+
+def load_package(path: str | Path) -> TerritoryDataset:
+    """Load a territory data package (format: ``docs/data-format.md``).
+
+    Time: stamps become UTC (see :func:`_utc_times`); the grid runs from the first to the last
+    stamp at ``interval``; a stamp off that grid is refused. Every grid step is kept: a step with
+    no row is masked (mask 0), never dropped or interpolated. ``dataset.timestamps`` is tz-aware in
+    the package's time zone, so time of day and day of week are local wall-clock time.
+
+    Values: empty cells, ``missing_values`` markers, NaN/inf and values outside the channel's
+    valid range get mask 0 (counted in ``extra["problems"]``). Rows repeating a (time, sensor)
+    pair follow ``duplicates``: ``mean`` of their valid values, ``first`` valid value in file
+    order, or ``error``.
+
+    Sensors: the node set and its order are those of ``sensors.csv``. Observations of a sensor not
+    listed there are refused; a listed sensor without observations is kept with mask 0 and
+    reported; edges naming unlisted sensors are left out and reported; every node ends with one
+    self-loop (:func:`fedldt.data.graph.complete_self_loops`).
+
+    The data-quality checks of :func:`fedldt.data.checks.dataset_problems` (all-zero and constant
+    sensors, ...) are run too, so ``extra["problems"]`` is what ``fedldt validate`` reports.
+
+    Returns:
+        A :class:`TerritoryDataset`: values/mask ``[time, node, channel]`` float32, node_ids as
+        written, coords ``[node, 2]`` (latitude, longitude) or ``None``, ``extra`` with
+        ``problems`` (list of ``{code, severity, message, sensors, timestamps}``), ``timezone``,
+        ``interval``, ``provenance``, ``licence``, ``valid_range`` and optional ``covariates``
+        ``[time, k]`` float32 with ``covariate_names``.
+
+    Raises:
+        TerritoryPackageError: (a ``ValueError``) naming the file, the field and the fix.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise TerritoryPackageError(f"{root}: not a folder; fix: give the folder of a territory data package ({DOC})")
+    spec = read_spec(root)
+    problems: list[dict[str, Any]] = []
+    ids, coords = _read_sensors(root, spec, problems)
+    table, obs_path = _long_table(root, spec)
+    if table.empty:
+        raise TerritoryPackageError(f"{obs_path}: no observations; fix: add rows")
+    times = _utc_times(table["time"], spec.timezone, table["sensor"],
+                       f"{obs_path}: column '{spec.observations.timestamp_column}'")
+    node = pd.Index(ids).get_indexer(table["sensor"])
+    unknown = sorted(set(table["sensor"][node < 0]))
+    if unknown:
+        raise TerritoryPackageError(f"{obs_path}: sensor(s) {_listing(unknown)} are not in {spec.sensors.file}; fix: add them "
+                           "(with coordinates) to it, or remove their rows")
+    step_ns = spec.step.value
+    t_ns = times.asi8
+    t0, t1 = int(t_ns.min()), int(t_ns.max())
+    off = (t_ns - t0) % step_ns != 0
+    if off.any():
+        raise TerritoryPackageError(f"{obs_path}: {int(off.sum())} timestamp(s) are off the {spec.interval} grid that starts at "
+                           f"{pd.Timestamp(t0, tz='UTC')}, e.g. {_listing(times[off].unique().astype(str).tolist())}; "
+                           "fix: resample to the interval or correct 'interval'")
+    num_steps = (t1 - t0) // step_ns + 1
+    if num_steps * len(ids) * len(spec.channels) > MAX_CELLS:
+        raise TerritoryPackageError(f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} values; fix: "
+                           "check the timestamps for a wrong date, or split the period")
+    step = ((t_ns - t0) // step_ns).astype(np.int64)
+    grid = pd.date_range(pd.Timestamp(t0, tz="UTC"), periods=num_steps, freq=spec.step)
+
+    # one (step, node) key per row; values and missing flags per channel
+    key = step * len(ids) + node
+    names = [c.name for c in spec.channels]
+    vals = np.zeros((len(table), len(names)), dtype=np.float64)
+    valid = np.zeros((len(table), len(names)), dtype=bool)
+    for k, ch in enumerate(spec.channels):
+        v, missing = _numbers(table[ch.name], spec.missing_values, f"{obs_path}: column '{ch.name}'")
+        finite = np.isfinite(v) & ~missing
+        if (~np.isfinite(v) & ~np.isnan(v)).any():
+            problem(problems, "infinite", "warning", f"{int((~np.isfinite(v) & ~np.isnan(v)).sum())} infinite "
+                     f"{ch.name} value(s) masked")
+        if missing.any():
+            problem(problems, "missing_values", "info", f"{int(missing.sum())} {ch.name} cell(s) empty, NaN or a "
+                     "missing-value marker: masked", sensors=pd.unique(table["sensor"][missing]))
+        bad = finite & ch.valid_range().violations(np.where(finite, v, 0.0))
+        if bad.any():
+            problem(problems, "out_of_range", "warning", f"{int(bad.sum())} {ch.name} value(s) outside the valid range "
+                     f"{ch.valid_range().describe(ch.unit)}: masked", sensors=pd.unique(table["sensor"][bad]),
+                     timestamps=times[bad].unique())
+        vals[:, k] = np.where(finite & ~bad, v, 0.0)
+        valid[:, k] = finite & ~bad
+
+    dup = pd.Series(key).duplicated(keep=False).to_numpy()
+    if dup.any():
+        n_dup = int(pd.Series(key[dup]).nunique())
+        where = dict(sensors=pd.unique(table["sensor"][dup]), timestamps=times[dup].unique())
+        if spec.duplicates == "error":
+            raise TerritoryPackageError(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. "
+                               f"{_listing(where['timestamps'].astype(str).tolist())}; fix: remove them, or set "
+                               f"duplicates: mean|first in {MANIFEST}")
+        frame = pd.DataFrame(np.where(valid, vals, np.nan), columns=names)
+        frame["key"] = key
+        agg = frame.groupby("key", sort=False).agg(spec.duplicates)  # NaN (invalid) ignored; first = file order
+        key = agg.index.to_numpy()
+        vals = np.nan_to_num(agg[names].to_numpy(dtype=np.float64), nan=0.0)
+        valid = agg[names].notna().to_numpy()
+        problem(problems, "duplicates", "warning", f"{n_dup} (timestamp, sensor) pair(s) occurred more than once: "
+                 f"resolved by '{spec.duplicates}'", **where)
+
+    values = np.zeros((num_steps, len(ids), len(names)), dtype=np.float32)
+    mask = np.zeros_like(values)
+    s_idx, n_idx = np.divmod(key, len(ids))
+    values[s_idx, n_idx] = vals.astype(np.float32)
+    mask[s_idx, n_idx] = valid.astype(np.float32)
+    present = np.zeros(num_steps, dtype=bool)
+    present[s_idx] = True
+    if not present.all():
+        problem(problems, "gaps", "warning", f"{int((~present).sum())} of {num_steps} step(s) have no row at all: masked",
+                 timestamps=grid[~present].tz_convert(spec.timezone))
+    no_data = mask.sum(axis=(0, 2)) == 0
+    if no_data.any():
+        problem(problems, "sensor_without_data", "warning", f"{int(no_data.sum())} sensor(s) of {spec.sensors.file} have "
+                 "no valid observation: kept with mask 0", sensors=ids[no_data])
+
+    edge_index, edge_weight = _graph(root, spec, ids, coords, problems)
+    ei = edge_index.numpy()
+    linked = np.zeros(len(ids), dtype=bool)
+    linked[ei[0][ei[0] != ei[1]]] = True
+    linked[ei[1][ei[0] != ei[1]]] = True
+    if len(ids) > 1 and not linked.all():
+        problem(problems, "isolated_sensor", "warning", f"{int((~linked).sum())} sensor(s) have no edge to another sensor",
+                 sensors=ids[~linked])
+    extra: dict[str, Any] = {
+        "problems": problems, "timezone": spec.timezone, "interval": spec.interval,
+        "provenance": spec.provenance, "licence": spec.licence,
+        "valid_range": {c.name: c.valid_range().to_json() for c in spec.channels},
+    }
+    if spec.covariates is not None:
+        extra["covariates"], extra["covariate_names"] = _covariates(root, spec, grid)
+    ds = TerritoryDataset(
+        name=spec.name, values=values, mask=mask, timestamps=grid.tz_convert(spec.timezone), node_ids=ids,
+        edge_index=edge_index, edge_weight=edge_weight, coords=coords,
+        units=tuple(c.unit for c in spec.channels), channels=tuple(names),
+        source=f"territory data package {spec.name} ({spec.provenance}; licence {spec.licence})", extra=extra,
+    )
+    problems += dataset_problems(ds)
+    return ds
+
+
+def _covariates(root: Path, spec: TerritorySpec, grid: pd.DatetimeIndex) -> tuple[np.ndarray, list[str]]:
+    c = spec.covariates
+    path = _member(root, c.file, "covariates.file")
+    df = _read_table(path, (c.timestamp_column,))
+    _require(df, [c.timestamp_column, *c.columns], path)
+    times = _utc_times(df[c.timestamp_column], spec.timezone, None, f"{path}: column '{c.timestamp_column}'")
+    if times.duplicated().any():
+        raise TerritoryPackageError(f"{path}: timestamp(s) {_listing(times[times.duplicated()].astype(str).tolist())} repeat; "
+                           "fix: one row per step")
+    pos = pd.Index(times).get_indexer(grid)
+    if (pos < 0).any():
+        raise TerritoryPackageError(f"{path}: no row for {int((pos < 0).sum())} step(s) of the observations' grid, e.g. "
+                           f"{_listing(grid[pos < 0].astype(str).tolist())}; fix: covariates need a value at every step")
+    out = np.zeros((len(grid), len(c.columns)), dtype=np.float64)
+    for k, name in enumerate(c.columns):
+        v, missing = _numbers(df[name], spec.missing_values, f"{path}: column '{name}'")
+        v = v[pos]
+        if (missing[pos] | ~np.isfinite(v)).any():
+            raise TerritoryPackageError(f"{path}: column '{name}' is missing or not finite at {int((missing[pos] | ~np.isfinite(v)).sum())} "
+                               "step(s); fix: covariates must be complete (the model reads them without a mask)")
+        out[:, k] = v
+    return out.astype(np.float32), list(c.columns)
+
+
+# ---------------------------------------------------------------------------------- validate
+def validate_package(path: str | Path, window: int = 12, horizon: int = 12,
+                     split: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> dict[str, Any]:
+    """The report of ``fedldt validate``: load the package (:func:`load_package`, its checks
+    included) and check that each train/val/test part holds one window.
+
+    Returns:
+        JSON-able ``{"package", "usable", "num_sensors", "num_steps", "interval", "coverage",
+        "problems"}``: ``coverage`` the fraction of valid (mask 1) entries, ``problems`` as in
+        :mod:`fedldt.data.checks`. A package that cannot be loaded gives ``usable: false`` and one
+        ``unreadable`` error whose message names the file, field and fix; sizes are then ``null``.
+    """
+    report: dict[str, Any] = {"package": str(path), "usable": False, "num_sensors": None, "num_steps": None,
+                              "interval": None, "coverage": None, "problems": []}
+    try:
+        ds = load_package(path)
+    except TerritoryPackageError as e:
+        problem(report["problems"], "unreadable", "error", str(e))
+        return report
+    problems = list(ds.extra["problems"]) + history_problems(ds.num_steps, window, horizon, split)
+    report.update(usable=is_usable(problems), num_sensors=ds.num_nodes, num_steps=ds.num_steps,
+                  interval=ds.extra["interval"], coverage=round(float(ds.mask.mean()), 6), problems=problems)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """``report`` (:func:`validate_package`) as readable text, one line per problem."""
+    head = "usable" if report["usable"] else "NOT usable"
+    lines = [f"{report['package']}: {head}"]
+    if report["num_steps"] is not None:
+        lines.append(f"  {report['num_sensors']} sensors, {report['num_steps']} steps of {report['interval']}, "
+                     f"coverage {100 * report['coverage']:.2f} % of values valid")
+    for p in report["problems"]:
+        lines.append(f"  [{p['severity']}] {p['code']}: {p['message']}")
+        if p["sensors"]:
+            lines.append(f"      sensors: {', '.join(p['sensors'])}")
+        if p["timestamps"]:
+            lines.append(f"      timestamps: {', '.join(p['timestamps'])}")
+    if not report["problems"]:
+        lines.append("  no problems found")
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""Territory data packages (issue 12, items 1-3): loader, time done right, graphs done right.
+
+Each test writes a tiny package into a temporary folder (or reads the example package in
+``tests/data/territory_example``) and checks exact values.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedldt.data.graph import complete_self_loops, normalized_adjacency, self_loop_counts
+from fedldt.data.package import TerritoryPackageError, load_package
+from fedldt.data.territory import TerritoryDataset
+from fedldt.data.windows import day_fraction
+
+EXAMPLE = Path(__file__).parent / "data" / "territory_example"
+
+
+def write_package(root: Path, rows: list | pd.DataFrame, tz: str = "America/Los_Angeles", interval: str = "5min",
+                  sensors: list[str] = ("s1",), edges: list | None = None, **manifest) -> Path:
+    """A long-layout package with one channel 'speed' (mph, 0..120) and sensors on a line."""
+    root.mkdir(parents=True, exist_ok=True)
+    obs = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=["timestamp", "sensor_id", "speed"])
+    obs.to_csv(root / "observations.csv", index=False)
+    pd.DataFrame({"sensor_id": list(sensors), "latitude": [34.0 + 0.01 * i for i in range(len(sensors))],
+                  "longitude": [-118.0] * len(sensors)}).to_csv(root / "sensors.csv", index=False)
+    spec = {"name": "t", "interval": interval, "timezone": tz,
+            "channels": [{"name": "speed", "unit": "mph", "min": 0, "max": 120}],
+            "provenance": "test", "licence": "CC0-1.0", "graph": {"method": "knn", "k": 1}}
+    if edges is not None:
+        pd.DataFrame(edges, columns=["source", "target", "weight"]).to_csv(root / "edges.csv", index=False)
+        spec["graph"] = {"edges": "edges.csv", "directed": True}
+    spec.update(manifest)
+    (root / "territory.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+# ------------------------------------------------------------------------------------- time
+def test_missing_step_is_masked_and_time_of_day_is_local(tmp_path):
+    ds = load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 60], ["2012-03-01 00:05", "s1", 61],
+                                               ["2012-03-01 00:15", "s1", 63]]))
+    assert ds.num_steps == 4
+    np.testing.assert_array_equal(ds.mask[:, 0, 0], [1, 1, 0, 1])
+    np.testing.assert_array_equal(ds.values[:, 0, 0], [60, 61, 0, 63])
+    assert [t.strftime("%H:%M") for t in ds.timestamps] == ["00:00", "00:05", "00:10", "00:15"]
+    np.testing.assert_allclose(day_fraction(ds.timestamps[1:]), [0.003472, 0.006944, 0.010417], atol=5e-7)
+    assert [p["code"] for p in ds.extra["problems"]] == ["gaps"]
+    assert ds.extra["problems"][0]["timestamps"] == ["2012-03-01 00:10:00-08:00"]
+
+
+def autumn_rows() -> list:
+    """America/Los_Angeles 2012-11-04 00:00..02:55 local, 01:00..01:55 twice: 48 rows, value = row."""
+    local = [f"2012-11-04 {h:02d}:{m:02d}" for h in (0, 1, 1, 2) for m in range(0, 60, 5)]
+    return [[t, "s1", float(i)] for i, t in enumerate(local)]
+
+
+def test_repeated_autumn_hour_is_resolved_by_order(tmp_path):
+    ds = load_package(write_package(tmp_path, autumn_rows()))
+    utc = ds.timestamps.tz_convert("UTC")
+    assert ds.num_steps == 48 and utc.is_unique
+    assert utc[0] == pd.Timestamp("2012-11-04 07:00Z") and utc[-1] == pd.Timestamp("2012-11-04 10:55Z")
+    np.testing.assert_array_equal(ds.values[:, 0, 0], np.arange(48))  # no row lost, order kept
+    assert ds.mask.sum() == 48 and ds.extra["problems"] == []
+    # local wall-clock time of day: 01:30 PDT (row 18) and 01:30 PST (row 30) are both 0.0625
+    np.testing.assert_allclose(day_fraction(ds.timestamps[[18, 30]]), [0.0625, 0.0625])
+
+
+def test_spring_gap_is_not_invented(tmp_path):
+    local = [f"2013-03-10 {h:02d}:{m:02d}" for h in (0, 1, 3) for m in range(0, 60, 5)]
+    ds = load_package(write_package(tmp_path, [[t, "s1", 50.0 + i] for i, t in enumerate(local)]))
+    assert ds.num_steps == 36 and ds.mask.sum() == 36
+    assert (np.diff(ds.timestamps.asi8) == 300 * 10**9).all()
+    assert ds.extra["problems"] == []
+
+
+def test_offsets_and_z_are_converted_and_time_of_day_stays_local(tmp_path):
+    offsets = [[pd.Timestamp(t, tz="America/Los_Angeles").isoformat(), s, v] for t, s, v in autumn_rows()[:12]]
+    # mixed offsets across the change: the repeated hour written with -07:00 then -08:00
+    utc = pd.date_range("2012-11-04 08:00Z", periods=24, freq="5min")
+    mixed = [[t.tz_convert("America/Los_Angeles").isoformat(), "s1", float(12 + i)] for i, t in enumerate(utc)]
+    ds = load_package(write_package(tmp_path / "a", offsets + mixed))
+    assert ds.num_steps == 36 and ds.mask.sum() == 36
+    np.testing.assert_array_equal(ds.values[:, 0, 0], np.arange(36))
+    z = [["2012-11-04T08:00:00Z", "s1", 1.0], ["2012-11-04T08:05:00Z", "s1", 2.0]]
+    dz = load_package(write_package(tmp_path / "b", z))
+    np.testing.assert_allclose(day_fraction(dz.timestamps), [60 / 1440, 65 / 1440])  # 01:00 PDT, not 08:00 UTC
+    assert dz.timestamps[0].hour == 1
+
+
+def test_local_time_in_the_spring_gap_is_refused(tmp_path):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv.*2013-03-10 02:30.*does not exist.*fix"):
+        load_package(write_package(tmp_path, [["2013-03-10 01:55", "s1", 1], ["2013-03-10 02:30", "s1", 2]]))
+
+
+def test_mixed_naive_and_offset_stamps_name_file_and_fix(tmp_path):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: column 'timestamp'.*offset.*fix"):
+        load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 1], ["2012-03-01T00:05:00Z", "s1", 2]]))
+
+
+def test_off_grid_stamp_is_refused(tmp_path):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: 1 timestamp\(s\) are off the 5min grid.*fix"):
+        load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 1], ["2012-03-01 00:07", "s1", 2]]))
+
+
+@pytest.mark.parametrize("rule, expected, mask", [("mean", 62.0, 1), ("first", 60.0, 1)])
+def test_duplicate_rule(tmp_path, rule, expected, mask):
+    rows = [["2012-03-01 00:00", "s1", 60], ["2012-03-01 00:00", "s1", 64], ["2012-03-01 00:00", "s1", -1],
+            ["2012-03-01 00:05", "s1", ""], ["2012-03-01 00:05", "s1", 70]]
+    ds = load_package(write_package(tmp_path, rows, duplicates=rule, missing_values=[-1]))
+    np.testing.assert_array_equal(ds.values[:, 0, 0], [expected, 70.0])
+    np.testing.assert_array_equal(ds.mask[:, 0, 0], [mask, 1])
+    codes = [p["code"] for p in ds.extra["problems"]]
+    assert codes == ["missing_values", "duplicates"]
+    with pytest.raises(TerritoryPackageError, match=r"2 \(timestamp, sensor\) pair\(s\) occur more than once.*duplicates: mean\|first"):
+        load_package(write_package(tmp_path / "e", rows, missing_values=[-1]))
+
+
+def test_markers_non_finite_and_out_of_range_are_masked_and_counted(tmp_path):
+    rows = [["2012-03-01 00:00", "s1", -1], ["2012-03-01 00:05", "s1", 130], ["2012-03-01 00:10", "s1", "inf"],
+            ["2012-03-01 00:15", "s1", "NaN"], ["2012-03-01 00:20", "s1", 0]]
+    ds = load_package(write_package(tmp_path, rows, missing_values=[-1]))
+    np.testing.assert_array_equal(ds.mask[:, 0, 0], [0, 0, 0, 0, 1])
+    msgs = {p["code"]: p["message"] for p in ds.extra["problems"]}
+    assert msgs["out_of_range"].startswith("1 speed value(s) outside the valid range 0 to 120 mph")
+    assert msgs["missing_values"].startswith("2 speed cell(s)") and msgs["infinite"].startswith("1 infinite")
+    with pytest.raises(TerritoryPackageError, match=r"column 'speed': 1 cell\(s\) are not numbers, e.g. 'fast'.*missing_values"):
+        load_package(write_package(tmp_path / "b", [["2012-03-01 00:00", "s1", "fast"]]))
+
+
+# ------------------------------------------------------------------------------------- sensors
+def test_example_package_end_to_end():
+    ds = load_package(EXAMPLE)
+    assert ds.name == "example_madrid" and ds.values.shape == (292, 5, 1)  # 3 days + the repeated hour
+    assert ds.node_ids.tolist() == ["0717804", "00", "A12", "0042", "B7"]
+    assert ds.timestamps.tz.key == "Europe/Madrid" and str(ds.timestamps[0]) == "2024-10-25 00:00:00+02:00"
+    assert str(ds.timestamps[-1]) == "2024-10-27 23:45:00+01:00"
+    assert int((ds.mask == 0).sum()) == 4 + 1 + 5  # four -1 markers, one empty cell, one lost step x 5 sensors
+    assert [p["code"] for p in ds.extra["problems"]] == ["missing_values", "gaps", "edges_unknown_sensors"]
+    np.testing.assert_allclose(ds.coords[0], [40.415557, -3.704735], atol=1e-6)  # EPSG:25830 -> WGS84 (pyproj)
+    assert ds.edge_index.shape[1] == 5 + 2 * 5  # self-loops + 5 undirected edges (the one to X99 left out)
+    assert ds.units == ("vehicles/15min",) and ds.extra["licence"] == "CC0-1.0"
+
+
+def test_sensor_ids_stay_text_through_every_layout(tmp_path):
+    ids = ["0717804", "00"]
+    wide = pd.DataFrame({"timestamp": ["2012-03-01 00:00", "2012-03-01 00:05"], "0717804": [1, 2], "00": [3, 4]})
+    for fmt in ("csv", "parquet"):
+        root = write_package(tmp_path / fmt, pd.DataFrame(), sensors=ids, edges=[["0717804", "00", 1.0]],
+                             observations={"file": f"obs.{fmt}", "layout": "wide"})
+        wide.to_csv(root / "obs.csv", index=False) if fmt == "csv" else wide.to_parquet(root / "obs.parquet")
+        ds = load_package(root)
+        assert ds.node_ids.tolist() == ids
+        np.testing.assert_array_equal(ds.values[:, :, 0], [[1, 3], [2, 4]])
+    long = pd.DataFrame({"timestamp": ["2012-03-01 00:00"] * 2, "sensor_id": ["00", "0717804"], "speed": [5, 6]})
+    long.to_parquet(tmp_path / "l.parquet")
+    root = write_package(tmp_path / "long", long, sensors=ids, observations={"file": "obs.parquet"})
+    (tmp_path / "l.parquet").rename(root / "obs.parquet")
+    np.testing.assert_array_equal(load_package(root).values[0, :, 0], [6, 5])
+    long["sensor_id"] = [0, 717804]
+    long.to_parquet(root / "obs.parquet")
+    with pytest.raises(TerritoryPackageError, match=r"obs.parquet: column 'sensor_id' is int64, not text; fix"):
+        load_package(root)
+
+
+def test_sensor_sets_that_differ_follow_the_stated_rule(tmp_path):
+    rows = [["2012-03-01 00:00", "a", 1], ["2012-03-01 00:00", "b", 2]]
+    ds = load_package(write_package(tmp_path, rows, sensors=["a", "b", "c"], edges=[["a", "b", 1.0], ["a", "z", 1.0]]))
+    assert ds.node_ids.tolist() == ["a", "b", "c"] and ds.mask[0, :, 0].tolist() == [1, 1, 0]
+    problems = {p["code"]: p for p in ds.extra["problems"]}
+    assert problems["sensor_without_data"]["sensors"] == ["c"]
+    assert problems["edges_unknown_sensors"]["sensors"] == ["z"]
+    assert problems["isolated_sensor"]["sensors"] == ["c"]
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: sensor\(s\) 'b' are not in sensors.csv; fix"):
+        load_package(write_package(tmp_path / "x", rows, sensors=["a"]))
+
+
+def test_manifest_errors_name_file_field_and_fix(tmp_path):
+    root = write_package(tmp_path, [["2012-03-01 00:00", "s1", 1]], intervall="5min")
+    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: field 'intervall': unknown key; fix"):
+        load_package(root)
+    root = write_package(tmp_path / "b", [["2012-03-01 00:00", "s1", 1]], timezone="Mars/Olympus",
+                         duplicates="max", observations={"file": "../secret.csv"})
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(root)
+    assert "field 'timezone': 'Mars/Olympus' is not an IANA time zone" in str(e.value)
+    assert "field 'duplicates'" in str(e.value)
+    root = write_package(tmp_path / "c", [["2012-03-01 00:00", "s1", 1]], observations={"file": "../secret.csv"})
+    with pytest.raises(TerritoryPackageError, match=r"field 'observations.file': '../secret.csv' must be a file name inside"):
+        load_package(root)
+
+
+ROWS = ([[f"2012-03-01 00:{m:02d}", s, float(m + i)] for m in range(0, 60, 5) if m != 25 for i, s in enumerate("abc")]
+        + [["2012-03-01 00:40", "b", 2.0], ["2012-03-01 00:10", "c", -1]])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.permutations(range(len(ROWS))))
+def test_any_shuffle_of_rows_gives_the_same_grid_values_and_mask(order):
+    with tempfile.TemporaryDirectory() as d:
+        base = load_package(write_package(Path(d) / "a", ROWS, sensors=["a", "b", "c"], duplicates="mean",
+                                          missing_values=[-1]))
+        ds = load_package(write_package(Path(d) / "b", [ROWS[i] for i in order], sensors=["a", "b", "c"],
+                                        duplicates="mean", missing_values=[-1]))
+    assert ds.timestamps.equals(base.timestamps) and ds.num_steps == 12
+    np.testing.assert_array_equal(ds.values, base.values)
+    np.testing.assert_array_equal(ds.mask, base.mask)
+    assert ds.mask[5].sum() == 0 and ds.values[8, 1, 0] == (41.0 + 2.0) / 2
+
+
+# ------------------------------------------------------------------------------------- graphs
+def two_node(edge_index, edge_weight) -> TerritoryDataset:
+    return TerritoryDataset(name="g", values=np.zeros((2, 2, 1)), mask=np.ones((2, 2, 1)),
+                            timestamps=pd.date_range("2012-03-01", periods=2, freq="5min"), node_ids=["0717804", "00"],
+                            edge_index=torch.tensor(edge_index), edge_weight=torch.tensor(edge_weight))
+
+
+def test_two_node_graph_gets_one_self_loop_each_and_entries_one_half():
+    ds = two_node([[0, 0, 1], [0, 1, 0]], [1.0, 1.0, 1.0])  # adjacency [[1, 1], [1, 0]]
+    assert self_loop_counts(ds.edge_index, 2).tolist() == [1, 1]
+    np.testing.assert_array_equal(ds.adjacency(), [[1, 1], [1, 1]])
+    norm = normalized_adjacency(ds.edge_index, ds.edge_weight, 2)
+    assert list(norm) == ["sym"]
+    np.testing.assert_allclose(norm["sym"].numpy(), np.full((2, 2), 0.5), rtol=1e-6)
+    assert ds.node_ids.tolist() == ["0717804", "00"]
+
+
+def test_self_loops_never_doubled_and_directed_graphs_use_random_walks():
+    ei, ew = complete_self_loops(torch.tensor([[0, 0, 1, 0], [0, 0, 1, 1]]), torch.tensor([2.0, 4.0, 1.0, 1.0]), 2)
+    assert ei.tolist() == [[0, 0, 1], [0, 1, 1]] and ew.tolist() == [3.0, 1.0, 1.0]  # repeated loop merged (mean)
+    same = torch.tensor([[0, 1, 0], [0, 1, 1]]), torch.tensor([1.0, 1.0, 0.5])
+    out = complete_self_loops(*same, 2)
+    assert out[0] is same[0] and out[1] is same[1]  # already complete: unchanged, same order
+    norm = normalized_adjacency(torch.tensor([[0], [1]]), torch.tensor([1.0]), 2)  # 0 -> 1 only
+    assert sorted(norm) == ["forward", "reverse"]
+    np.testing.assert_allclose(norm["forward"].numpy(), [[1.0, 0.0], [0.5, 0.5]])  # row = target, mean over in-edges
+    np.testing.assert_allclose(norm["reverse"].numpy(), [[0.5, 0.5], [0.0, 1.0]])  # row = source, over out-edges
+
+
+def test_builtin_los_loop_graph_is_unchanged_by_self_loop_completion(data_root):
+    adj = pd.read_csv(data_root / "los_loop" / "los_adj.csv", header=None).to_numpy()
+    assert (np.diag(adj) == 1).all()  # every sensor already has its one self-loop: the models see the same graph
+    from torch_geometric.utils import dense_to_sparse
+
+    ei, ew = dense_to_sparse(torch.from_numpy(adj).float())
+    out = complete_self_loops(ei, ew, adj.shape[0])
+    assert out[0] is ei and out[1] is ew
+
+
+def test_covariates_and_a_knn_graph_from_coordinates(tmp_path):
+    rows = [[f"2012-03-01 00:{m:02d}", s, 50.0] for m in (0, 5, 10) for s in ("a", "b", "c")]
+    root = write_package(tmp_path, rows, sensors=["a", "b", "c"], graph={"method": "knn", "k": 1},
+                         covariates={"file": "weather.csv", "columns": ["temp"]})
+    pd.DataFrame({"timestamp": ["2012-03-01T08:10:00Z", "2012-03-01T08:00:00Z", "2012-03-01T08:05:00Z"],
+                  "temp": [12.5, 11.0, 11.5]}).to_csv(root / "weather.csv", index=False)
+    ds = load_package(root)
+    np.testing.assert_array_equal(ds.extra["covariates"][:, 0], [11.0, 11.5, 12.5])  # put on the grid by time
+    assert ds.extra["covariate_names"] == ["temp"]
+    # sensors 0.01 deg of latitude apart on a line: each one's nearest neighbour is the next one
+    np.testing.assert_array_equal(ds.adjacency() > 0, [[1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    pd.DataFrame({"timestamp": ["2012-03-01T08:00:00Z"], "temp": [11.0]}).to_csv(root / "weather.csv", index=False)
+    with pytest.raises(TerritoryPackageError, match=r"weather.csv: no row for 2 step\(s\).*fix"):
+        load_package(root)
+
+
+def test_data_format_doc_shows_the_example_manifest_as_it_is():
+    doc = (Path(__file__).parents[1] / "docs" / "data-format.md").read_text()
+    shown = doc.split("`tests/data/territory_example/territory.yaml`:\n\n```yaml\n")[1].split("```")[0]
+    real = "".join(line for line in (EXAMPLE / "territory.yaml").read_text().splitlines(True) if not line.startswith("#"))
+    assert shown == real
