@@ -147,7 +147,10 @@ class TerritoryTask:
         ts = self.dataset.timestamps
         slot_len = self.dataset.freq
         per_day = int(pd.Timedelta(days=1) / slot_len) if slot_len <= pd.Timedelta(days=1) else 1
-        tod = ((ts - ts.normalize()) // slot_len).to_numpy().astype(np.int64) % max(per_day, 1)
+        # local wall-clock seconds of the day (not time elapsed since midnight, which differs on
+        # a daylight-saving day), in whole slots
+        seconds = (ts.hour * 3600 + ts.minute * 60 + ts.second).to_numpy().astype(np.int64)
+        tod = (seconds // int(slot_len.total_seconds())) % max(per_day, 1)
         if self.ha_period == "week":
             return ts.day_of_week.to_numpy().astype(np.int64) * per_day + tod
         return tod

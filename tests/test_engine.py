@@ -77,3 +77,17 @@ def test_historical_average_known_answer():
     task = TerritoryTask(ds, window=24, horizon=6, split=(0.6, 0.2, 0.2))
     assert mae(task.historical_average("val")) == pytest.approx(0.0)
     assert mae(task.historical_average("test")) == pytest.approx(3.0)
+
+
+def test_historical_average_slots_follow_local_wall_clock_across_daylight_saving():
+    # Hourly UTC steps over the end of summer time in Los Angeles (2012-11-04): 01:00 local
+    # occurs twice and both fall in slot 1; the step after them, 02:00 PST, is slot 2, not 3
+    # (time elapsed since local midnight would say 3).
+    ts = pd.date_range("2012-11-04 07:00", periods=12, freq="h", tz="UTC").tz_convert("America/Los_Angeles")
+    values = np.ones((12, 1, 1), dtype=np.float32)
+    ds = TerritoryDataset(
+        name="dst", values=values, mask=np.ones_like(values), timestamps=ts, node_ids=["a"],
+        edge_index=torch.zeros((2, 1), dtype=torch.long), edge_weight=torch.ones(1),
+    )
+    task = TerritoryTask(ds, window=1, horizon=1, split=(0.5, 0.25, 0.25), time_of_day=False)
+    assert task._slots().tolist()[:6] == [0, 1, 1, 2, 3, 4]
