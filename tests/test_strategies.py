@@ -180,16 +180,17 @@ def test_strategy_options_are_checked_against_the_flower_class():
 
 
 def test_flower_free_option_table_is_exactly_the_flower_constructors():
-    """fedldt/strategy_options.py lists each Flower class's options so that the config is checked
-    without Flower; it must be exactly their constructor parameters, less those fedldt sets."""
+    """fedldt/schema.py lists each Flower class's options so that the config is checked without
+    Flower; it must be exactly their constructor parameters, less those fedldt sets and those that
+    do nothing on the server (eta_l)."""
     import inspect
 
-    from fedldt.strategy_options import FIXED, OPTIONS
+    from fedldt.schema import FIXED, OPTIONS, UNUSED
 
     assert set(OPTIONS) == set(STRATEGIES)
     for name, cls in STRATEGIES.items():
         base = next(c for c in cls.__mro__ if c.__module__.startswith("flwr."))  # the Flower class
-        accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - FIXED
+        accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - FIXED - UNUSED
         assert OPTIONS[name] == (base.__name__, accepted), name
 
 

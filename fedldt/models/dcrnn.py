@@ -13,8 +13,10 @@ No parameter depends on the number of nodes: territories of different sizes shar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
@@ -131,10 +133,10 @@ class DCRNNConfig:
     in_channels: int
     out_channels: int
     horizon: int
-    hidden: int = 64
-    num_layers: int = 2
-    K: int = 2
-    dropout: float = 0.0
+    hidden: Annotated[int, Field(ge=1, le=1024)] = 32
+    num_layers: Annotated[int, Field(ge=1, le=8)] = 1
+    K: Annotated[int, Field(ge=1, le=8)] = 2
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     residual: bool = False
 
 

@@ -27,9 +27,11 @@ No parameter depends on the number of nodes or on the window length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 from torch_geometric.utils import to_undirected
@@ -199,13 +201,13 @@ class STGCNConfig:
     in_channels: int
     out_channels: int
     horizon: int
-    temporal_channels: int = 64
-    spatial_channels: int = 16
-    num_blocks: int = 2
-    Kt: int = 3
-    Ks: int = 3
-    output_kernel: int = 4
-    dropout: float = 0.0
+    temporal_channels: Annotated[int, Field(ge=1, le=1024)] = 32
+    spatial_channels: Annotated[int, Field(ge=1, le=1024)] = 16
+    num_blocks: Annotated[int, Field(ge=1, le=8)] = 2
+    Kt: Annotated[int, Field(ge=1, le=12)] = 3
+    Ks: Annotated[int, Field(ge=1, le=8)] = 3
+    output_kernel: Annotated[int, Field(ge=1, le=100)] = 4
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     residual: bool = False
 
 
