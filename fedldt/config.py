@@ -254,33 +254,33 @@ def registered_call(block: Mapping[str, Any], registry: Mapping[str, Callable[..
         ``(function, kwargs)``.
 
     Raises:
-        ValueError: ``_target_`` is missing, not a string or not registered (the value and the
+        ConfigError (a ``ValueError``): ``_target_`` is missing, not a string or not registered (the value and the
             allowed list are named); a key is not a parameter of the function; a required
             parameter is missing; an argument holds a nested ``_target_`` (never instantiated);
             or a value has the wrong type or is out of range (:mod:`fedldt.schema`).
     """
     if not isinstance(block, Mapping):
-        raise ValueError(f"{field} must be a mapping with a _target_ key, got {type(block).__name__}")
+        raise ConfigError(f"{field} must be a mapping with a _target_ key, got {type(block).__name__}")
     target = block.get("_target_")
     if not isinstance(target, str) or target not in registry:
-        raise ValueError(f"{field}._target_={target!r} is not a registered fedldt {field} function; allowed: "
+        raise ConfigError(f"{field}._target_={target!r} is not a registered fedldt {field} function; allowed: "
                          f"{sorted(registry)} (a new one must be added to fedldt.config."
                          f"{'DATASET_LOADERS' if field == 'dataset' else 'PARTITIONS'})")
     fn = registry[target]
     kwargs = {k: v for k, v in block.items() if k != "_target_"}
     nested = _nested_targets(kwargs, field)
     if nested:
-        raise ValueError(f"{nested[0]} is not allowed: arguments of {field}._target_={target!r} are plain values, "
+        raise ConfigError(f"{nested[0]} is not allowed: arguments of {field}._target_={target!r} are plain values, "
                          "nothing inside them is instantiated")
     params = list(inspect.signature(fn).parameters.values())[skip:]
     accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"{field}: {target} takes no argument(s) {unknown}; accepted: {sorted(accepted)}")
+        raise ConfigError(f"{field}: {target} takes no argument(s) {unknown}; accepted: {sorted(accepted)}")
     required = sorted(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                       and p.name not in kwargs)
     if required:
-        raise ValueError(f"{field}: {target} needs argument(s) {required} (set {field}.<name> in the config)")
+        raise ConfigError(f"{field}: {target} needs argument(s) {required} (set {field}.<name> in the config)")
     schemas = DATASET_SCHEMAS if field == "dataset" else PARTITION_SCHEMAS
     if fn.__name__ in schemas:  # types and ranges of the arguments
         check_block(schemas[fn.__name__], dict(block), field, f"conf/{field}/ or a command-line override")
