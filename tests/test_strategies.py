@@ -227,6 +227,24 @@ def test_fedprox_with_mu_zero_equals_fedavg_on_one_round(syn_dir):
     assert any(not torch.equal(avg[k], prox1[k]) for k in avg)  # the proximal term does act
 
 
+def test_script_only_blocks_never_reach_territories(syn_dir):
+    """``sweep`` and ``compare`` are for scripts: no query, train or evaluate message carries them."""
+    import json
+
+    from fedldt.config import territory_view
+    from fedldt.egress import CONFIG_KEY
+    from server.rounds import discover_territories
+
+    cfg, _, _, grid, _ = _run(syn_dir, [])
+    assert {"sweep", "compare"} <= set(cfg)  # the scripts see them
+    discover_territories(grid, cfg, timeout=30)
+    sent = {str(m.metadata.message_type): json.loads(str(m.content["config"][CONFIG_KEY])) for m in grid.sent}
+    assert set(sent) == {MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE}
+    for kind, received in sent.items():
+        assert not {"sweep", "compare"} & set(received), kind
+        assert received == territory_view(cfg) and set(received) == set(cfg) - {"sweep", "compare"}, kind
+
+
 def test_personalized_entries_never_leave_the_territory(syn_dir):
     cfg, _, final, grid, s = _run(syn_dir, [*SMALL_GWNET, "model.adaptive=true", "personalization=fedper"], rounds=2)
     never_sent = ("node_emb1", "node_emb2", "end1.", "end2.", "num_batches_tracked")
