@@ -24,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from fedldt.data import as_given, load_charged_cities, load_los_loop, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
-from fedldt.schema import (DATASET_SCHEMAS, PARTITION_SCHEMAS, SCRIPT_ONLY, STRATEGY_SCHEMAS, ConfigError, RunConfig,
-                           check_block, model_schema, strategy_arguments)
+from fedldt.engine import OPTIMIZERS
+from fedldt.models import MODEL_TARGETS
+from fedldt.schema import (DATASET_SCHEMAS, PARTITION_SCHEMAS, SCRIPT_ONLY, STRATEGY_SCHEMAS, STRATEGY_TARGETS,
+                           ConfigError, RunConfig, check_block, model_schema, strategy_arguments)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -233,6 +235,16 @@ PARTITIONS: dict[str, Callable[..., Any]] = {
     "fedldt.data.partition.partition_kmeans": partition_kmeans,
     "fedldt.data.partition.as_given": as_given,
     "fedldt.data.as_given": as_given,
+}
+
+
+#: Every ``_target_`` a config may hold -> its allow-list (the keys are the only accepted values).
+#: Dataset loaders and partitions are called by :func:`load_territories`; models are built by
+#: :func:`fedldt.models.build_model`, strategies by ``server.strategy.build_strategy`` and
+#: optimizers by :func:`fedldt.engine.build_optimizer`, each after checking its own list.
+TARGETS: dict[str, Mapping[str, Any]] = {
+    "dataset._target_": DATASET_LOADERS, "partition._target_": PARTITIONS, "model._target_": MODEL_TARGETS,
+    "strategy._target_": STRATEGY_TARGETS, "train.optimizer._target_": OPTIMIZERS,
 }
 
 

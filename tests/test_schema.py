@@ -243,3 +243,21 @@ def test_model_schema_leaves_out_the_data_sizes():
     for _, (_, config_cls) in MODELS.items():
         fields = set(model_schema(config_cls).model_fields)
         assert not fields & set(INJECTED) and {"target", "name"} <= fields
+
+
+@pytest.mark.parametrize("key", ["model", "strategy", "train.optimizer"])
+def test_export_accepts_registered_targets_and_refuses_others(base, key):
+    """A run folder's resolved_config.yaml now holds model/strategy/optimizer targets: export checks
+    each against its allow-list (fedldt.config.TARGETS) instead of refusing or trusting it."""
+    import copy
+
+    from fedldt.delivery.export import ExportError, check_run_config
+
+    check_run_config(copy.deepcopy(base), Path("resolved_config.yaml"))  # fedldt's own targets pass
+    bad = copy.deepcopy(base)
+    block = bad
+    for part in key.split("."):
+        block = block[part]
+    block["_target_"] = "os.system"
+    with pytest.raises(ExportError, match=rf"{key}._target_='os.system' is not registered in fedldt"):
+        check_run_config(bad, Path("resolved_config.yaml"))
