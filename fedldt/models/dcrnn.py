@@ -117,6 +117,9 @@ class DCGRUCell(nn.Module):
 class DCRNNConfig:
     """Hyper-parameters of :class:`DCRNNForecaster` (data sizes are injected at build time).
 
+    The defaults are those of ``conf/model/dcrnn.yaml`` and the ``Field`` ranges are checked for a
+    config by :mod:`fedldt.schema` before any run starts (``tests/test_schema.py``).
+
     Attributes:
         in_channels: input features per node and step (values + covariates), from the data.
         out_channels: forecast channels per node, from the data.

@@ -99,6 +99,9 @@ def adaptive_adjacency(emb1: Tensor, emb2: Tensor) -> Tensor:
 class GWNetConfig:
     """Hyper-parameters of :class:`GWNetForecaster` (data sizes are injected at build time).
 
+    The defaults are those of ``conf/model/gwnet.yaml`` and the ``Field`` ranges are checked for a
+    config by :mod:`fedldt.schema` before any run starts (``tests/test_schema.py``).
+
     Attributes:
         in_channels: input features per node and step (values + covariates), from the data.
         out_channels: forecast channels per node, from the data.
