@@ -3,30 +3,27 @@
 Every group of ``conf/`` has a schema here (pydantic, strict: no silent conversion of
 ``"32"`` to ``32`` or of ``true`` to ``1``; NaN and infinity refused; unknown keys refused):
 
-=================  ===============================================  =========================
-group              schema                                           defaults
-=================  ===============================================  =========================
-top level          :class:`RunConfig` (``name``, ``seed``, ...)     ``conf/config.yaml``
-``task``           :class:`TaskConfig`                              ``conf/config.yaml``
-``train``          :class:`TrainConfig`                             ``conf/train/*.yaml``
-``federation``     :class:`FederationConfig`                        ``conf/config.yaml``
-``personalization`` :class:`PersonalizationConfig`                  ``conf/personalization/``
-``dataset``        one per loader (:data:`DATASET_SCHEMAS`)         ``conf/dataset/*.yaml``
-``partition``      one per partition (:data:`PARTITION_SCHEMAS`)    ``conf/partition/*.yaml``
-``model``          the model's config dataclass (:data:`fedldt.models.MODELS`)  the dataclass
-``strategy``       one per rule (:data:`STRATEGY_SCHEMAS`)          ``conf/strategy/*.yaml``
-``sweep``, ``compare``  :class:`SweepConfig`, :class:`CompareConfig` (script-only)  ``conf/config.yaml``
-=================  ===============================================  =========================
+* top level (``name``, ``seed``, ``mode``, ``paths``): :class:`RunConfig`;
+* ``task``, ``train`` (with ``train.optimizer``), ``federation``, ``personalization``:
+  :class:`TaskConfig`, :class:`TrainConfig`, :class:`FederationConfig`, :class:`PersonalizationConfig`;
+* ``dataset``, ``partition``: one schema per registered function (:data:`DATASET_SCHEMAS`,
+  :data:`PARTITION_SCHEMAS`), with the function's own defaults;
+* ``model``: the model's config dataclass (:data:`fedldt.models.MODELS`, via :func:`model_schema`);
+* ``strategy``: one schema per rule (:data:`STRATEGY_SCHEMAS`);
+* ``sweep``, ``compare`` (script-only, never sent to territories): :class:`SweepConfig`,
+  :class:`CompareConfig`.
 
-The YAML files are the one set of defaults: the schemas hold types and ranges only (a field
-without a default must be in the YAML), except the model dataclasses, whose defaults equal
-their YAML file (``tests/test_schema.py`` checks both). Strategy options left out of a YAML
-file take Flower's default.
+The YAML files are the one set of defaults: the schemas of ``task``, ``train`` and
+``federation`` hold types and ranges only (every field must be in the YAML). Where code has
+defaults too (the model config dataclasses, the loader and partition functions), they equal the
+YAML (``tests/test_schema.py`` checks it). Strategy options left out of a YAML file take Flower's
+default.
 
 Objects named by ``_target_`` (dataset loader, partition, model, strategy, optimizer) come from
 fixed allow-lists (:data:`fedldt.config.DATASET_LOADERS`, :data:`fedldt.config.PARTITIONS`,
-:data:`fedldt.models.MODELS`, :data:`STRATEGY_TARGETS`, :data:`fedldt.engine.OPTIMIZERS`): the config is data
-(it travels to territories and is read back from run folders), nothing in it is imported.
+:data:`fedldt.models.MODEL_TARGETS`, :data:`STRATEGY_TARGETS`, :data:`fedldt.engine.OPTIMIZERS`; all in
+:data:`fedldt.config.TARGETS`): the config is data (it travels to territories and is read back
+from run folders), nothing in it is imported.
 
 Errors are :class:`ConfigError` (a ``ValueError``) naming the key, the value, the allowed
 range and where the value is set.
