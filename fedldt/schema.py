@@ -429,22 +429,33 @@ def _interval(info: FieldInfo | None) -> tuple[str, str]:
                   f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
 
 
-def _field(schema: type[BaseModel], loc: tuple) -> FieldInfo | None:
-    """The field a pydantic error location points to (nested blocks followed)."""
-    info = None
+def _unwrap(ann: Any) -> Any:
+    """``X`` of ``Optional[X]``."""
+    while typing.get_origin(ann) is typing.Union:
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    return ann
+
+
+def _walk(schema: type[BaseModel], loc: tuple) -> tuple[FieldInfo | None, Any]:
+    """The field a pydantic error location points to and the type at that location (through
+    nested blocks, list items and dict values); ``(None, None)`` when it leaves the schema."""
+    info, ann = None, schema
     for part in loc:
-        if not isinstance(part, str):
-            return info
-        fields = {**schema.model_fields, **{f.alias: f for f in schema.model_fields.values() if f.alias}}
-        if part not in fields:
-            return None
-        info = fields[part]
-        nxt = info.annotation
-        while typing.get_origin(nxt) is typing.Union:
-            nxt = next((a for a in typing.get_args(nxt) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if isinstance(nxt, type) and issubclass(nxt, BaseModel):
-            schema = nxt
-    return info
+        ann = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            fields = {**ann.model_fields, **{f.alias: f for f in ann.model_fields.values() if f.alias}}
+            if part not in fields:
+                return None, None
+            info, ann = fields[part], fields[part].annotation
+        elif typing.get_origin(ann) in (list, dict):  # an item or a value: its type, the field's range
+            ann = typing.get_args(ann)[-1]
+        else:
+            return None, None
+    return info, _unwrap(ann)
+
+
+def _field(schema: type[BaseModel], loc: tuple) -> FieldInfo | None:
+    return _walk(schema, loc)[0]
 
 
 def _path(group: str, loc: tuple) -> str:
@@ -488,9 +499,7 @@ def check_block(schema: type[BaseModel], block: Any, group: str, where: str, lab
         if extra:
             parent = extra[0]["loc"][:-1]
             unknown = sorted(str(e["loc"][-1]) for e in extra if e["loc"][:-1] == parent)
-            owner = _field(schema, parent).annotation if parent else schema
-            while typing.get_origin(owner) is typing.Union:
-                owner = next(a for a in typing.get_args(owner) if a is not type(None))
+            owner = _walk(schema, parent)[1]
             accepted = sorted(f.alias or k for k, f in getattr(owner, "model_fields", {}).items())
             who = _path(group, parent) if parent else (label or group or "the config")
             raise ConfigError(f"{who} has no option(s) {unknown}; accepted: {accepted} ({where})") from None

@@ -261,3 +261,20 @@ def test_export_accepts_registered_targets_and_refuses_others(base, key):
     block["_target_"] = "os.system"
     with pytest.raises(ExportError, match=rf"{key}._target_='os.system' is not registered in fedldt"):
         check_run_config(bad, Path("resolved_config.yaml"))
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"graph": {"method": "knn", "k": 2, "sigma_km": None, "threshold": 0.1, "z": 1}},
+     r"dataset.graph has no option\(s\) \['z'\]; accepted: \['k', 'method', 'sigma_km', 'threshold'\]"),
+    ({"valid_range": {"energy": {"min": 0, "max": None, "type": "number", "q": 1}}},
+     r"dataset.valid_range.energy has no option\(s\) \['q'\]; accepted: \['max', 'min', 'type'\]"),
+    ({"graph": {"method": "knn", "k": 0, "sigma_km": None, "threshold": 0.1}}, r"dataset.graph.k=0 must be an integer in \[1, 10000\]"),
+    ({"cities": "JHB"}, r"dataset.cities='JHB': input should be a valid list"),
+])
+def test_nested_blocks_name_the_full_key(block, message):
+    """Unknown keys and bad values inside nested blocks (dicts of blocks too) name their full path."""
+    from fedldt.schema import ChargedDataset, check_block
+
+    with pytest.raises(ConfigError, match=message):
+        check_block(ChargedDataset, {"_target_": "fedldt.data.load_charged_cities", "path": "/d", "cities": ["JHB"], **block},
+                    "dataset", "conf/dataset/charged_ev.yaml")
