@@ -150,7 +150,7 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
     loss = task.fit(
         model, epochs=tr["local_epochs"], lr=tr["lr"], seed=derive_seed(cfg["seed"], index, server_round),
         weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"], proximal_mu=proximal_mu,
-        proximal_names=shared_names,
+        proximal_names=shared_names, optimizer=tr["optimizer"]["_target_"],
     )
     shared, local = split_state(model, personalization_of(cfg))
     metrics = {"num-examples": task.num_windows("train"), "train_loss": float(loss), "territory": index}

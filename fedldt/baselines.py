@@ -5,7 +5,7 @@
   territory and its graph), evaluated per territory and pooled. The privacy-free reference.
 * ``local``: each territory trains its own model on its own data only.
 
-Both train for ``train.rounds * train.local_epochs`` epochs with one Adam optimizer, start
+Both train for ``train.rounds * train.local_epochs`` epochs with one optimizer (``train.optimizer``), start
 from the same initial weights as the federated run (``seed``), evaluate on the validation
 windows every ``train.local_epochs`` epochs (one "round") and write the same results folder
 and ``summary.json`` schema as the federated run.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedldt.config import load_territories
-from fedldt.engine import TerritoryTask, derive_seed, seed_everything, task_from_config, train_epochs
+from fedldt.engine import TerritoryTask, build_optimizer, derive_seed, seed_everything, task_from_config, train_epochs
 from fedldt.launch.progress import RunProgress, round_line
 from fedldt.metrics import pool, report
 from fedldt.models import build_model
@@ -55,7 +55,7 @@ def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple
     ``label``, each round prints its progress line (train loss, pooled validation MAE) and shows it
     in a :class:`~fedldt.launch.progress.RunProgress` display."""
     tr = cfg["train"]
-    opt = torch.optim.Adam(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
+    opt = build_optimizer(model.parameters(), tr["optimizer"]["_target_"], lr=tr["lr"], weight_decay=tr["weight_decay"])
     steps = list(cfg["task"]["report_steps"])
     rounds = int(tr["rounds"])
     with RunProgress(label) if label else nullcontext() as progress:

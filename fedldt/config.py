@@ -23,7 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedldt.data import as_given, load_charged_cities, load_los_loop, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
-from fedldt.strategy_options import strategy_arguments
+from fedldt.data.windows import split_bounds
+from fedldt.engine import OPTIMIZERS
+from fedldt.models import MODEL_TARGETS
+from fedldt.schema import (DATASET_SCHEMAS, PARTITION_SCHEMAS, SCRIPT_ONLY, STRATEGY_SCHEMAS, STRATEGY_TARGETS,
+                           ConfigError, RunConfig, check_block, model_schema, strategy_arguments)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -71,27 +75,37 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[str, Any]:
-    """A plain, fully resolved dict with an absolute ``dataset.path``.
+    """A plain, fully resolved and checked dict with an absolute ``dataset.path``.
+
+    The one check at the boundary: every script (``simulate``, ``compare``, ``sweep``,
+    ``federation_local``) and the ServerApp call it before anything runs, so a bad value
+    fails in seconds, before Flower starts (:func:`validate_config`, and
+    :func:`check_against_data` when ``require_data``).
 
     Args:
         cfg: composed config.
-        require_data: check that ``dataset.path`` exists here. The ServerApp passes ``False``:
-            in a deployment the data lives on the territories (whose SuperNodes may name
-            their own folder with node config ``data-root``), not on the server.
+        require_data: check that ``dataset.path`` exists here and that the task and partition
+            fit the data. The ServerApp passes ``False``: in a deployment the data lives on the
+            territories (whose SuperNodes may name their own folder with node config
+            ``data-root``), not on the server.
 
     Raises:
-        ValueError: a required value is missing (``???``) or a field is invalid (named).
+        ConfigError (a ``ValueError``): a required value is missing (``???``), a key is
+            unknown or a value invalid (key, value, allowed range and file named).
         FileNotFoundError: ``require_data`` and the dataset folder does not exist (the fix is named).
     """
     if isinstance(cfg, DictConfig):
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
-            raise ValueError(f"config values required but not set: {missing}")
+            raise ConfigError(f"config values required but not set: {missing}")
         out = OmegaConf.to_container(cfg, resolve=True)
     else:
         out = json.loads(json.dumps(cfg))
     out.pop("hydra", None)
-    path = Path(str(out["dataset"]["path"])).expanduser()
+    dataset = out.get("dataset")
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str):
+        raise ConfigError("dataset.path must be a folder name (conf/dataset/<name>.yaml or dataset.path=...)")
+    path = Path(dataset["path"]).expanduser()
     if not path.is_absolute():
         path = (checkout_root() / path).resolve()
     if require_data and not path.exists():
@@ -100,42 +114,103 @@ def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[st
             "Override paths.data_root=/abs/path/to/shared/data (or dataset.path=...)."
         )
     out["dataset"]["path"] = str(path)
-    _validate(out)
+    validate_config(out)
+    if require_data:
+        check_against_data(out)
     return out
 
 
-def _validate(cfg: dict[str, Any]) -> None:
-    t = cfg["task"]
-    for key in ("window", "horizon"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ValueError(f"task.{key}={t[key]!r} must be a positive integer")
-    bad = [h for h in t["report_steps"] if not 1 <= int(h) <= t["horizon"]]
-    if bad:
-        raise ValueError(f"task.report_steps {bad} must lie in 1..task.horizon={t['horizon']}")
-    if cfg.get("mode", "federated") not in ("federated", "centralized", "local"):
-        raise ValueError(f"mode={cfg['mode']!r} must be federated, centralized or local")
-    tr = cfg["train"]
-    if int(tr["rounds"]) < 1:
-        raise ValueError(f"train.rounds={tr['rounds']} must be >= 1")
-    if int(tr["local_epochs"]) < 1:
-        raise ValueError(f"train.local_epochs={tr['local_epochs']} must be >= 1")
-    if float(tr["lr"]) <= 0:
-        raise ValueError(f"train.lr={tr['lr']} must be > 0")
-    from fedldt.models import PERSONALIZATIONS, build_model, local_state_names
+def validate_config(cfg: Mapping[str, Any]) -> None:
+    """Check a resolved config against the schemas of :mod:`fedldt.schema`, without data.
 
+    Every group is checked (unknown keys, types, ranges), every ``_target_`` against its
+    allow-list, then what spans groups: ``report_steps`` within the horizon, Krum's territory
+    count, ``federation.min_train_territories`` at most the territories, the model builds (with
+    placeholder data sizes) and supports the personalization, a window no shorter than the
+    model's receptive field, and the sweep's models, strategies and personalizations exist.
+
+    Raises:
+        ConfigError: the first problem, with the key, the value, the allowed range and the file.
+    """
+    from fedldt.models import MODELS, build_model, local_state_names
+
+    check_block(RunConfig, cfg, "", "a pilot (conf/pilot/) or a command-line override")
     registered_call(cfg["dataset"], DATASET_LOADERS, "dataset")  # the loaders are checked before any run starts
     registered_call(cfg["partition"], PARTITIONS, "partition", skip=1)
     args = strategy_arguments(cfg["strategy"])
-    k = int(cfg["partition"]["num_territories"])
+    k = num_territories(cfg)
     if cfg["strategy"]["name"] == "krum" and k <= 2 * int(args.get("num_malicious_nodes", 0)) + 2:
-        raise ValueError(f"strategy=krum needs more than 2*strategy.num_malicious_nodes+2 territories; "
-                         f"partition.num_territories={k} (strategy.num_malicious_nodes={args.get('num_malicious_nodes', 0)})")
-    name = cfg.get("personalization", {}).get("name", "none")
-    if name not in PERSONALIZATIONS:
-        raise ValueError(f"personalization.name={name!r} must be one of {list(PERSONALIZATIONS)} (conf/personalization/)")
+        raise ConfigError(f"strategy=krum needs more than 2*strategy.num_malicious_nodes+2 territories; "
+                          f"partition.num_territories={k} (strategy.num_malicious_nodes={args.get('num_malicious_nodes', 0)})")
+    least = cfg["federation"]["min_train_territories"]
+    if least is not None and least > k:
+        raise ConfigError(f"federation.min_train_territories={least} must be an integer in [1, {k}] "
+                          f"(partition.num_territories={k}), or null for all")
+    name = cfg["model"].get("name")
+    if name not in MODELS:
+        raise ConfigError(f"model.name={name!r} is not one of {sorted(MODELS)} (conf/model/<name>.yaml)")
+    check_block(model_schema(MODELS[name][1]), cfg["model"], "model", f"conf/model/{name}.yaml", label=f"model '{name}'")
+    t = cfg["task"]
     # the model (with placeholder data sizes) must build and support the personalization, before any run starts
     model = build_model({**cfg["model"], "in_channels": 1, "out_channels": 1, "horizon": int(t["horizon"])}, num_nodes=2)
-    local_state_names(model, name)
+    local_state_names(model, cfg["personalization"]["name"])
+    field = getattr(model, "receptive_field", None)
+    if cfg["model"]["name"] == "stgcn" and isinstance(field, int) and t["window"] < field:
+        raise ConfigError(f"task.window={t['window']} is shorter than the receptive field of model 'stgcn' ({field} "
+                          f"steps): allowed task.window >= {field}, or fewer model.num_blocks / a smaller model.Kt")
+    sweep = cfg.get("sweep")
+    if sweep is not None:
+        from fedldt.models import PERSONALIZATIONS
+
+        for key, value, allowed in [("models", m, sorted(MODELS)) for m in sweep["models"]] + [
+                (f"strategies[{i}].{f}", e[f], sorted(STRATEGY_SCHEMAS) if f == "strategy" else list(PERSONALIZATIONS))
+                for i, e in enumerate(sweep["strategies"]) for f in ("strategy", "personalization")]:
+            if value not in allowed:
+                raise ConfigError(f"sweep.{key}={value!r} must be one of {allowed} (conf/config.yaml)")
+
+
+def check_against_data(cfg: Mapping[str, Any]) -> None:
+    """Check that the partition and the task fit the dataset (loaded once, cached).
+
+    * ``partition.num_territories`` is at most the dataset's sensors (k-means) or equals its
+      territories (``as_given``);
+    * ``task.window + task.horizon`` fits in the shortest of the train/val/test parts.
+
+    Raises:
+        ConfigError: the key, its value and the allowed range named.
+    """
+    loaded = _load_dataset_cached(json.dumps(cfg["dataset"], sort_keys=True))
+    datasets = list(loaded) if isinstance(loaded, (list, tuple)) else [loaded]
+    k = num_territories(cfg)
+    fn = PARTITIONS[cfg["partition"]["_target_"]]
+    if fn is partition_kmeans and k > datasets[0].num_nodes:
+        raise ConfigError(f"partition.num_territories={k} must be an integer in [1, {datasets[0].num_nodes}] "
+                          f"(at most the {datasets[0].num_nodes} sensors of dataset '{cfg['dataset'].get('name')}')")
+    if fn is as_given and k != len(datasets):
+        raise ConfigError(f"partition.num_territories={k} must be {len(datasets)}: dataset '{cfg['dataset'].get('name')}' "
+                          f"holds {len(datasets)} territories (partition as_given)")
+    t = cfg["task"]
+    steps = min(d.num_steps for d in datasets)
+    bounds = split_bounds(steps, tuple(t["split"]))
+    part, (lo, hi) = min(bounds.items(), key=lambda kv: kv[1][1] - kv[1][0])
+    room = hi - lo
+    if t["window"] + t["horizon"] > room:
+        raise ConfigError(
+            f"task.window + task.horizon = {t['window']} + {t['horizon']} must be at most {room}, the {part} part's "
+            f"steps ({steps} steps split {t['split']}): allowed task.horizon in [1, {max(room - t['window'], 0)}] "
+            f"with task.window={t['window']}")
+
+
+@lru_cache(maxsize=2)
+def _load_dataset_cached(key: str) -> Any:
+    load, args = registered_call(json.loads(key), DATASET_LOADERS, "dataset")
+    return load(**args)
+
+
+def territory_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as it is sent to territories: without the script-only blocks
+    (:data:`fedldt.schema.SCRIPT_ONLY`: ``compare``, ``sweep``)."""
+    return {k: v for k, v in cfg.items() if k not in SCRIPT_ONLY}
 
 
 def num_territories(cfg: dict[str, Any]) -> int:
@@ -163,6 +238,16 @@ PARTITIONS: dict[str, Callable[..., Any]] = {
 }
 
 
+#: Every ``_target_`` a config may hold -> its allow-list (the keys are the only accepted values).
+#: Dataset loaders and partitions are called by :func:`load_territories`; models are built by
+#: :func:`fedldt.models.build_model`, strategies by ``server.strategy.build_strategy`` and
+#: optimizers by :func:`fedldt.engine.build_optimizer`, each after checking its own list.
+TARGETS: dict[str, Mapping[str, Any]] = {
+    "dataset._target_": DATASET_LOADERS, "partition._target_": PARTITIONS, "model._target_": MODEL_TARGETS,
+    "strategy._target_": STRATEGY_TARGETS, "train.optimizer._target_": OPTIMIZERS,
+}
+
+
 def registered_call(block: Mapping[str, Any], registry: Mapping[str, Callable[..., Any]], field: str,
                     skip: int = 0) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The registered function a config block names and its checked keyword arguments.
@@ -181,32 +266,36 @@ def registered_call(block: Mapping[str, Any], registry: Mapping[str, Callable[..
         ``(function, kwargs)``.
 
     Raises:
-        ValueError: ``_target_`` is missing, not a string or not registered (the value and the
+        ConfigError (a ``ValueError``): ``_target_`` is missing, not a string or not registered (the value and the
             allowed list are named); a key is not a parameter of the function; a required
-            parameter is missing; or an argument holds a nested ``_target_`` (never instantiated).
+            parameter is missing; an argument holds a nested ``_target_`` (never instantiated);
+            or a value has the wrong type or is out of range (:mod:`fedldt.schema`).
     """
     if not isinstance(block, Mapping):
-        raise ValueError(f"{field} must be a mapping with a _target_ key, got {type(block).__name__}")
+        raise ConfigError(f"{field} must be a mapping with a _target_ key, got {type(block).__name__}")
     target = block.get("_target_")
     if not isinstance(target, str) or target not in registry:
-        raise ValueError(f"{field}._target_={target!r} is not a registered fedldt {field} function; allowed: "
+        raise ConfigError(f"{field}._target_={target!r} is not a registered fedldt {field} function; allowed: "
                          f"{sorted(registry)} (a new one must be added to fedldt.config."
                          f"{'DATASET_LOADERS' if field == 'dataset' else 'PARTITIONS'})")
     fn = registry[target]
     kwargs = {k: v for k, v in block.items() if k != "_target_"}
     nested = _nested_targets(kwargs, field)
     if nested:
-        raise ValueError(f"{nested[0]} is not allowed: arguments of {field}._target_={target!r} are plain values, "
+        raise ConfigError(f"{nested[0]} is not allowed: arguments of {field}._target_={target!r} are plain values, "
                          "nothing inside them is instantiated")
     params = list(inspect.signature(fn).parameters.values())[skip:]
     accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"{field}: {target} takes no argument(s) {unknown}; accepted: {sorted(accepted)}")
+        raise ConfigError(f"{field}: {target} takes no argument(s) {unknown}; accepted: {sorted(accepted)}")
     required = sorted(p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                       and p.name not in kwargs)
     if required:
-        raise ValueError(f"{field}: {target} needs argument(s) {required} (set {field}.<name> in the config)")
+        raise ConfigError(f"{field}: {target} needs argument(s) {required} (set {field}.<name> in the config)")
+    schemas = DATASET_SCHEMAS if field == "dataset" else PARTITION_SCHEMAS
+    if fn.__name__ in schemas:  # types and ranges of the arguments
+        check_block(schemas[fn.__name__], dict(block), field, f"conf/{field}/ or a command-line override")
     return fn, kwargs
 
 

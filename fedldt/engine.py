@@ -7,7 +7,7 @@ own training part) and its windows, and trains or evaluates any fedldt model on 
 from __future__ import annotations
 
 import random
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -198,8 +198,9 @@ class TerritoryTask:
         grad_clip: float | None = 5.0,
         proximal_mu: float = 0.0,
         proximal_names: Collection[str] | None = None,
+        optimizer: str = "torch.optim.Adam",
     ) -> float:
-        """Train ``model`` in place on the training windows with Adam and masked MAE (scaled units).
+        """Train ``model`` in place on the training windows with masked MAE (scaled units).
 
         Args:
             epochs: local epochs.
@@ -211,12 +212,13 @@ class TerritoryTask:
                 ``w_global`` is the model's weights when ``fit`` is called.
             proximal_names: parameter names the proximal term covers (default: all; a
                 territory passes its shared ones, so local parameters may move freely).
+            optimizer: ``train.optimizer._target_``, a key of :data:`OPTIMIZERS`.
 
         Returns:
             Training loss (scaled MAE) of the last epoch, a windows-weighted mean over its
             batches (:func:`train_epochs`).
         """
-        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = build_optimizer(model.parameters(), optimizer, lr=lr, weight_decay=weight_decay)
         return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu,
                             proximal_names=proximal_names)
 
@@ -241,6 +243,28 @@ class TerritoryTask:
             y_hat = batch.last.unsqueeze(1).expand_as(batch.y)
             total = total + masked_error_sums(y_hat, batch.y, batch.mask)
         return total
+
+
+#: ``train.optimizer._target_`` -> optimizer class: the only optimizers built from a config (the
+#: config is data; nothing named in it is imported).
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"torch.optim.Adam": torch.optim.Adam,
+                                                      "torch.optim.AdamW": torch.optim.AdamW}
+
+
+def build_optimizer(params: Iterable[nn.Parameter], target: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer._target_`` names, over ``params``.
+
+    Args:
+        target: a key of :data:`OPTIMIZERS` (e.g. ``"torch.optim.Adam"``).
+        lr: learning rate (``train.lr``).
+        weight_decay: ``train.weight_decay``.
+
+    Raises:
+        ValueError: ``target`` is not in :data:`OPTIMIZERS` (the allowed list is named).
+    """
+    if target not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer._target_={target!r} is not a registered optimizer; allowed: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[target](params, lr=float(lr), weight_decay=float(weight_decay))
 
 
 def train_epochs(

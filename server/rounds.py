@@ -14,7 +14,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedldt.config import num_territories
+from fedldt.config import num_territories, territory_view
 from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
 from fedldt.metrics import MetricSums
@@ -24,8 +24,9 @@ from server.strategy import FedLDTStrategy, FederationError, build_strategy, fai
 
 
 def config_record(cfg: dict[str, Any], **extra: Any) -> ConfigRecord:
-    """The run config as it travels to territories: one JSON string plus flat extras."""
-    return ConfigRecord({CONFIG_KEY: json.dumps(cfg, sort_keys=True), **extra})
+    """The run config as it travels to territories: one JSON string (without the script-only
+    ``sweep``/``compare`` blocks, :func:`fedldt.config.territory_view`) plus flat extras."""
+    return ConfigRecord({CONFIG_KEY: json.dumps(territory_view(cfg), sort_keys=True, allow_nan=False), **extra})
 
 
 def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dict[int, dict[str, Any]]:

@@ -34,7 +34,7 @@ from fedldt.launch.progress import fmt as _fmt
 from fedldt.launch.progress import round_line
 from fedldt.metrics import MetricSums, report, windows_weighted_mean
 from fedldt.results import flat_metrics, history_row, round_row
-from fedldt.strategy_options import strategy_arguments
+from fedldt.schema import strategy_arguments
 
 #: Weight of a territory's parameters in the average: its number of training windows.
 WEIGHT_KEY = "num-examples"

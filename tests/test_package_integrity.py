@@ -377,7 +377,7 @@ def test_export_loads_no_planted_pickle(tmp_path):
         export_package(run, "t0", tmp_path / "out")
     fake_run(run, {"_target_": "fedldt.data.load_los_loop", "path": "/data"},
              model={"_target_": "builtins.exec", "source": "1"})
-    with pytest.raises(ExportError, match=r"key model._target_ is not allowed"):
+    with pytest.raises(ExportError, match=r"model._target_='builtins.exec' is not registered in fedldt"):
         export_package(run, "t0", tmp_path / "out")
     fake_run(run, {"_target_": "fedldt.data.load_los_loop", "path": "${oc.env:HOME}"})
     with pytest.raises(ExportError, match=r"dataset.path='\$\{oc.env:HOME\}' holds an interpolation"):

@@ -180,16 +180,17 @@ def test_strategy_options_are_checked_against_the_flower_class():
 
 
 def test_flower_free_option_table_is_exactly_the_flower_constructors():
-    """fedldt/strategy_options.py lists each Flower class's options so that the config is checked
-    without Flower; it must be exactly their constructor parameters, less those fedldt sets."""
+    """fedldt/schema.py lists each Flower class's options so that the config is checked without
+    Flower; it must be exactly their constructor parameters, less those fedldt sets and those that
+    do nothing on the server (eta_l)."""
     import inspect
 
-    from fedldt.strategy_options import FIXED, OPTIONS
+    from fedldt.schema import FIXED, OPTIONS, UNUSED
 
     assert set(OPTIONS) == set(STRATEGIES)
     for name, cls in STRATEGIES.items():
         base = next(c for c in cls.__mro__ if c.__module__.startswith("flwr."))  # the Flower class
-        accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - FIXED
+        accepted = set(inspect.signature(base.__init__).parameters) - {"self"} - FIXED - UNUSED
         assert OPTIONS[name] == (base.__name__, accepted), name
 
 
@@ -224,6 +225,24 @@ def test_fedprox_with_mu_zero_equals_fedavg_on_one_round(syn_dir):
     assert list(avg) == list(prox0) and all(torch.equal(avg[k], prox0[k]) for k in avg)
     _, _, prox1, _, _ = _run(syn_dir, ["strategy=fedprox", "strategy.proximal_mu=1.0", "seed=5"])
     assert any(not torch.equal(avg[k], prox1[k]) for k in avg)  # the proximal term does act
+
+
+def test_script_only_blocks_never_reach_territories(syn_dir):
+    """``sweep`` and ``compare`` are for scripts: no query, train or evaluate message carries them."""
+    import json
+
+    from fedldt.config import territory_view
+    from fedldt.egress import CONFIG_KEY
+    from server.rounds import discover_territories
+
+    cfg, _, _, grid, _ = _run(syn_dir, [])
+    assert {"sweep", "compare"} <= set(cfg)  # the scripts see them
+    discover_territories(grid, cfg, timeout=30)
+    sent = {str(m.metadata.message_type): json.loads(str(m.content["config"][CONFIG_KEY])) for m in grid.sent}
+    assert set(sent) == {MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE}
+    for kind, received in sent.items():
+        assert not {"sweep", "compare"} & set(received), kind
+        assert received == territory_view(cfg) and set(received) == set(cfg) - {"sweep", "compare"}, kind
 
 
 def test_personalized_entries_never_leave_the_territory(syn_dir):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from fedldt.data.territory import TerritoryDataset
 
@@ -34,6 +33,8 @@ def kmeans_node_partition(coords: np.ndarray, num_territories: int, seed: int, n
         raise ValueError("node coordinates must be a finite [node, 2] array to partition by k-means")
     if num_territories == 1:
         return [np.arange(n, dtype=np.int64)]
+    from sklearn.cluster import KMeans  # here, not at import: a config check must not wait for scikit-learn
+
     labels = KMeans(n_clusters=num_territories, n_init=n_init, random_state=seed).fit_predict(coords)
     parts = [np.flatnonzero(labels == k).astype(np.int64) for k in range(num_territories)]
     if any(p.size == 0 for p in parts):

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 import fedldt
-from fedldt.config import DATASET_LOADERS, PARTITIONS, load_territories
+from fedldt.config import DATASET_LOADERS, PARTITIONS, TARGETS, load_territories
 from fedldt.data.windows import collate, time_features
 from fedldt.delivery import card as cards
 from fedldt.delivery.onnx_export import (OPSET, PARITY_RTOL, FixedGraphForecaster, NotExportable, export_onnx,
@@ -52,7 +52,8 @@ class ExportError(ValueError):
 
 #: Config groups whose ``_target_`` :func:`fedldt.config.load_territories` instantiates.
 LOADER_GROUPS = ("dataset", "partition")
-#: Hydra's instantiation keys: besides ``dataset._target_`` and ``partition._target_``, none may appear.
+#: Hydra's instantiation keys: besides the ``_target_`` keys of :data:`fedldt.config.TARGETS`
+#: (each checked against its allow-list), none may appear.
 HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
@@ -60,9 +61,11 @@ def check_run_config(cfg: Any, where: Path) -> None:
     """Refuse a run config that would make :func:`fedldt.config.load_territories` run foreign code.
 
     ``dataset._target_`` and ``partition._target_`` must be loaders registered in
-    :data:`fedldt.config.DATASET_LOADERS` / :data:`fedldt.config.PARTITIONS`; no other Hydra key (``_target_``, ``_args_``, ...) may appear
-    anywhere, and no ``${...}`` interpolation in ``dataset`` or ``partition``. Called before
-    anything of the config is used.
+    :data:`fedldt.config.DATASET_LOADERS` / :data:`fedldt.config.PARTITIONS`; ``model._target_``,
+    ``strategy._target_`` and ``train.optimizer._target_``, when present (run folders written
+    before they existed have none), must be in their allow-lists (:data:`fedldt.config.TARGETS`);
+    no other Hydra key (``_target_``, ``_args_``, ...) may appear anywhere, and no ``${...}``
+    interpolation in ``dataset`` or ``partition``. Called before anything of the config is used.
 
     Raises:
         ExportError: names ``where`` (the ``resolved_config.yaml``), the key and the value.
@@ -80,10 +83,13 @@ def check_run_config(cfg: Any, where: Path) -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
                 name = f"{key}.{k}" if key else str(k)
-                if k in HYDRA_KEYS and name not in (f"{g}._target_" for g in LOADER_GROUPS):
-                    raise ExportError(f"{where}: key {name} is not allowed in a run config (only dataset._target_ "
-                                      "and partition._target_ name fedldt loaders); refusing to run code named by "
+                if k in HYDRA_KEYS and name not in TARGETS:
+                    raise ExportError(f"{where}: key {name} is not allowed in a run config (only {sorted(TARGETS)} "
+                                      "name fedldt's own functions and classes); refusing to run code named by "
                                       "a run folder")
+                if name in TARGETS and v not in TARGETS[name]:
+                    raise ExportError(f"{where}: {name}={v!r} is not registered in fedldt ({sorted(TARGETS[name])}); "
+                                      "refusing to run code named by a run folder")
                 walk(v, name)
         elif isinstance(obj, list):
             for i, v in enumerate(obj):

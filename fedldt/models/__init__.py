@@ -29,11 +29,17 @@ MODELS: dict[str, tuple[type, type]] = {
     "stgcn": (STGCNForecaster, STGCNConfig),
     "gwnet": (GWNetForecaster, GWNetConfig),
 }
+#: The ``model._target_`` allow-list: target -> ``model.name`` (the only model classes built from
+#: a config; nothing named in a config is imported).
+MODEL_TARGETS: dict[str, str] = {f"fedldt.models.{cls.__name__}": name for name, (cls, _) in MODELS.items()}
 
 
 def build_model(model_cfg: Mapping[str, Any], num_nodes: int | None = None) -> nn.Module:
-    """Build a model from a plain config dict: ``{"name": ..., <hyper-parameters>, in_channels,
-    out_channels, horizon}`` (the last three injected from the data).
+    """Build a model from a plain config dict: ``{"_target_": ..., "name": ..., <hyper-parameters>,
+    in_channels, out_channels, horizon}`` (the last three injected from the data).
+
+    ``_target_`` must be in :data:`MODEL_TARGETS` and be the class of ``name``; a config without
+    it (a model package written before it existed) is built by ``name``.
 
     Args:
         model_cfg: the config dict. It may also hold a data-injected ``num_nodes``.
@@ -42,7 +48,8 @@ def build_model(model_cfg: Mapping[str, Any], num_nodes: int | None = None) -> n
             ``adaptive=true`` requires it); the others ignore it, so callers may always pass it.
 
     Raises:
-        ValueError: unknown model name or unknown hyper-parameter (named); ``num_nodes`` given
+        ValueError: unknown model name, ``_target_`` not registered or not the class of
+            ``name``, or unknown hyper-parameter (named); ``num_nodes`` given
             both in ``model_cfg`` and as argument with different values; a model-specific
             invalid or missing value (named by the model).
     """
@@ -50,6 +57,11 @@ def build_model(model_cfg: Mapping[str, Any], num_nodes: int | None = None) -> n
     name = cfg.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is not one of {sorted(MODELS)}")
+    target = cfg.pop("_target_", None)
+    if target is not None and MODEL_TARGETS.get(target) != name:
+        raise ValueError(f"model._target_={target!r} " + (
+            f"is the class of model '{MODEL_TARGETS[target]}', not of model.name={name!r}" if target in MODEL_TARGETS
+            else f"is not a registered fedldt model; allowed: {sorted(MODEL_TARGETS)}") + f" (conf/model/{name}.yaml)")
     n = cfg.pop("num_nodes", None)
     if num_nodes is not None:
         if n is not None and int(n) != int(num_nodes):

@@ -14,8 +14,10 @@ No parameter depends on the number of nodes: territories of different sizes shar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from fedldt.models.diffusion import DiffusionConv, transition_matrices
@@ -51,6 +53,9 @@ class DCGRUCell(nn.Module):
 class DCRNNConfig:
     """Hyper-parameters of :class:`DCRNNForecaster` (data sizes are injected at build time).
 
+    The defaults are those of ``conf/model/dcrnn.yaml`` and the ``Field`` ranges are checked for a
+    config by :mod:`fedldt.schema` before any run starts (``tests/test_schema.py``).
+
     Attributes:
         in_channels: input features per node and step (values + covariates), from the data.
         out_channels: forecast channels per node, from the data.
@@ -67,10 +72,10 @@ class DCRNNConfig:
     in_channels: int
     out_channels: int
     horizon: int
-    hidden: int = 64
-    num_layers: int = 2
-    K: int = 2
-    dropout: float = 0.0
+    hidden: Annotated[int, Field(ge=1, le=1024)] = 32
+    num_layers: Annotated[int, Field(ge=1, le=8)] = 1
+    K: Annotated[int, Field(ge=1, le=8)] = 2
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     residual: bool = False
 
 

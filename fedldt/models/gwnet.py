@@ -28,9 +28,11 @@ so only the last ``receptive_field`` steps are used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from fedldt.models.dcrnn import plus_last_observed
@@ -86,6 +88,9 @@ def adaptive_adjacency(emb1: Tensor, emb2: Tensor) -> Tensor:
 class GWNetConfig:
     """Hyper-parameters of :class:`GWNetForecaster` (data sizes are injected at build time).
 
+    The defaults are those of ``conf/model/gwnet.yaml`` and the ``Field`` ranges are checked for a
+    config by :mod:`fedldt.schema` before any run starts (``tests/test_schema.py``).
+
     Attributes:
         in_channels: input features per node and step (values + covariates), from the data.
         out_channels: forecast channels per node, from the data.
@@ -112,16 +117,16 @@ class GWNetConfig:
     horizon: int
     num_nodes: int | None = None
     adaptive: bool = True
-    emb_dim: int = 10
-    residual_channels: int = 32
-    dilation_channels: int = 32
-    skip_channels: int = 256
-    end_channels: int = 512
-    blocks: int = 4
-    layers: int = 2
-    kernel_size: int = 2
-    order: int = 2
-    dropout: float = 0.3
+    emb_dim: Annotated[int, Field(ge=1, le=256)] = 10
+    residual_channels: Annotated[int, Field(ge=1, le=1024)] = 32
+    dilation_channels: Annotated[int, Field(ge=1, le=1024)] = 32
+    skip_channels: Annotated[int, Field(ge=1, le=1024)] = 64
+    end_channels: Annotated[int, Field(ge=1, le=2048)] = 128
+    blocks: Annotated[int, Field(ge=1, le=8)] = 4
+    layers: Annotated[int, Field(ge=1, le=8)] = 2
+    kernel_size: Annotated[int, Field(ge=1, le=8)] = 2
+    order: Annotated[int, Field(ge=1, le=4)] = 2
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
     residual: bool = False
 
 

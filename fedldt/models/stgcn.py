@@ -27,9 +27,11 @@ No parameter depends on the number of nodes or on the window length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
 from torch_geometric.utils import to_undirected
@@ -180,6 +182,9 @@ class STConvBlock(nn.Module):
 class STGCNConfig:
     """Hyper-parameters of :class:`STGCNForecaster` (data sizes are injected at build time).
 
+    The defaults are those of ``conf/model/stgcn.yaml`` and the ``Field`` ranges are checked for a
+    config by :mod:`fedldt.schema` before any run starts (``tests/test_schema.py``).
+
     Attributes:
         in_channels: input features per node and step (values + covariates), from the data.
         out_channels: forecast channels per node, from the data.
@@ -199,13 +204,13 @@ class STGCNConfig:
     in_channels: int
     out_channels: int
     horizon: int
-    temporal_channels: int = 64
-    spatial_channels: int = 16
-    num_blocks: int = 2
-    Kt: int = 3
-    Ks: int = 3
-    output_kernel: int = 4
-    dropout: float = 0.0
+    temporal_channels: Annotated[int, Field(ge=1, le=1024)] = 32
+    spatial_channels: Annotated[int, Field(ge=1, le=1024)] = 16
+    num_blocks: Annotated[int, Field(ge=1, le=8)] = 2
+    Kt: Annotated[int, Field(ge=1, le=12)] = 3
+    Ks: Annotated[int, Field(ge=1, le=8)] = 3
+    output_kernel: Annotated[int, Field(ge=1, le=100)] = 4
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     residual: bool = False
 
 
