@@ -94,9 +94,28 @@ def searched_config_dirs() -> list[str]:
 
 
 def record_config_sources(sources: Sequence[Any]) -> list[str]:
-    """Record Hydra's ``hydra.runtime.config_sources`` (``{path, schema, provider}`` entries): the
-    folders (``file`` schema) become :func:`searched_config_dirs`; returned as well."""
-    _SEARCHED[:] = [str(s["path"]) for s in sources if s["schema"] == "file"]
+    """Check and record Hydra's ``hydra.runtime.config_sources`` (``{path, schema, provider}``
+    entries): the folders (``file`` schema) become :func:`searched_config_dirs`; returned as well.
+
+    Raises:
+        ValueError: a user's folder does not exist, or holds a file with the name of a file of
+            fedldt's ``conf/`` (Hydra takes the first match, ``conf/``'s, so the user's would
+            silently never be used); the file and the fix are named.
+    """
+    dirs = [str(s["path"]) for s in sources if s["schema"] == "file"]
+    for d in dirs:
+        folder = Path(d)
+        if folder.resolve() == CONF_DIR.resolve():
+            continue
+        if not folder.is_dir():
+            raise ValueError(f"config folder {folder} (--config-dir or hydra.searchpath) does not exist")
+        shadowed = sorted(str(f.relative_to(folder)) for f in folder.rglob("*.yaml")
+                          if (CONF_DIR / f.relative_to(folder)).is_file())
+        if shadowed:
+            raise ValueError(f"{folder / shadowed[0]} has the name of fedldt's built-in {CONF_DIR / shadowed[0]}, which "
+                             f"Hydra finds first: yours would never be used. Rename it (and its uses, e.g. pilot=<new name>)"
+                             + (f"; also {shadowed[1:]}" if len(shadowed) > 1 else ""))
+    _SEARCHED[:] = dirs
     return searched_config_dirs()
 
 

@@ -132,3 +132,15 @@ def test_a_script_of_another_checkout_is_refused_naming_both(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("fedldt: ") and str(clone.resolve()) in proc.stderr and str(checkout_root()) in proc.stderr
     assert "Could not find" not in proc.stderr
+
+
+def test_a_user_file_named_like_a_built_in_one_or_a_missing_folder_is_refused(tmp_path):
+    """Hydra takes conf/'s file first: a user's pilot/los_loop_3.yaml would silently never be used."""
+    mine = user_config_folder(tmp_path / "myconf")
+    shutil.copy(mine / "pilot" / "tiny_city.yaml", mine / "pilot" / "los_loop_3.yaml")
+    with pytest.raises(ValueError) as e:
+        compose_config(["pilot=tiny_city", searchpath_override([mine])])
+    assert str(e.value).startswith(f"{mine.resolve() / 'pilot' / 'los_loop_3.yaml'} has the name of fedldt's built-in "
+                                   f"{CONF_DIR / 'pilot' / 'los_loop_3.yaml'}")
+    with pytest.raises(ValueError, match=f"config folder {tmp_path / 'nope'} .* does not exist"):
+        compose_config(["pilot=los_loop_3", searchpath_override([tmp_path / "nope"])])
