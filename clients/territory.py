@@ -88,7 +88,7 @@ def _task(cfg_json: str, index: int) -> TerritoryTask:
     territories = load_territories(cfg)
     if not 0 <= index < len(territories):
         raise ValueError(f"territory index {index} is outside 0..{len(territories) - 1} for pilot '{cfg['name']}'")
-    return task_from_config(territories[index], cfg["task"], cfg["train"])
+    return task_from_config(territories[index], cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
 
 
 def get_task(cfg: Mapping[str, Any], index: int) -> TerritoryTask:

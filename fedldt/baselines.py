@@ -34,7 +34,7 @@ MODES = ("federated", "centralized", "local")
 def build_tasks(cfg: dict[str, Any]) -> list[TerritoryTask]:
     """Every territory's task (split, scaler, windows), exactly as its federated client builds it."""
     torch.set_num_threads(int(cfg["train"].get("torch_threads", 1)))
-    return [task_from_config(t, cfg["task"], cfg["train"]) for t in load_territories(cfg)]
+    return [task_from_config(t, cfg["task"], cfg["train"], cfg["dataset"].get("valid_range")) for t in load_territories(cfg)]
 
 
 def initial_model(cfg: dict[str, Any], task: TerritoryTask, per_territory: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:

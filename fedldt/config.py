@@ -19,8 +19,10 @@ from urllib.parse import unquote, urlparse
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fedldt import __version__
 from fedldt.data import as_given, load_charged_cities, load_los_loop, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
@@ -58,20 +60,101 @@ def checkout_path(value: str | None) -> str | None:
     return value if Path(value).is_absolute() else str(checkout_root() / value)
 
 
+#: Hydra's override that adds config folders to the search path (a user's own ``pilot/``,
+#: ``dataset/`` ... files). The only ``hydra.*`` override that travels with a run: the ServerApp
+#: composes the config again from the overrides it receives, so it must search the same folders.
+SEARCHPATH_OVERRIDE = "hydra.searchpath="
+
+
+def composable_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that compose a run's config: all but Hydra's own ``hydra.*`` ones (run folder,
+    logging: the launcher's business), except ``hydra.searchpath``, which names config folders."""
+    return [str(o) for o in overrides if not str(o).startswith("hydra.") or str(o).startswith(SEARCHPATH_OVERRIDE)]
+
+
+def searchpath_override(dirs: Sequence[str | Path]) -> str:
+    """``hydra.searchpath=["file:///abs/dir",...]``: Hydra's override adding ``dirs`` (made absolute)
+    to the config search path, after fedldt's own ``conf/``.
+
+    Raises:
+        ValueError: a folder name holds a quote or a backslash (Hydra's override grammar).
+    """
+    paths = [str(Path(d).expanduser().resolve()) for d in dirs]
+    bad = [p for p in paths if any(c in p for c in "'\"\\")]
+    if bad:
+        raise ValueError(f"config folder {bad[0]!r}: names with quotes or backslashes are not supported; rename the folder")
+    # double quotes: Flower's run config (flwr run -c key='...') quotes values with single ones
+    return SEARCHPATH_OVERRIDE + "[" + ",".join(f'"file://{p}"' for p in paths) + "]"
+
+
+_SEARCHED: list[str] = []  # the config folders of the config composed last in this process
+
+
+def searched_config_dirs() -> list[str]:
+    """The config folders searched for the config composed last in this process (by
+    :func:`compose_config` or a script's ``@hydra.main``, see :func:`record_config_sources`), in
+    search order: fedldt's ``conf/`` first, then the user's folders. Empty if none was composed."""
+    return list(_SEARCHED)
+
+
+def record_config_sources(sources: Sequence[Any]) -> list[str]:
+    """Check and record Hydra's ``hydra.runtime.config_sources`` (``{path, schema, provider}``
+    entries): the folders (``file`` schema) become :func:`searched_config_dirs`; returned as well.
+
+    Raises:
+        ValueError: a user's folder does not exist, or holds a file with the name of a file of
+            fedldt's ``conf/`` (Hydra takes the first match, ``conf/``'s, so the user's would
+            silently never be used); the file and the fix are named.
+    """
+    dirs = [str(s["path"]) for s in sources if s["schema"] == "file"]
+    for d in dirs:
+        folder = Path(d)
+        if folder.resolve() == CONF_DIR.resolve():
+            continue
+        if not folder.is_dir():
+            raise ValueError(f"config folder {folder} (--config-dir or hydra.searchpath) does not exist")
+        shadowed = sorted(str(f.relative_to(folder)) for f in folder.rglob("*.yaml")
+                          if (CONF_DIR / f.relative_to(folder)).is_file())
+        if shadowed:
+            raise ValueError(f"{folder / shadowed[0]} has the name of fedldt's built-in {CONF_DIR / shadowed[0]}, which "
+                             f"Hydra finds first: yours would never be used. Rename it (and its uses, e.g. pilot=<new name>)"
+                             + (f"; also {shadowed[1:]}" if len(shadowed) > 1 else ""))
+    _SEARCHED[:] = dirs
+    return searched_config_dirs()
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (e.g. ``["pilot=los_loop_3"]``).
 
+    ``hydra.searchpath=[...]`` among the overrides (see :func:`searchpath_override`) adds the
+    user's config folders after ``conf/``; other ``hydra.*`` overrides are ignored. The folders
+    searched are recorded (:func:`searched_config_dirs`).
+
     Raises:
         FileNotFoundError: the ``conf/`` folder is not next to the package.
+        hydra.errors.MissingConfigException: an unknown pilot or group option; the message names
+            every folder searched, the fedldt checkout and how to add a folder.
         hydra.errors.ConfigCompositionException: a bad override (Hydra names it).
     """
     if not CONF_DIR.is_dir():
         raise FileNotFoundError(f"fedldt config folder not found at {CONF_DIR}; install fedldt with `pip install -e .`")
-    overrides = [o for o in overrides if not o.startswith("hydra.")]
-    if GlobalHydra.instance().is_initialized():  # inside a @hydra.main app on conf/ (e.g. scripts/sweep.py)
-        return compose(config_name="config", overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name="config", overrides=overrides)
+    overrides = composable_overrides(overrides)
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a @hydra.main app on conf/ (e.g. scripts/sweep.py)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+                cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as e:
+        raise MissingConfigException(
+            f"{e}\n(fedldt {__version__} of checkout {checkout_root()}, config folder {CONF_DIR}. A pilot or dataset "
+            "config of your own goes in <DIR>/pilot/<name>.yaml, <DIR>/dataset/<name>.yaml ...: add <DIR> with "
+            "`--config-dir <DIR>` (scripts) or the override hydra.searchpath=[file:///abs/DIR].)",
+            e.missing_cfg_file, e.options) from None
+    record_config_sources(OmegaConf.to_container(cfg.hydra.runtime.config_sources))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedldt.data.ranges import clip_forecast, forecast_limits, parse_valid_ranges
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import (
     SPLITS,
@@ -63,6 +64,10 @@ class TerritoryTask:
             or ``"week"`` (weekday and time of day).
         train_stride: use every ``train_stride``-th training window (validation and test
             always use every window).
+        valid_range: the dataset's declared plausible values per channel (``dataset.valid_range``
+            of the config, see :func:`fedldt.data.ranges.parse_valid_ranges`); every forecast of
+            :meth:`predict` is clipped to them (:func:`fedldt.data.ranges.clip_forecast`: a
+            channel declared ``min: 0`` is never forecast below 0). ``None``: not clipped.
 
     Raises:
         ValueError: a split is too short for one window (see :func:`window_starts`).
@@ -82,8 +87,11 @@ class TerritoryTask:
         covariates: bool = False,
         ha_period: str = "day",
         train_stride: int = 1,
+        valid_range: Mapping[str, Any] | None = None,
     ) -> None:
         self.dataset = dataset
+        #: [2, channel] lowest and highest forecast per channel (see :func:`clip_forecast`)
+        self.forecast_limits = torch.from_numpy(forecast_limits(dataset.channels, parse_valid_ranges(valid_range)))
         self.window, self.horizon = int(window), int(horizon)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.bounds = split_bounds(dataset.num_steps, tuple(split))
@@ -224,9 +232,10 @@ class TerritoryTask:
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
-        """Forecast ``[batch, horizon, node, channel]`` in data units."""
+        """Forecast ``[batch, horizon, node, channel]`` in data units, within the channels' valid ranges."""
         model.eval()
-        return self.scaler.inverse_transform(model(batch.x, self.edge_index, self.edge_weight))
+        return clip_forecast(self.scaler.inverse_transform(model(batch.x, self.edge_index, self.edge_weight)),
+                             self.forecast_limits)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> MetricSums:
@@ -319,8 +328,10 @@ def train_epochs(
     return last_loss
 
 
-def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) -> TerritoryTask:
-    """Build a :class:`TerritoryTask` from the ``task`` and ``train`` config blocks."""
+def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any],
+                     valid_range: Mapping[str, Any] | None = None) -> TerritoryTask:
+    """Build a :class:`TerritoryTask` from the ``task`` and ``train`` config blocks and the
+    dataset's ``valid_range`` (``cfg["dataset"].get("valid_range")``: forecasts are clipped to it)."""
     return TerritoryTask(
         dataset,
         window=task_cfg["window"],
@@ -334,4 +345,5 @@ def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], tra
         covariates=task_cfg.get("covariates", False),
         ha_period=task_cfg.get("ha_period", "day"),
         train_stride=task_cfg.get("train_stride", 1),
+        valid_range=valid_range,
     )

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import fedldt
+from fedldt.launch.provenance import run_provenance
 from fedldt.metrics import MetricSums, pool, report, windows_weighted_mean
 
 #: Reference forecasts evaluated on the same test windows as the trained model.
@@ -206,14 +207,16 @@ def check_run_dir(run_dir: str | Path) -> None:
 def write_run_outputs(run_dir: Path, cfg: dict[str, Any], summary: dict[str, Any], history: list[dict[str, Any]],
                       checkpoint: dict[str, Any]) -> None:
     """Write ``summary.json``, ``history.csv`` (one row per round and territory), ``model.pt``
-    (state dict + model config) and ``resolved_config.yaml`` into ``run_dir``.
+    (state dict + model config) and ``resolved_config.yaml`` into ``run_dir``. ``summary.json``
+    gets ``fedldt_version`` and ``provenance`` (the code, checkout, git commit and config folders
+    of the run: :func:`fedldt.launch.provenance.run_provenance`).
 
     Raises:
         FileExistsError: one of them exists and was not written by fedldt (:func:`check_run_dir`).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(run_dir)
-    summary = {**summary, "fedldt_version": fedldt.__version__}
+    summary = {**summary, "fedldt_version": fedldt.__version__, "provenance": run_provenance()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     frame = pd.DataFrame(history)
     if "num_train" in frame:  # stays an integer column when a failed territory leaves it empty

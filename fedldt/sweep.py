@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedldt.config import compose_config, resolve_config
+from fedldt.config import composable_overrides, compose_config, resolve_config
 from fedldt.results import check_publish_dir, fmt_metric, markdown_table, publish
 from fedldt.launch.progress import run_slot
 from fedldt.runner import run_mode
@@ -49,7 +49,8 @@ def _label(model: str, strategy: str, personalization: str) -> str:
 
 def base_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides every run of the sweep shares (the sweep sets ``model=``, ``strategy=``,
-    ``personalization=`` and ``mode=`` itself; ``hydra.*`` and ``sweep.*`` are the sweep's own).
+    ``personalization=`` and ``mode=`` itself; ``hydra.*`` and ``sweep.*`` are the sweep's own, but for
+    ``hydra.searchpath``, the user's config folders).
 
     Raises:
         ValueError: an override of a key inside ``model.``, ``strategy.`` or ``personalization.``:
@@ -59,8 +60,8 @@ def base_overrides(overrides: Sequence[str]) -> list[str]:
     if inner:
         raise ValueError(f"sweep: overrides {inner} would apply to every model and strategy of the sweep; set such "
                          "options in conf/model/*.yaml or conf/strategy/*.yaml, or run scripts/simulate.py per combination")
-    skip = ("model=", "strategy=", "personalization=", "mode=", "hydra.", "sweep.")
-    return [o for o in overrides if not o.startswith(skip)]
+    skip = ("model=", "strategy=", "personalization=", "mode=", "sweep.")
+    return [o for o in composable_overrides(overrides) if not o.startswith(skip)]  # hydra.searchpath stays
 
 
 def run_sweep(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str | Path,

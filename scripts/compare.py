@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from fedldt.compare import run_comparison
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
+from fedldt.launch.provenance import begin_run, guard_checkout
 from fedldt.launch.simulation import interruptible
 
 
@@ -24,12 +25,14 @@ from fedldt.launch.simulation import interruptible
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)
     hc = HydraConfig.get()
+    overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     publish = checkout_path(resolved.get("compare", {}).get("publish_dir"))
     with interruptible():
-        run_comparison(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
+        run_comparison(resolved, overrides, hc.runtime.output_dir, publish)
     print((__import__("pathlib").Path(hc.runtime.output_dir) / "comparison.md").read_text())
     print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
 
 
 if __name__ == "__main__":
+    guard_checkout(__file__)  # this checkout's fedldt, or a clear error naming both
     main()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, num_territories, resolve_config
 from fedldt.launch.loopback import LocalFederation
+from fedldt.launch.provenance import begin_run, guard_checkout
 from fedldt.launch.simulation import interruptible
 from fedldt.results import summary_table
 
@@ -27,15 +28,17 @@ from fedldt.results import summary_table
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
     hc = HydraConfig.get()
+    overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     run_dir = Path(hc.runtime.output_dir)
     with interruptible(f" (see {run_dir / 'logs' / 'processes.json'})"):
         # Every territory reads the data from its own node config (data-root), here the same folder.
         with LocalFederation(run_dir, num_territories(resolved), data_root=Path(resolved["dataset"]["path"]).parent) as fed:
-            summary = fed.run(list(hc.overrides.task), run_dir)
+            summary = fed.run(overrides, run_dir)
     print()
     print(summary_table(summary))
     print(f"\nresults: {run_dir}")
 
 
 if __name__ == "__main__":
+    guard_checkout(__file__)  # this checkout's fedldt, or a clear error naming both
     main()

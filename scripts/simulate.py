@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, resolve_config
+from fedldt.launch.provenance import begin_run, guard_checkout
 from fedldt.launch.simulation import interruptible
 from fedldt.results import summary_table
 from fedldt.runner import run_mode
@@ -26,12 +27,14 @@ from fedldt.runner import run_mode
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
     hc = HydraConfig.get()
+    overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     with interruptible():
-        summary = run_mode(resolved, list(hc.overrides.task), hc.runtime.output_dir)
+        summary = run_mode(resolved, overrides, hc.runtime.output_dir)
     print()
     print(summary_table(summary))
     print(f"\nresults: {hc.runtime.output_dir}")
 
 
 if __name__ == "__main__":
+    guard_checkout(__file__)  # this checkout's fedldt, or a clear error naming both
     main()

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
+from fedldt.launch.provenance import begin_run, guard_checkout
 from fedldt.launch.simulation import interruptible
 from fedldt.sweep import ARTIFACTS, run_sweep
 
@@ -26,12 +27,14 @@ from fedldt.sweep import ARTIFACTS, run_sweep
 def main(cfg: DictConfig) -> None:
     resolved = resolve_config(cfg)
     hc = HydraConfig.get()
+    overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     publish = checkout_path(resolved["sweep"].get("publish_dir"))
     with interruptible():
-        run_sweep(resolved, list(hc.overrides.task), hc.runtime.output_dir, publish)
+        run_sweep(resolved, overrides, hc.runtime.output_dir, publish)
     print((Path(hc.runtime.output_dir) / ARTIFACTS[1]).read_text())
     print(f"results: {hc.runtime.output_dir}" + (f" (published to {publish})" if publish else ""))
 
 
 if __name__ == "__main__":
+    guard_checkout(__file__)  # this checkout's fedldt, or a clear error naming both
     main()

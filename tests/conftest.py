@@ -176,7 +176,7 @@ def in_run(finished_run) -> InRun:
     ckpt = torch.load(finished_run / "model.pt", weights_only=True)
     model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
-    return InRun(task_from_config(territory, cfg["task"], cfg["train"]), model.eval())
+    return InRun(task_from_config(territory, cfg["task"], cfg["train"], cfg["dataset"].get("valid_range")), model.eval())
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,15 @@ ranges, ``fedldt export`` writes the channels' ranges into the model package (``
 ``task.valid_range``), and ``fedldt predict``/``serve`` refuse, or mask, observations outside
 them (:mod:`fedldt.delivery.observations`). Whatever the declaration, a value is never plausible
 beyond float32's range (about 3.4e38): the model computes in float32.
+
+Forecasts stay in the declared range too: :func:`clip_forecast` sets a forecast below ``min`` to
+``min`` (a count or an energy declared ``min: 0`` is never forecast below 0) and one above
+``max`` to ``max``. It is applied wherever a model's forecast is made, so the published test
+metrics measure the forecasts users get: :meth:`fedldt.engine.TerritoryTask.predict` (training
+evaluation, test metrics, export checks), ``model.onnx``
+(:class:`fedldt.delivery.onnx_export.FixedGraphForecaster`) and
+:meth:`fedldt.delivery.package.ForecastPackage.predict_window` (``fedldt predict``, ``serve``,
+NGSI-LD). ``type: integer`` does not round a forecast (it is an expected value); NaN stays NaN.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 #: Largest float32 magnitude; values beyond it overflow to infinity in the model's float32 input.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -141,3 +151,39 @@ def check_data(values: np.ndarray, mask: np.ndarray | None, names: Sequence[str]
             raise ValueError(f"{where}: {name} value {float(v[idx]):g} at index {idx} is outside the declared "
                              f"valid_range {ranges[name].describe(unit)} ({int(bad.sum())} such value(s)); fix the "
                              "data or the dataset config's valid_range")
+
+
+def forecast_limits(channels: Sequence[str], ranges: Mapping[str, ValidRange] | None) -> np.ndarray:
+    """``[2, C]`` float32: row 0 the lowest, row 1 the highest forecast of each channel (``-inf``/``inf``
+    where the channel declares no bound, or no range), for :func:`clip_forecast`.
+
+    Args:
+        channels: the ``C`` channel names, in the order of the channel axis.
+        ranges: see :func:`parse_valid_ranges` (``None`` = nothing declared).
+    """
+    ranges = ranges or {}
+    out = np.empty((2, len(channels)), dtype=np.float32)
+    for k, name in enumerate(channels):
+        r = ranges.get(name, ValidRange())
+        out[0, k] = -np.inf if r.min is None else r.min
+        out[1, k] = np.inf if r.max is None else r.max
+    return out
+
+
+def clip_forecast(y: torch.Tensor | np.ndarray, limits: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """A forecast kept within its channels' declared valid ranges (see the module docstring).
+
+    Args:
+        y: ``[..., C]`` forecast in data units (torch tensor or numpy array).
+        limits: ``[2, C]`` from :func:`forecast_limits`.
+
+    Returns:
+        ``y`` with each channel clipped to ``[limits[0], limits[1]]``, same type, shape and dtype;
+        NaN entries stay NaN (a failed forecast is never turned into a bound).
+    """
+    if isinstance(y, torch.Tensor):
+        lim = limits.to(dtype=y.dtype, device=y.device) if isinstance(limits, torch.Tensor) else \
+            torch.as_tensor(limits, dtype=y.dtype, device=y.device)
+        return torch.minimum(torch.maximum(y, lim[0]), lim[1])
+    lim = np.asarray(limits).astype(y.dtype, copy=False)
+    return np.minimum(np.maximum(y, lim[0]), lim[1])

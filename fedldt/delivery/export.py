@@ -249,7 +249,7 @@ def export_package(
     if ds is None or ds.num_nodes != int(info["num_nodes"]):
         raise ExportError(f"the data at {cfg['dataset']['path']} does not rebuild territory {territory} of the run "
                           f"({info['num_nodes']} nodes); export with the data the run used")
-    task = task_from_config(ds, cfg["task"], cfg["train"])
+    task = task_from_config(ds, cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
     if task.num_windows("test") != int(info["num_test_windows"]):
         raise ExportError(f"territory {territory}: {task.num_windows('test')} test windows here, "
                           f"{info['num_test_windows']} in the run; export with the data the run used")
@@ -347,7 +347,8 @@ def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask
         batch, values, mask, calendar = _test_batch(task, parity_windows)
         reference = task.predict(model, batch).numpy()  # the in-run prediction path
         try:
-            wrapper = FixedGraphForecaster(model, ds.edge_index, ds.edge_weight, ds.num_nodes, task.scaler)
+            wrapper = FixedGraphForecaster(model, ds.edge_index, ds.edge_weight, ds.num_nodes, task.scaler,
+                                           task.forecast_limits)
         except NotExportable as e:
             raise ExportError(str(e)) from None
         export_onnx(wrapper, (torch.from_numpy(values[:2]), torch.from_numpy(mask[:2]), torch.from_numpy(calendar[:2])),
@@ -361,7 +362,7 @@ def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask
         onnx_info = {"file": ONNX, "opset": OPSET, "inputs": {"values": "[batch, window, node, channel] float32 data units",
                      "mask": "[batch, window, node, channel] float32, 1 = observed",
                      "calendar": "[batch, window, k] float32 time features"},
-                     "output": "forecast [batch, horizon, node, channel] float32 data units",
+                     "output": "forecast [batch, horizon, node, channel] float32 data units, clipped to task.valid_range",
                      "parity_max_abs_err": err, "parity_tolerance": tol, "parity_windows": int(len(values))}
     created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
     run_finished = dt.datetime.fromtimestamp((run_dir / "model.pt").stat().st_mtime, dt.timezone.utc).replace(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedldt.data.ranges import clip_forecast
 from fedldt.data.windows import MaskedStandardScaler
 
 #: ONNX opset of exported models (ONNX Runtime >= 1.14 runs it).
@@ -62,6 +63,9 @@ class FixedGraphForecaster(nn.Module):
         edge_index: ``[2, E]`` int64 graph of the territory; edge_weight ``[E]`` float32.
         num_nodes: N, the territory's number of sensors.
         scaler: the territory's fitted scaler (``mean``/``std`` ``[1, N or 1, C]``).
+        limits: ``[2, C]`` lowest/highest forecast per channel
+            (:func:`fedldt.data.ranges.forecast_limits`); the output is clipped to them as
+            :meth:`fedldt.engine.TerritoryTask.predict` does. ``None``: not clipped.
 
     Shapes:
         values ``[batch, window, N, C]`` float32 observations in data units (missing entries
@@ -75,7 +79,7 @@ class FixedGraphForecaster(nn.Module):
     """
 
     def __init__(self, model: nn.Module, edge_index: Tensor, edge_weight: Tensor, num_nodes: int,
-                 scaler: MaskedStandardScaler) -> None:
+                 scaler: MaskedStandardScaler, limits: Tensor | np.ndarray | None = None) -> None:
         super().__init__()
         if not (callable(getattr(model, "graph_operators", None)) and callable(getattr(model, "forward_dense", None))):
             name = getattr(model, "name", type(model).__name__)
@@ -89,6 +93,9 @@ class FixedGraphForecaster(nn.Module):
             self.register_buffer(f"op{i}", op.to_dense().float())  # [N, N]
         self.register_buffer("mean", torch.as_tensor(scaler.mean[0], dtype=torch.float32))  # [N or 1, C]
         self.register_buffer("std", torch.as_tensor(scaler.std[0], dtype=torch.float32))  # [N or 1, C]
+        self.clip = limits is not None
+        if self.clip:
+            self.register_buffer("limits", torch.as_tensor(limits, dtype=torch.float32))  # [2, C]
 
     def forward(self, values: Tensor, mask: Tensor, calendar: Tensor) -> Tensor:
         scaled = (values - self.mean) / self.std * mask  # [B, W, N, C], as MaskedStandardScaler.transform * mask
@@ -96,7 +103,8 @@ class FixedGraphForecaster(nn.Module):
         x = torch.cat([scaled, cal], dim=-1)  # [B, W, N, C+k]
         ops = [getattr(self, f"op{i}") for i in range(self.num_operators)]
         y = self.model.forward_dense(x, *ops)  # [B, H, N, C] scaled
-        return y * self.std + self.mean  # data units
+        y = y * self.std + self.mean  # data units
+        return clip_forecast(y, self.limits) if self.clip else y
 
 
 def export_onnx(wrapper: FixedGraphForecaster, example: tuple[Tensor, Tensor, Tensor], path: str | Path) -> Path:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedldt.data.ranges import ValidRange, parse_valid_ranges
+from fedldt.data.ranges import ValidRange, clip_forecast, forecast_limits, parse_valid_ranges
 from fedldt.data.windows import MaskedStandardScaler, model_inputs, time_features
 from fedldt.delivery.observations import InputError, InputWindow, _listing, select_window, unique_keys, wall_clock
 from fedldt.models import build_model
@@ -585,7 +585,9 @@ class ForecastPackage:
         return time_features(wall_clock(times), task["time_of_day"], task["day_of_week"])
 
     def predict_window(self, win: InputWindow, engine: str = "torch") -> np.ndarray:
-        """Forecast ``[horizon, node, channel]`` float32 in data units from one input window.
+        """Forecast ``[horizon, node, channel]`` float32 in data units from one input window, clipped
+        to the channels' valid ranges (``task.valid_range``: a channel declared ``min: 0`` is never
+        forecast below 0; :func:`fedldt.data.ranges.clip_forecast`), whichever the engine.
 
         ``engine="torch"`` runs the PyTorch model exactly as
         :meth:`fedldt.engine.TerritoryTask.predict` does (same features, same sparse graph
@@ -603,11 +605,16 @@ class ForecastPackage:
             x = torch.from_numpy(features).unsqueeze(0)  # [1, W, N, F]
             with torch.no_grad():
                 y = self.scaler.inverse_transform(self.model(x, self.edge_index, self.edge_weight))  # [1, H, N, C]
-            return y[0].numpy()
-        if engine == "onnx":
+            return clip_forecast(y[0].numpy(), self.forecast_limits)
+        if engine == "onnx":  # packages exported before forecasts were clipped in model.onnx are clipped here
             feeds = {"values": win.values[None], "mask": win.mask[None], "calendar": self.calendar(win.times)[None]}
-            return self.onnx_session().run(["forecast"], feeds)[0][0]
+            return clip_forecast(self.onnx_session().run(["forecast"], feeds)[0][0], self.forecast_limits)
         raise ValueError(f"engine={engine!r} must be one of {ENGINES}")
+
+    @property
+    def forecast_limits(self) -> np.ndarray:
+        """``[2, channel]`` lowest/highest forecast per channel, from :attr:`valid_range`."""
+        return forecast_limits(self.channels, self.valid_range)
 
     def onnx_session(self):
         """The ONNX Runtime session of ``model.onnx`` (created on first use, CPU provider)."""

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import psutil
 
+from fedldt.config import composable_overrides
 from fedldt.launch.certs import ServerPKI, make_server_pki, make_territory_key
 from fedldt.launch.simulation import (RunFailed, _bin, flwr_env, flwr_json, free_port, processes_with_home, run_flwr_app,
                                       stop_all, stop_process, wait_http)
@@ -353,7 +354,8 @@ class LocalFederation:
         """Run a pilot on this federation (``flwr run``) and return its ``summary.json``.
 
         Args:
-            overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped).
+            overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped, but for
+                ``hydra.searchpath``: see :func:`fedldt.config.composable_overrides`).
             run_dir: where the ServerApp writes results (default: this federation's ``run_dir``).
             timeout_s: give up after this many seconds.
             app_dir: the Flower app to submit (``None``: this checkout's; a test submits an app
@@ -366,7 +368,7 @@ class LocalFederation:
         run_dir = self.run_dir if run_dir is None else Path(run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         check_run_dir(run_dir)  # before the run: never overwrite what fedldt did not write
-        ov = json.dumps([o for o in overrides if not o.startswith("hydra.")])
+        ov = json.dumps(composable_overrides(overrides))  # hydra.searchpath (the user's config folders) travels
         run_flwr_app(CONNECTION, self._cli_env, self._require_work(), {"hydra-overrides": ov, "run-dir": str(run_dir)},
                      None, self.logs / "server.log", timeout_s=timeout_s, app_dir=app_dir)
         summary_path = run_dir / "summary.json"

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import psutil
 
-from fedldt.config import checkout_root
+from fedldt.config import checkout_root, composable_overrides
 from fedldt.launch.progress import RunProgress
 
 
@@ -278,7 +278,8 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
     """Run a pilot on the simulation engine with one SuperNode per territory.
 
     Args:
-        overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped).
+        overrides: Hydra overrides that select the pilot (``hydra.*`` ones are dropped, but for
+            ``hydra.searchpath``: see :func:`fedldt.config.composable_overrides`).
         run_dir: absolute results folder; logs go to ``run_dir/logs``.
         num_supernodes: simulated SuperNodes (= territories).
         client_cpus: CPU cores Ray reserves per client.
@@ -306,7 +307,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=link)
-        ov = json.dumps([o for o in overrides if not o.startswith("hydra.")])
+        ov = json.dumps(composable_overrides(overrides))  # hydra.searchpath (the user's config folders) travels
         run_flwr_app(
             "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)},
             {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus),
