@@ -10,6 +10,7 @@
     fedldt gateway --listen HOST:PORT --superlink 127.0.0.1:PORT --ca CA --cert CERT --key KEY  (docs/deploy.md)
     fedldt certs ca --out DIR [--san ADDR ...] [--days N] [--force]  |  fedldt certs territory-key --out KEY [--force]
     fedldt validate PACKAGE_DIR [--json] [--window N] [--horizon N]  (a territory data package, docs/data-format.md)
+    fedldt partition --pilot NAME --out DIR [--timezone TZ] [--force] [OVERRIDE ...]  (one package per territory)
 
 Exit status: 0 on success, 1 when the run, package or input is wrong (the message on stderr
 names the file, field or sensor and the fix), 2 for command-line usage errors. See
@@ -114,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--window", type=_positive, default=12, help="input steps of one window (default 12)")
     v.add_argument("--horizon", type=_positive, default=12, help="forecast steps of one window (default 12)")
 
+    pt = sub.add_parser("partition", help="write one territory data package per territory of a pilot",
+                        description="Load a pilot's whole-network dataset with its built-in loader, partition it as the "
+                                    "pilot does and write one territory data package per territory (docs/data-format.md) "
+                                    "into OUT/<territory>/, and OUT/partition.json. Reports the graph edges dropped at "
+                                    "territory borders. Run the pilot on them with dataset=packages dataset.path=OUT.")
+    pt.add_argument("--pilot", required=True, help="pilot name (conf/pilot/<name>.yaml), e.g. los_loop_3")
+    pt.add_argument("--out", required=True, type=Path, help="new or empty folder to write the packages into")
+    pt.add_argument("--timezone", default="UTC",
+                    help="IANA time zone in which the dataset's time stamps are local time (Los-loop: "
+                         "America/Los_Angeles); default UTC keeps them as the built-in loader gives them")
+    pt.add_argument("--force", action="store_true",
+                    help="replace an earlier `fedldt partition` output in --out (only the files it wrote)")
+    pt.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_root=/abs/shared/data")
+
     from fedldt.launch import certs, gateway  # the coordinator's gateway and certificates (docs/deploy.md)
     certs.add_arguments(sub.add_parser("certs", help="the federation's CA, SuperLink certificate and territory keys",
                                        description=certs.__doc__.split("\n\n")[0]))
@@ -143,6 +158,9 @@ def _load_package(path: Path, **options):
     from fedldt.delivery.package import ForecastPackage, PackageError
 
     from fedldt.delivery.signing import SignatureError
+    from fedldt.data.package import TerritoryPackageError
+    from fedldt.data.package_writer import PartitionError
+    from fedldt.schema import ConfigError
 
     try:
         return ForecastPackage.load(path, **options)
@@ -297,6 +315,15 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report["usable"] else 1
 
 
+def _partition(args: argparse.Namespace) -> int:
+    from fedldt.data.package_writer import REPORT, format_partition, partition_pilot
+
+    report = partition_pilot(args.pilot, args.out, timezone=args.timezone, overrides=args.overrides, force=args.force)
+    print(format_partition(report))
+    print(f"written to {args.out} (report: {args.out / REPORT})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedldt`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -304,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedldt.delivery.observations import InputError
     from fedldt.delivery.package import PackageError
     from fedldt.delivery.signing import SignatureError
+    from fedldt.data.package import TerritoryPackageError
+    from fedldt.data.package_writer import PartitionError
+    from fedldt.schema import ConfigError
 
     try:
         if args.command == "gateway":
@@ -313,8 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedldt.launch.certs import run as _certs
             return _certs(args)
         return {"export": _export, "predict": _predict, "serve": _serve, "keygen": _keygen,
-                "validate": _validate}[args.command](args)
-    except (ExportError, InputError, PackageError, SignatureError) as e:
+                "validate": _validate, "partition": _partition}[args.command](args)
+    except (ExportError, InputError, PackageError, SignatureError, PartitionError, ConfigError,
+            TerritoryPackageError) as e:
         print(f"fedldt {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -23,7 +23,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedldt import __version__
-from fedldt.data import as_given, load_charged_cities, load_los_loop, partition_kmeans
+from fedldt.data import as_given, load_charged_cities, load_los_loop, load_packages, package_folders, partition_kmeans
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
 from fedldt.engine import OPTIMIZERS
@@ -197,10 +197,23 @@ def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[st
             "Override paths.data_root=/abs/path/to/shared/data (or dataset.path=...)."
         )
     out["dataset"]["path"] = str(path)
+    packages_partition(out)
     validate_config(out)
     if require_data:
         check_against_data(out)
     return out
+
+
+def packages_partition(cfg: dict[str, Any]) -> None:
+    """With ``dataset=packages`` (:func:`fedldt.data.load_packages`), make the partition
+    ``as_given`` with one territory per package sub-folder of ``dataset.path`` (in place): the
+    packages are the territories, whatever partition the pilot names. Where ``dataset.path`` is not
+    a folder here (a coordinator without data) the pilot's ``num_territories`` is kept."""
+    if DATASET_LOADERS.get(str(cfg["dataset"].get("_target_"))) is not load_packages:
+        return
+    path = Path(cfg["dataset"]["path"])
+    count = len(package_folders(path)) if path.is_dir() else int(cfg["partition"]["num_territories"])
+    cfg["partition"] = {"_target_": "fedldt.data.partition.as_given", "num_territories": count}
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
@@ -310,6 +323,8 @@ DATASET_LOADERS: dict[str, Callable[..., Any]] = {
     "fedldt.data.los_loop.load_los_loop": load_los_loop,
     "fedldt.data.load_charged_cities": load_charged_cities,
     "fedldt.data.charged_ev.load_charged_cities": load_charged_cities,
+    "fedldt.data.load_packages": load_packages,
+    "fedldt.data.packages.load_packages": load_packages,
 }
 #: The partitions a config may name in ``partition._target_`` (called with the loaded dataset
 #: first, then the block's other keys).

@@ -331,7 +331,11 @@ def train_epochs(
 def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any],
                      valid_range: Mapping[str, Any] | None = None) -> TerritoryTask:
     """Build a :class:`TerritoryTask` from the ``task`` and ``train`` config blocks and the
-    dataset's ``valid_range`` (``cfg["dataset"].get("valid_range")``: forecasts are clipped to it)."""
+    dataset's ``valid_range`` (``cfg["dataset"].get("valid_range")``: forecasts are clipped to it);
+    when that is ``None``, the territory's own (``dataset.extra["valid_range"]``, from a territory
+    data package's ``territory.yaml``)."""
+    if valid_range is None:
+        valid_range = dataset.extra.get("valid_range")
     return TerritoryTask(
         dataset,
         window=task_cfg["window"],

@@ -227,6 +227,15 @@ class ChargedDataset(_Block):
     valid_range: Optional[dict[str, ValueRange]] = None
 
 
+class PackagesDataset(_Block):
+    """Arguments of :func:`fedldt.data.load_packages` (``conf/dataset/packages.yaml``): a folder
+    with one territory data package per sub-folder; valid ranges come from each package."""
+
+    target: str = Field(alias="_target_")
+    path: str
+    name: Annotated[str, Field(min_length=1)] = "packages"
+
+
 class KMeansPartition(_Block):
     """Arguments of :func:`fedldt.data.partition_kmeans` (``conf/partition/kmeans.yaml``); the
     number of territories is also checked against the dataset's sensors."""
@@ -246,7 +255,8 @@ class AsGivenPartition(_Block):
 
 #: Loader function name -> schema of its ``dataset`` block (keyed by the function, so every
 #: ``_target_`` alias of :data:`fedldt.config.DATASET_LOADERS` shares one schema).
-DATASET_SCHEMAS: dict[str, type[_Block]] = {"load_los_loop": LosLoopDataset, "load_charged_cities": ChargedDataset}
+DATASET_SCHEMAS: dict[str, type[_Block]] = {"load_los_loop": LosLoopDataset, "load_charged_cities": ChargedDataset,
+                                             "load_packages": PackagesDataset}
 #: Partition function name -> schema of its ``partition`` block.
 PARTITION_SCHEMAS: dict[str, type[_Block]] = {"partition_kmeans": KMeansPartition, "as_given": AsGivenPartition}
 

@@ -340,7 +340,7 @@ def _write(root: Path, summary, cfg, ckpt, model, model_cfg, task: TerritoryTask
         "timezone": timezone, "time_of_day": task.time_of_day, "day_of_week": task.day_of_week,
         "channels": list(ds.channels), "units": list(ds.units),
         # plausible observations per channel (conf/dataset valid_range); predict/serve refuse others
-        "valid_range": {c: r for c, r in (cfg["dataset"].get("valid_range") or {}).items() if c in ds.channels},
+        "valid_range": {c: r for c, r in (cfg["dataset"].get("valid_range") or ds.extra.get("valid_range") or {}).items() if c in ds.channels},
     }
     onnx_info = None
     if onnx:
