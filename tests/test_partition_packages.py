@@ -21,7 +21,7 @@ from fedldt.data import TerritoryPackageError, load_package
 from fedldt.data.package_writer import REPORT, PartitionError, border_edges, partition_pilot
 from fedldt.data.windows import time_features
 from fedldt.schema import ConfigError
-from tests.conftest import DELIVERY_RUN, LOS_LOOP_TZ, write_los_loop_like
+from tests.conftest import LOS_LOOP_TZ, write_los_loop_like
 
 
 @pytest.fixture(scope="session")
@@ -99,18 +99,25 @@ def test_border_edges_known_answer():
         {"territory": "t1", "sensors": 2, "edges_kept": 2, "edges_dropped": 2, "share_dropped": 0.5}]
 
 
-def test_packages_run_gives_builtin_metrics(finished_run, los_loop_packages, tmp_path):
-    """A run from the written packages gives the built-in run's test metrics (same seed, to 1e-6):
-    the centralized run of conftest's ``finished_run`` (one round, no Flower) on both paths."""
+#: The cheapest real run: one centralized round (no Flower) of a tiny DCRNN on every 16th training window.
+TINY = ("train.rounds=1", "model.hidden=4", "task.train_stride=16")
+
+
+def test_packages_run_gives_builtin_metrics(los_loop_packages, tmp_path):
+    """A run from the written packages gives the built-in run's test metrics (same seed, to 1e-6),
+    also those of persistence and the historical average."""
     from fedldt.runner import run_mode
 
-    overrides = [*DELIVERY_RUN, "dataset=packages", f"dataset.path={los_loop_packages}"]
-    packed = run_mode(packages_config(los_loop_packages, *DELIVERY_RUN[1:]), overrides, tmp_path / "run", mode="centralized")
-    builtin = json.loads((finished_run / "summary.json").read_text())
-    assert packed["dataset"]["name"] == "packages"
+    runs = {}
+    for path, extra in (("builtin", []), ("packages", ["dataset=packages", f"dataset.path={los_loop_packages}"])):
+        overrides = ["pilot=los_loop_3", *extra, *TINY]
+        runs[path] = run_mode(resolve_config(compose_config(overrides)), overrides, tmp_path / path, mode="centralized")
+    assert runs["packages"]["dataset"]["name"] == "packages" and runs["builtin"]["dataset"]["name"] == "los_loop"
+    assert runs["packages"]["territories"] == runs["builtin"]["territories"]  # ids, sizes, window counts
+    assert [t["id"] for t in runs["builtin"]["territories"]] == ["t0", "t1", "t2"]
     for key in ("test", "test_per_territory", "persistence", "historical_average"):
-        _assert_close(packed[key], builtin[key], key)
-    assert builtin["test"]["mae"]["h3"] > 0
+        _assert_close(runs["packages"][key], runs["builtin"][key], key)
+    assert runs["builtin"]["test"]["mae"]["h3"] > 0
 
 
 def _assert_close(a, b, where: str) -> None:
@@ -184,9 +191,15 @@ def test_partition_cli_prints_report(tmp_path, capsys):
     assert "border edges dropped: 4 of 24 (16.7 %" in out
 
 
+#: Opt-in (set to 1): the federated run from packages takes 70-130 s on 2 cores, too long for CI's budget.
+FEDERATED_ENV = "FEDLDT_TEST_FEDERATED_PACKAGES"
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get(FEDERATED_ENV) != "1", reason=f"a second Flower run (70-130 s); set {FEDERATED_ENV}=1")
 def test_federated_run_from_packages(los_loop_run, los_loop_packages, tmp_path):
-    """The pilot federated with Flower from its packages gives the built-in run's test metrics."""
+    """The pilot federated with Flower from its packages gives the built-in run's test metrics
+    (measured 2026-11-30: ``train.rounds=2``, every test metric identical, difference 0)."""
     if los_loop_run.returncode != 0:
         pytest.fail("the los_loop_3 run failed:\n" + los_loop_run.stderr[-3000:])
     out = tmp_path / "run"
