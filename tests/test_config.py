@@ -37,6 +37,8 @@ def test_each_group_option_instantiates(group, option, data_root):
 
     pilot = "charged_ev_3cities" if option == "charged_ev" or option == "as_given" else "los_loop_3"
     extra = ["model=stgcn"] if option == "fedbn" else []  # the default dcrnn has no normalization layers
+    if option == "packages":  # a folder of territory data packages: tests/data holds the example package
+        extra.append(f"dataset.path={CONF_DIR.parent / 'tests' / 'data'}")
     cfg = resolve_config(compose_config([f"pilot={pilot}", f"{group}={option}", *extra]))
     if group in ("train", "partition"):  # no name field: the group holds the option file's values (the pilot's win)
         pilot_sets = yaml.safe_load((CONF_DIR / "pilot" / f"{pilot}.yaml").read_text()).get(group, {})
