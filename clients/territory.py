@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from fedldt.config import load_territories
+from fedldt.data.checks import require_usable
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
 from fedldt.results import evaluation_sums, sums_to_record, territory_info
@@ -88,6 +89,9 @@ def _task(cfg_json: str, index: int) -> TerritoryTask:
     territories = load_territories(cfg)
     if not 0 <= index < len(territories):
         raise ValueError(f"territory index {index} is outside 0..{len(territories) - 1} for pilot '{cfg['name']}'")
+    t = cfg["task"]
+    # the checks of `fedldt validate`: never train on unusable data; the server learns the problem codes only
+    require_usable(territories[index], int(t["window"]), int(t["horizon"]), tuple(t["split"]))
     return task_from_config(territories[index], cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
 
 

@@ -68,6 +68,7 @@ class Code(IntEnum):
     HANDLER_ERROR_REPLY = 101  #: the handler returned an error reply of its own (its text is not sent)
     AUDIT_FAILED = 102  #: the egress log could not be written, so nothing is sent
     REQUEST = 103  #: the request cannot be checked against (unknown message type, no arrays, no horizon)
+    UNUSABLE_DATA = 104  #: the territory's data is not usable for training; the reason names the problem codes only
     RECORDS = 110  #: the reply's records are not exactly those of its message type
     ARRAY_KEYS = 111  #: reply array keys differ from the global model's shared keys
     ARRAY_SHAPE = 112  #: a reply array's shape differs from the global model's
@@ -369,9 +370,17 @@ def _check_value(value: Any, kind: type, where: str, key: str) -> None:
 def error_reason(error: BaseException, code: Code | None = None) -> str:
     """``"<ExceptionType> [fedldt-<code>]"``: what an error reply says (type and code, no text).
 
-    ``code`` defaults to :func:`error_code` of ``error``.
+    ``code`` defaults to :func:`error_code` of ``error``. A territory whose data is not usable
+    (:class:`fedldt.data.checks.UnusableData`) adds its problem codes, words of the fixed list
+    :data:`fedldt.data.checks.PROBLEM_CODES`: ``"UnusableData [fedldt-104] no_valid_data,too_little_history"``.
     """
-    return f"{_type_name(type(error))} [fedldt-{int(error_code(error) if code is None else code)}]"
+    from fedldt.data.checks import PROBLEM_CODES, UnusableData
+
+    code = error_code(error) if code is None else code
+    reason = f"{_type_name(type(error))} [fedldt-{int(code)}]"
+    if isinstance(error, UnusableData) and code == Code.UNUSABLE_DATA:
+        reason += " " + ",".join(c if c in PROBLEM_CODES else "other" for c in error.codes)
+    return reason
 
 
 def _type_name(cls: type) -> str:
@@ -389,5 +398,10 @@ def _type_name(cls: type) -> str:
 
 
 def error_code(error: BaseException) -> Code:
-    """The :class:`Code` of an exception: its own for :class:`EgressRefused`, else ``HANDLER_RAISED``."""
-    return error.code if isinstance(error, EgressRefused) else Code.HANDLER_RAISED
+    """The :class:`Code` of an exception: its own for :class:`EgressRefused`, ``UNUSABLE_DATA`` for
+    :class:`fedldt.data.checks.UnusableData`, else ``HANDLER_RAISED``."""
+    from fedldt.data.checks import UnusableData
+
+    if isinstance(error, EgressRefused):
+        return error.code
+    return Code.UNUSABLE_DATA if isinstance(error, UnusableData) else Code.HANDLER_RAISED

@@ -83,3 +83,42 @@ def history_problems(num_steps: int, window: int, horizon: int,
 def is_usable(problems: list[dict[str, Any]]) -> bool:
     """Whether the data can be trained on: no problem of severity ``error``."""
     return not any(p["severity"] == "error" for p in problems)
+
+
+#: Every problem code the checks give: the only words about a territory's data that may leave it
+#: (a territory that refuses to train tells the server these, nothing else; :class:`UnusableData`).
+PROBLEM_CODES = ("gaps", "missing_values", "infinite", "out_of_range", "duplicates", "sensor_without_data",
+                 "edges_unknown_sensors", "isolated_sensor", "no_coordinates", "all_zero_sensor", "constant_sensor",
+                 "negative_values", "no_valid_data", "too_little_history", "unreadable")
+
+
+class UnusableData(ValueError):
+    """A territory's data has a problem of severity ``error``: fedldt does not train on it.
+
+    Attributes:
+        codes: the sorted error codes, each one of :data:`PROBLEM_CODES` (any other becomes
+            ``"other"``): what a territory's error reply may say (:func:`fedldt.egress.error_reason`);
+            the message (with names and paths) stays in the territory's own log.
+    """
+
+    def __init__(self, message: str, codes: Iterable[str]) -> None:
+        super().__init__(message)
+        self.codes = tuple(sorted({c if c in PROBLEM_CODES else "other" for c in codes})) or ("other",)
+
+
+def require_usable(ds: TerritoryDataset, window: int, horizon: int,
+                   split: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> None:
+    """Refuse data that cannot be trained on: the problems the loader found
+    (``ds.extra["problems"]`` of a territory data package, else :func:`dataset_problems`) and
+    :func:`history_problems` for the task's ``window``, ``horizon`` and ``split``.
+
+    Raises:
+        UnusableData: a problem of severity ``error``; the message lists them, ``codes`` names them.
+    """
+    problems = list(ds.extra["problems"]) if "problems" in ds.extra else dataset_problems(ds)
+    problems += history_problems(ds.num_steps, window, horizon, split)
+    errors = [p for p in problems if p["severity"] == "error"]
+    if errors:
+        raise UnusableData(f"territory {ds.name}: data not usable for training: "
+                           + "; ".join(f"{p['code']}: {p['message']}" for p in errors)
+                           + " (run `fedldt validate` on its package for the full report)", [p["code"] for p in errors])

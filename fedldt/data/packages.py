@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedldt.data.checks import is_usable
+from fedldt.data.checks import UnusableData, is_usable
 from fedldt.data.package import DOC, MANIFEST, TerritoryPackageError, load_package
 from fedldt.data.territory import TerritoryDataset
 
@@ -47,8 +47,8 @@ def load_packages(path: str, name: str = "packages") -> list[TerritoryDataset]:
         the same channels and units, each with ``extra["valid_range"]`` from its manifest.
 
     Raises:
-        TerritoryPackageError: a package cannot be loaded, is not usable (a problem of severity
-            ``error``, named by code), two packages have the same territory name, or their
+        UnusableData: a package is not usable (a problem of severity ``error``, named by code).
+        TerritoryPackageError: a package cannot be loaded, two packages have the same territory name, or their
             channels or units differ (one model serves them all).
     """
     out: list[TerritoryDataset] = []
@@ -56,8 +56,8 @@ def load_packages(path: str, name: str = "packages") -> list[TerritoryDataset]:
         ds = load_package(folder)
         errors = [p["code"] for p in ds.extra["problems"] if p["severity"] == "error"]
         if not is_usable(ds.extra["problems"]):
-            raise TerritoryPackageError(f"{folder}: not usable ({', '.join(errors)}); fix: run `fedldt validate {folder}` "
-                                        "and correct the data")
+            raise UnusableData(f"{folder}: not usable ({', '.join(errors)}); fix: run `fedldt validate {folder}` and "
+                               "correct the data", errors)
         if out and (ds.channels, ds.units) != (out[0].channels, out[0].units):
             raise TerritoryPackageError(f"{folder / MANIFEST}: field 'channels': {list(zip(ds.channels, ds.units))} differ "
                                         f"from {list(zip(out[0].channels, out[0].units))} of {out[0].name}; fix: every "
