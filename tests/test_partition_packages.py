@@ -171,6 +171,16 @@ def test_partition_never_overwrites(tmp_path):
     assert np.array_equal(load_package(tmp_path / "out" / "t0").values, first.values)
     (tmp_path / "out" / "t1" / "extra.csv").write_text("x")
     assert main([*args, "--force"]) == 1 and (tmp_path / "out" / "t1" / "extra.csv").read_text() == "x"
+    # a forged report listing a foreign file does not make it fedldt's
+    report = json.loads((tmp_path / "out" / REPORT).read_text())
+    (tmp_path / "out" / REPORT).write_text(json.dumps({**report, "files": report["files"] + ["t1/extra.csv"]}))
+    assert main([*args, "--force"]) == 1 and (tmp_path / "out" / "t1" / "extra.csv").read_text() == "x"
+    (tmp_path / "out" / "t1" / "extra.csv").unlink()
+    (tmp_path / "out" / "t1" / "edges.csv").unlink()
+    mine = tmp_path / "mine.csv"
+    mine.write_text("mine")
+    (tmp_path / "out" / "t1" / "edges.csv").symlink_to(mine)  # a link to a file that is not fedldt's
+    assert main([*args, "--force"]) == 1 and mine.read_text() == "mine" and (tmp_path / "out" / "t1" / "edges.csv").is_symlink()
     with pytest.raises(PartitionError, match="not an IANA time zone"):
         partition_pilot("los_loop_3", tmp_path / "other", timezone="Mars/Olympus")
     with pytest.raises(PartitionError, match="Could not find"):

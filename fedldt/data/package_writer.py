@@ -22,6 +22,8 @@ their count and share per territory are returned and written to ``DIR/partition.
 from __future__ import annotations
 
 import json
+import os
+import re
 import zoneinfo
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +39,8 @@ from fedldt.data.territory import TerritoryDataset
 REPORT = "partition.json"
 WRITTEN_BY = "fedldt partition"
 OBSERVATIONS, SENSORS, EDGES, COVARIATES = "observations.parquet", "sensors.csv", "edges.csv", "covariates.parquet"
+#: A package sub-folder's name (a territory name of territory.yaml, optionally ``<index>-`` first).
+_FOLDER = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9_.-]{1,72}")
 
 
 class PartitionError(ValueError):
@@ -175,32 +179,46 @@ def write_package(ds: TerritoryDataset, folder: Path, timezone: str, valid_range
 
 def _prepare_out(out: Path, force: bool) -> None:
     """Refuse a non-empty ``out`` unless it is an earlier ``fedldt partition`` output and ``force``:
-    then remove exactly the files that output lists (never anything else)."""
-    if not out.exists():
+    then remove exactly the files that output lists (never anything else).
+
+    An earlier output is a folder holding ``partition.json`` (``written_by: fedldt partition``) and
+    nothing but the package files it lists (``<folder>/<one of the package file names>``), with no
+    symbolic link anywhere."""
+    if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir():
+    if not out.is_dir() or out.is_symlink():
         raise PartitionError(f"--out {out}: exists and is not a folder; fix: give a new or empty folder")
-    entries = sorted(out.iterdir())
-    if not entries:
+    if not any(out.iterdir()):
         return
     report = out / REPORT
     try:
         old = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {}
     except (OSError, ValueError):
         old = {}
-    listed = {REPORT} | {str(Path(f)) for f in old.get("files", []) if isinstance(f, str)} if old.get("written_by") == WRITTEN_BY else set()
-    dirs = {Path(f).parts[0] for f in listed if len(Path(f).parts) == 2}
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() or p.is_symlink()}
-    present_dirs = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir() and not p.is_symlink()}
-    if not listed or not present <= listed or not present_dirs <= dirs:
+    names = {MANIFEST, OBSERVATIONS, SENSORS, EDGES, COVARIATES}
+    listed = {REPORT} if isinstance(old, dict) and old.get("written_by") == WRITTEN_BY else set()
+    if listed and isinstance(old.get("files"), list):
+        listed |= {f for f in old["files"] if isinstance(f, str) and len(Path(f).parts) == 2
+                   and Path(f).parts[1] in names and _FOLDER.fullmatch(Path(f).parts[0])}
+    dirs = {Path(f).parts[0] for f in listed if f != REPORT}
+    files, folders, links = set(), set(), False
+    for here, subdirs, leaves in os.walk(out):
+        rel = Path(here).relative_to(out)
+        for d in subdirs:
+            links |= (Path(here) / d).is_symlink()
+            folders.add(str(rel / d))
+        for f in leaves:
+            links |= (Path(here) / f).is_symlink()
+            files.add(str(rel / f))
+    if not listed or links or not files <= listed or not folders <= dirs:
         raise PartitionError(f"--out {out}: not empty and not (only) an earlier `fedldt partition` output; fix: give a new "
                              "or empty folder (fedldt never overwrites files it did not write)")
     if not force:
         raise PartitionError(f"--out {out}: holds an earlier `fedldt partition` output; fix: --force to replace it, or "
                              "give another folder")
-    for f in sorted(present):
+    for f in sorted(files):
         (out / f).unlink()
-    for d in sorted(present_dirs):
+    for d in sorted(folders):
         (out / d).rmdir()
 
 
@@ -268,15 +286,18 @@ def partition_pilot(pilot: str, out: str | Path, timezone: str = "UTC", override
     territories = load_territories(cfg)
     counts = border_edges(network, territories)
     folders = _folder_names([t.name for t in territories])
-    provenance = (f"{territories[0].source}; territory {{}} of pilot {pilot} ({cfg['partition']['_target_']}), written by "
-                  f"fedldt {__version__} `fedldt partition`")
+    bad = [t.name for t in territories if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", t.name) or t.name in (".", "..")]
+    if bad:
+        raise PartitionError(f"territory name {bad[0]!r} of pilot {pilot} cannot name a package (letters, digits, _ . - "
+                             "only, at most 64); fix: rename it in the dataset config")
     licence = _licence(str(cfg["dataset"].get("name", "")))
     files: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
     try:
         for t, folder, c in zip(territories, folders, counts):
             written = write_package(t, out / folder, timezone, cfg["dataset"].get("valid_range"),
-                                    provenance.format(t.name), licence)
+                                    f"{t.source}; territory {t.name} of pilot {pilot} ({cfg['partition']['_target_']}), "
+                                    f"written by fedldt {__version__} `fedldt partition`", licence)
             files += [f"{folder}/{f}" for f in written]
             c["folder"] = folder
     except Exception:
