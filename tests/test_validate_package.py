@@ -21,7 +21,7 @@ def test_example_package_is_usable_with_exact_report(capsys):
     assert code == 0 and report["usable"] is True
     assert (report["num_sensors"], report["num_steps"], report["interval"]) == (5, 292, "15min")
     assert report["coverage"] == round(1 - 10 / (292 * 5), 6) == 0.993151  # 5 masked cells + 1 lost step x 5
-    assert [p["code"] for p in report["problems"]] == ["missing_values", "gaps", "edges_unknown_sensors"]
+    assert [p["code"] for p in report["problems"]] == ["missing_values", "gaps"]
     assert set(report["problems"][0]) == {"code", "severity", "message", "sensors", "timestamps"}
     code, text = run(capsys, EXAMPLE)
     assert code == 0 and text.splitlines()[0].endswith(": usable")
