@@ -285,3 +285,124 @@ def test_data_format_doc_shows_the_example_manifest_as_it_is():
     shown = doc.split("`tests/data/territory_example/territory.yaml`:\n\n```yaml\n")[1].split("```")[0]
     real = "".join(line for line in (EXAMPLE / "territory.yaml").read_text().splitlines(True) if not line.startswith("#"))
     assert shown == real
+
+
+# ------------------------------------------------------------------------------------- newcomer trial (s10)
+def test_daily_and_weekly_local_midnights_follow_the_calendar_across_summer_time(tmp_path):
+    days = pd.date_range("2020-03-27", "2020-04-01", freq="D")  # Europe/London: summer time from 2020-03-29 01:00 UTC
+    rows = [[f"{d:%Y-%m-%d %H:%M}", "s1", float(i)] for i, d in enumerate(days) if i != 4]
+    ds = load_package(write_package(tmp_path / "d", rows, tz="Europe/London", interval="1D"))
+    assert ds.num_steps == 6 and ds.freq == pd.Timedelta("1D")
+    np.testing.assert_array_equal(ds.mask[:, 0, 0], [1, 1, 1, 1, 0, 1])  # the missing day is masked, not dropped
+    assert [t.strftime("%H:%M") for t in ds.timestamps] == ["00:00"] * 6  # local midnight every day
+    assert [str(t) for t in ds.timestamps.tz_convert("UTC")[2:4]] == ["2020-03-29 00:00:00+00:00",
+                                                                      "2020-03-29 23:00:00+00:00"]  # a 23-hour day
+    assert [p["code"] for p in ds.extra["problems"]] == ["gaps"]
+    assert ds.extra["problems"][0]["timestamps"] == ["2020-03-31 00:00:00+01:00"]
+    weeks = [[f"{d:%Y-%m-%d}", "s1", 1.0 + i] for i, d in enumerate(pd.date_range("2020-10-12", periods=4, freq="7D"))]
+    dw = load_package(write_package(tmp_path / "w", weeks, tz="Europe/London", interval="7D"))  # autumn: a 169-hour week
+    assert dw.num_steps == 4 and dw.mask.sum() == 4 and dw.freq == pd.Timedelta("7D")
+    assert np.diff(dw.timestamps.tz_convert("UTC").asi8).tolist() == [168 * 3600 * 10**9, 169 * 3600 * 10**9,
+                                                                        168 * 3600 * 10**9]
+
+
+def test_off_calendar_stamps_are_quoted_as_written_with_consistent_counts_and_the_right_fix(tmp_path):
+    stamps = ["2020-03-27 00:00", "2020-03-28 00:00", "2020-03-29 03:00", "2020-03-30 00:00"]
+    rows = [[t, s, 1.0] for t in stamps for s in ("a", "b")]
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(write_package(tmp_path / "a", rows, tz="Europe/London", interval="1D", sensors=["a", "b"]))
+    assert str(e.value).endswith(
+        "observations.csv: 2 row(s) with 1 distinct timestamp(s) are off the 1D grid of local calendar days in "
+        "Europe/London that starts at 2020-03-27 00:00 local time, e.g. '2020-03-29 03:00'; fix: give every stamp the "
+        "same local time of day (e.g. 00:00), or correct 'interval'")
+    utc_days = [[f"{d:%Y-%m-%dT%H:%MZ}", "a", 1.0] for d in pd.date_range("2020-03-27", periods=4, freq="D")]
+    with pytest.raises(TerritoryPackageError, match=r"1 row\(s\) with 1 distinct timestamp\(s\) are off .* e.g. "
+                       r"'2020-03-30T00:00Z'; fix: the stamps are regular in UTC but not in "
+                       r"Europe/London local time: if the days are UTC days, set timezone: UTC"):
+        load_package(write_package(tmp_path / "b", utc_days, tz="Europe/London", interval="1D", sensors=["a"]))
+
+
+def test_unknown_ids_are_refused_with_a_did_you_mean_hint(tmp_path):
+    rows = [["2012-03-01 00:00", s, 1.0] for s in ("00", "01", "A")]
+    edges = [["0", "01", 0.5], ["01", "A", 0.5], ["A", "Z", 0.5], ["1", "A", 0.5]]
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(write_package(tmp_path / "e", rows, sensors=["00", "01", "A"], edges=edges))
+    assert str(e.value).endswith(
+        "edges.csv: 3 of 4 edge(s) name sensor(s) not in sensors.csv: '0' (did you mean '00'?), '1' (did you mean "
+        "'01'?), 'Z' (data row(s) 1, 3, 4); fix: write the ids exactly as in sensors.csv (as text, leading zeros kept), "
+        "or remove those edges")
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: sensor\(s\) '1' \(did you mean '01'\?\), "
+                       r"'A ' \(did you mean 'A'\?\) are not in sensors.csv; fix"):
+        load_package(write_package(tmp_path / "o", [["2012-03-01 00:00", "1", 1.0], ["2012-03-01 00:00", "A ", 1.0]],
+                                   sensors=["00", "01", "A"]))
+    root = write_package(tmp_path / "s", rows, sensors=["00", "01", "A"])
+    (root / "sensors.csv").write_text("sensor_id,latitude,longitude\n00,34,-118\n01 ,34.01,-118\nA,34.02,-118\n")
+    with pytest.raises(TerritoryPackageError, match=r"sensors.csv: column 'sensor_id' has spaces around the id in data "
+                       r"row\(s\) 2, e.g. '01 '; fix: remove the spaces"):
+        load_package(root)
+
+
+def test_distance_weights_go_through_the_gaussian_kernel_and_large_similarities_are_flagged(tmp_path):
+    rows = [["2012-03-01 00:00", s, 1.0] for s in "abc"]
+    km = [["a", "b", 1.0], ["b", "c", 3.0]]
+    ds = load_package(write_package(tmp_path / "s", rows, sensors=list("abc"), edges=km,
+                                    graph={"edges": "edges.csv", "weight_kind": "distance", "sigma_km": 2.0}))
+    adj = ds.adjacency()  # undirected (directed false by default); exp(-(1/2)^2), exp(-(3/2)^2) >= 0.1
+    np.testing.assert_allclose(adj, [[1, np.exp(-0.25), 0], [np.exp(-0.25), 1, np.exp(-2.25)], [0, np.exp(-2.25), 1]],
+                               rtol=1e-6)
+    ds = load_package(write_package(tmp_path / "d", rows, sensors=list("abc"), edges=km,
+                                    graph={"edges": "edges.csv", "weight_kind": "distance"}))
+    # sigma = std of the listed distances = 1: exp(-1) kept, exp(-9) < threshold 0.1 left out
+    np.testing.assert_allclose(ds.adjacency(), [[1, np.exp(-1), 0], [np.exp(-1), 1, 0], [0, 0, 1]], rtol=1e-6)
+    ds = load_package(write_package(tmp_path / "m", rows, sensors=list("abc"), edges=[["a", "b", 1991.3]]))
+    flagged = [p for p in ds.extra["problems"] if p["code"] == "weights_above_one"]
+    assert flagged[0]["severity"] == "warning" and "1991" not in flagged[0]["message"]  # no data in the message
+    assert flagged[0]["message"].startswith("1 of 1 edge weight(s) of edges.csv exceed 1") and \
+        flagged[0]["message"].endswith("set graph.weight_kind: distance (km)")
+    with pytest.raises(TerritoryPackageError, match=r"field 'graph': edges is set, so \['k', 'method'\] would be "
+                       r"ignored: give edges, or \['k', 'method'\] \(a graph built from the coordinates\), not both; fix"):
+        load_package(write_package(tmp_path / "k", rows, sensors=list("abc"), edges=km,
+                                   graph={"edges": "edges.csv", "method": "knn", "k": 3}))
+
+
+def test_file_errors_name_the_place_and_the_fix(tmp_path):
+    rows = [["2012-03-01 00:00", "s1", 1.0]]
+    root = write_package(tmp_path / "y", rows)
+    (root / "territory.yaml").write_text("name: t\ninterval: 5min\nchannels:\n  - name: x\n   unit: y\n")
+    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: line 5, column 4: not valid YAML: .*; fix: correct "
+                       r"the syntax at that place"):
+        load_package(root)
+    (root / "territory.yaml").write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(TerritoryPackageError, match=r"line 1, column 7: YAML tags \(!!...\) are not allowed"):
+        load_package(root)
+    root = write_package(tmp_path / "semi", rows)
+    (root / "observations.csv").write_text("timestamp;sensor_id;speed\n2012-03-01 00:00;s1;1,5\n")
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: the header is separated by semicolons, not "
+                       r"commas; fix: save it as a comma-separated CSV with '.' as the decimal point"):
+        load_package(root)
+    root = write_package(tmp_path / "latin", rows)
+    (root / "sensors.csv").write_bytes("sensor_id,latitude,longitude,road\ns1,34,-118,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TerritoryPackageError, match=r"sensors.csv: not UTF-8 \(line 2 of the file holds byte 0xe9.*; "
+                       r"fix: save the file as UTF-8"):
+        load_package(root)
+    root = write_package(tmp_path / "wide", pd.DataFrame(), sensors=["00", "01"], observations={"layout": "wide"})
+    (root / "observations.csv").write_text("timestamp,00,01,00\n2012-03-01 00:00,1,2,3\n")
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: column\(s\) '00' appear more than once in the "
+                       r"header; fix"):
+        load_package(root)
+
+
+def test_covariate_and_range_messages_name_the_step_and_read_well(tmp_path):
+    rows = [[f"2012-03-01 00:{m:02d}", "s1", 50.0] for m in (0, 5, 10)]
+    root = write_package(tmp_path / "c", rows, covariates={"file": "weather.csv", "columns": ["temp"]})
+    pd.DataFrame({"timestamp": ["2012-03-01 00:00", "2012-03-01 00:05", "2012-03-01 00:10"],
+                  "temp": ["11", "", "12"]}).to_csv(root / "weather.csv", index=False)
+    with pytest.raises(TerritoryPackageError, match=r"weather.csv: column 'temp' is missing or not finite at 1 step\(s\), "
+                       r"e.g. '2012-03-01 00:05:00-08:00' \(data row\(s\) 2\); fix"):
+        load_package(root)
+    channels = [{"name": "speed", "unit": "transformed demand (z-score)", "type": "integer", "min": None}]
+    ds = load_package(write_package(tmp_path / "r", [["2012-03-01 00:00", "s1", -0.5], ["2012-03-01 00:05", "s1", -2]],
+                                    channels=channels))
+    msgs = {p["code"]: p["message"] for p in ds.extra["problems"]}
+    assert msgs["out_of_range"] == "1 speed value(s) outside the valid range any whole number: masked"
+    assert "negative_values" not in msgs  # min: null declares that negative values are intended

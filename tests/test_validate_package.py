@@ -48,3 +48,19 @@ def test_unreadable_package_reports_file_field_and_fix(tmp_path, capsys):
     report = json.loads(out)
     assert code == 1 and report["num_steps"] is None and [p["code"] for p in report["problems"]] == ["unreadable"]
     assert "territory.yaml: field 'interval': 'often' is not a duration; write it like 5min" in report["problems"][0]["message"]
+
+
+def test_low_coverage_is_an_error_below_ten_percent_and_a_warning_below_half(tmp_path, capsys):
+    times = [f"2012-03-01 {h:02d}:{m:02d}" for h in range(2) for m in range(0, 60, 5)]  # 24 steps
+    rows = [[t, "s1", 50.0 + i if i % 20 == 0 else -1] for i, t in enumerate(times)]  # 2 of 24 valid: 8.33 %
+    root = write_package(tmp_path / "low", rows, missing_values=[-1])
+    code, out = run(capsys, root, "--json", "--window", "1", "--horizon", "1")
+    low = [p for p in json.loads(out)["problems"] if p["code"] == "low_coverage"]
+    assert code == 1 and low[0]["severity"] == "error"
+    assert low[0]["message"].startswith("only 8.33 % of the values are valid (mask 1); below 10 % the package is not "
+                                        "usable, below 50 % it is reported; fix:")
+    rows = [[t, "s1", 50.0 + i if i % 3 == 0 else -1] for i, t in enumerate(times)]  # 8 of 24 valid: 33.33 %
+    code, out = run(capsys, write_package(tmp_path / "some", rows, missing_values=[-1]), "--json", "--window", "1",
+                    "--horizon", "1")
+    low = [p for p in json.loads(out)["problems"] if p["code"] == "low_coverage"]
+    assert code == 0 and low[0]["severity"] == "warning" and low[0]["message"].startswith("only 33.33 %")

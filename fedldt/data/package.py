@@ -135,10 +135,10 @@ class GraphSpec(_Strict):
     def _one_source(self) -> "GraphSpec":
         both = sorted({"method", "k"} & self.model_fields_set) if self.edges is not None else []
         if both:
-            raise ValueError(f"edges is set, so {both} would be ignored; fix: give edges, or {both} (a graph built "
+            raise ValueError(f"edges is set, so {both} would be ignored: give edges, or {both} (a graph built "
                              "from the coordinates), not both")
         if self.edges is None and "weight_kind" in self.model_fields_set:
-            raise ValueError("weight_kind describes the weights of an edges file; fix: set edges, or remove weight_kind")
+            raise ValueError("weight_kind describes the weights of an edges file: set edges, or remove weight_kind")
         return self
 
 
