@@ -64,3 +64,15 @@ def test_low_coverage_is_an_error_below_ten_percent_and_a_warning_below_half(tmp
                     "--horizon", "1")
     low = [p for p in json.loads(out)["problems"] if p["code"] == "low_coverage"]
     assert code == 0 and low[0]["severity"] == "warning" and low[0]["message"].startswith("only 33.33 %")
+
+
+def test_split_option_changes_the_history_check(tmp_path, capsys):
+    times = [f"2012-03-01 {h:02d}:{m:02d}" for h in range(2) for m in range(0, 60, 5)]  # 24 steps
+    root = write_package(tmp_path, [[t, "s1", 50.0 + i] for i, t in enumerate(times)])
+    code, out = run(capsys, root, "--json", "--window", "3", "--horizon", "1")  # val part 0.1 x 24 = 2 steps < 4
+    short = [p["message"] for p in json.loads(out)["problems"] if p["code"] == "too_little_history"]
+    assert code == 1 and short == ["the val part has 2 steps, fewer than window+horizon=4: lengthen the series, change "
+                                   "split.ratios (fedldt validate --split) or shorten window/horizon"]
+    code, out = run(capsys, root, "--json", "--window", "3", "--horizon", "1", "--split", "0.5", "0.25", "0.25")
+    assert code == 0 and json.loads(out)["usable"] is True
+    assert run(capsys, root, "--split", "0.5", "0.5", "0.5")[0] == 2

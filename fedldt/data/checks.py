@@ -76,7 +76,8 @@ def history_problems(num_steps: int, window: int, horizon: int,
         try:
             window_starts(bounds, window, horizon, part)
         except ValueError as e:
-            problem(out, "too_little_history", "error", str(e))
+            problem(out, "too_little_history", "error",
+                    str(e).replace("change split.ratios", "change split.ratios (fedldt validate --split)"))
             break
     return out
 
