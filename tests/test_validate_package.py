@@ -76,3 +76,16 @@ def test_split_option_changes_the_history_check(tmp_path, capsys):
     code, out = run(capsys, root, "--json", "--window", "3", "--horizon", "1", "--split", "0.5", "0.25", "0.25")
     assert code == 0 and json.loads(out)["usable"] is True
     assert run(capsys, root, "--split", "0.5", "0.5", "0.5")[0] == 2
+
+
+def test_one_run_reports_every_fault_of_the_observations_and_the_edges(tmp_path, capsys):
+    rows = [["2012-03-01 00:00", "a", 1], ["2012-03-01 00:00", "a", 2], ["2012-03-01 00:05", "q", 3],
+            ["2012-03-01 00:10", "b", "N/A"]]
+    root = write_package(tmp_path, rows, sensors=["a", "b"], edges=[["a", "z", 0.5]])
+    code, out = run(capsys, root, "--json")
+    messages = [p["message"] for p in json.loads(out)["problems"]]
+    assert code == 1 and len(messages) == 4
+    assert [m.split(": ", 1)[1][:40] for m in messages] == [
+        "sensor(s) 'q' are not in sensors.csv; fi", "column 'speed': 1 cell(s) are not number",
+        "1 (timestamp, sensor) pair(s) occur more", "1 of 1 edge(s) name sensor(s) not in sen"]
+    assert [m.split(": ", 1)[0].rsplit("/", 1)[1] for m in messages] == ["observations.csv"] * 3 + ["edges.csv"]

@@ -50,7 +50,14 @@ LOW_COVERAGE = 0.50
 
 
 class TerritoryPackageError(ValueError):
-    """A territory data package that cannot be loaded; the message names the file, the field and the fix."""
+    """A territory data package that cannot be loaded; the message names the file, the field and the fix.
+
+    ``messages``: one or more such messages (the observations' independent faults come together, one
+    line each); ``str()`` joins them with newlines."""
+
+    def __init__(self, message: str | list[str]):
+        self.messages = [message] if isinstance(message, str) else list(message)
+        super().__init__("\n".join(self.messages))
 
 
 def _listing(items: list, limit: int = MAX_LISTED) -> str:
@@ -610,11 +617,14 @@ def load_package(path: str | Path) -> TerritoryDataset:
     times = _utc_times(table["time"], spec.timezone, table["sensor"],
                        f"{obs_path}: column '{spec.observations.timestamp_column}'")
     node = pd.Index(ids).get_indexer(table["sensor"])
+    # the observations' faults are collected, so that one run reports them all (a fault of the
+    # time grid stops the checks that need the grid: duplicates)
+    errors: list[str] = []
     unknown = sorted(set(table["sensor"][node < 0]))
     if unknown:
-        raise TerritoryPackageError(f"{obs_path}: sensor(s) {_unknown_ids(unknown, ids)} are not in {spec.sensors.file}; fix: "
-                                    "write the ids exactly as there (as text, leading zeros kept), add the sensors (with "
-                                    "coordinates) to it, or remove their rows")
+        errors.append(f"{obs_path}: sensor(s) {_unknown_ids(unknown, ids)} are not in {spec.sensors.file}; fix: "
+                      "write the ids exactly as there (as text, leading zeros kept), add the sensors (with "
+                      "coordinates) to it, or remove their rows")
     step_ns = spec.step.value
     # intervals of whole days follow the local calendar (local midnight each day or week, a 23- or
     # 25-hour day across a daylight-saving change); shorter intervals are exact durations in UTC
@@ -624,21 +634,25 @@ def load_package(path: str | Path) -> TerritoryDataset:
     t0, t1 = int(t_ns.min()), int(t_ns.max())
     off = (t_ns - t0) % step_ns != 0
     if off.any():
-        raise TerritoryPackageError(_off_grid_message(obs_path, spec, table["time"], off, t0, calendar, times))
+        raise TerritoryPackageError(errors + [_off_grid_message(obs_path, spec, table["time"], off, t0, calendar, times)])
     num_steps = (t1 - t0) // step_ns + 1
     if num_steps * len(ids) * len(spec.channels) > MAX_CELLS:
-        raise TerritoryPackageError(f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} values; fix: "
-                           "check the timestamps for a wrong date, or split the period")
+        raise TerritoryPackageError(errors + [f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} "
+                                              "values; fix: check the timestamps for a wrong date, or split the period"])
     step = ((t_ns - t0) // step_ns).astype(np.int64)
     grid = _grid(t0, num_steps, spec, calendar)
 
-    # one (step, node) key per row; values and missing flags per channel
-    key = step * len(ids) + node
+    # one (step, node) key per row (rows of unknown sensors: a key of their own); values and missing flags per channel
+    key = np.where(node >= 0, step * len(ids) + node, -1 - np.arange(len(table)))
     names = [c.name for c in spec.channels]
     vals = np.zeros((len(table), len(names)), dtype=np.float64)
     valid = np.zeros((len(table), len(names)), dtype=bool)
     for k, ch in enumerate(spec.channels):
-        v, missing = _numbers(table[ch.name], spec.missing_values, f"{obs_path}: column '{ch.name}'")
+        try:
+            v, missing = _numbers(table[ch.name], spec.missing_values, f"{obs_path}: column '{ch.name}'")
+        except TerritoryPackageError as e:
+            errors += e.messages
+            continue
         finite = np.isfinite(v) & ~missing
         if (~np.isfinite(v) & ~np.isnan(v)).any():
             problem(problems, "infinite", "warning", f"{int((~np.isfinite(v) & ~np.isnan(v)).sum())} infinite "
@@ -660,10 +674,16 @@ def load_package(path: str | Path) -> TerritoryDataset:
         where = dict(sensors=pd.unique(table["sensor"][dup]), timestamps=times[dup].unique())
         if spec.duplicates == "error":
             rows = np.flatnonzero(key == key[dup][0])
-            raise TerritoryPackageError(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. sensor "
-                                        f"{str(table['sensor'].iloc[rows[0]])!r} at {str(table['time'].iloc[rows[0]]).strip()!r} "
-                                        f"in data rows {_rows(rows)}; fix: remove them, or set "
-                                        f"duplicates: mean|first in {MANIFEST}")
+            errors.append(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. sensor "
+                          f"{str(table['sensor'].iloc[rows[0]])!r} at {str(table['time'].iloc[rows[0]]).strip()!r} "
+                          f"in data rows {_rows(rows)}; fix: remove them, or set duplicates: mean|first in {MANIFEST}")
+    if errors:  # the graph's own faults join them
+        try:
+            _graph(root, spec, ids, coords, [])
+        except TerritoryPackageError as e:
+            errors += e.messages
+        raise TerritoryPackageError(errors)
+    if dup.any():
         frame = pd.DataFrame(np.where(valid, vals, np.nan), columns=names)
         frame["key"] = key
         agg = frame.groupby("key", sort=False).agg(spec.duplicates)  # NaN (invalid) ignored; first = file order
@@ -753,15 +773,17 @@ def validate_package(path: str | Path, window: int = 12, horizon: int = 12,
     Returns:
         JSON-able ``{"package", "usable", "num_sensors", "num_steps", "interval", "coverage",
         "problems"}``: ``coverage`` the fraction of valid (mask 1) entries, ``problems`` as in
-        :mod:`fedldt.data.checks`. A package that cannot be loaded gives ``usable: false`` and one
-        ``unreadable`` error whose message names the file, field and fix; sizes are then ``null``.
+        :mod:`fedldt.data.checks`. A package that cannot be loaded gives ``usable: false`` and an
+        ``unreadable`` error per fault found (the first fatal one, with the observations' independent
+        faults and the graph's), whose message names the file, field and fix; sizes are then ``null``.
     """
     report: dict[str, Any] = {"package": str(path), "usable": False, "num_sensors": None, "num_steps": None,
                               "interval": None, "coverage": None, "problems": []}
     try:
         ds = load_package(path)
     except TerritoryPackageError as e:
-        problem(report["problems"], "unreadable", "error", str(e))
+        for message in e.messages:
+            problem(report["problems"], "unreadable", "error", message)
         return report
     problems = list(ds.extra["problems"]) + history_problems(ds.num_steps, window, horizon, split)
     coverage = float(ds.mask.mean())
