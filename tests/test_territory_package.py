@@ -372,6 +372,10 @@ def test_file_errors_name_the_place_and_the_fix(tmp_path):
     with pytest.raises(TerritoryPackageError, match=r"territory.yaml: line 5, column 4: not valid YAML: .*; fix: correct "
                        r"the syntax at that place"):
         load_package(root)
+    (root / "territory.yaml").write_text("name: t\n\tinterval: 5min\n")
+    with pytest.raises(TerritoryPackageError, match=r"line 2, column 1: not valid YAML: .* \(tabs are not allowed in YAML "
+                       r"indentation: use spaces\); fix"):
+        load_package(root)
     (root / "territory.yaml").write_text("name: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(TerritoryPackageError, match=r"line 1, column 7: YAML tags \(!!...\) are not allowed"):
         load_package(root)

@@ -229,7 +229,7 @@ def _yaml_message(path: Path, e: yaml.YAMLError) -> str:
     what = str(getattr(e, "problem", None) or e).splitlines()[0][:200]
     if isinstance(e, yaml.constructor.ConstructorError):
         return f"{path}: {where}YAML tags (!!...) are not allowed ({what}); fix: remove the tag, write plain values"
-    hint = " (tabs are not allowed in YAML indentation: use spaces)" if "\t" in what or "tab" in what else ""
+    hint = " (tabs are not allowed in YAML indentation: use spaces)" if "\\t" in what or "\t" in what else ""
     return f"{path}: {where}not valid YAML: {what}{hint}; fix: correct the syntax at that place"
 
 
