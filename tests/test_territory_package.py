@@ -304,6 +304,12 @@ def test_daily_and_weekly_local_midnights_follow_the_calendar_across_summer_time
     assert dw.num_steps == 4 and dw.mask.sum() == 4 and dw.freq == pd.Timedelta("7D")
     assert np.diff(dw.timestamps.tz_convert("UTC").asi8).tolist() == [168 * 3600 * 10**9, 169 * 3600 * 10**9,
                                                                         168 * 3600 * 10**9]
+    # only whole-day steps may follow the calendar: local hours 00:00, 01:00 (BST), 02:00 (GMT) are 1 h, 2 h apart
+    hours = pd.DatetimeIndex(["2020-10-25 00:00", "2020-10-25 01:00", "2020-10-25 02:00"]).tz_localize(
+        "Europe/London", ambiguous=np.array([True, True, False]))
+    with pytest.raises(ValueError, match="fixed interval"):
+        TerritoryDataset(name="h", values=np.zeros((3, 1, 1)), mask=np.ones((3, 1, 1)), timestamps=hours,
+                         node_ids=["s1"], edge_index=torch.zeros((2, 0), dtype=torch.long), edge_weight=torch.zeros(0))
 
 
 def test_off_calendar_stamps_are_quoted_as_written_with_consistent_counts_and_the_right_fix(tmp_path):
