@@ -194,7 +194,7 @@ def test_sensor_sets_that_differ_follow_the_stated_rule(tmp_path):
 
 def test_manifest_errors_name_file_field_and_fix(tmp_path):
     root = write_package(tmp_path, [["2012-03-01 00:00", "s1", 1]], intervall="5min")
-    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: field 'intervall': unknown key; fix"):
+    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: field 'intervall': unknown key \(did you mean 'interval'\?\); fix"):
         load_package(root)
     root = write_package(tmp_path / "b", [["2012-03-01 00:00", "s1", 1]], timezone="Mars/Olympus",
                          duplicates="max", observations={"file": "../secret.csv"})
@@ -202,6 +202,11 @@ def test_manifest_errors_name_file_field_and_fix(tmp_path):
         load_package(root)
     assert "field 'timezone': 'Mars/Olympus' is not an IANA time zone" in str(e.value)
     assert "field 'duplicates'" in str(e.value)
+    root = write_package(tmp_path / "d", [["2012-03-01 00:00", "s1", 1]], name="PedalMe London", license="MIT")
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(root)
+    assert "field 'name': letters, digits, '_', '.' and '-' only (no spaces), at most 64 characters; fix" in str(e.value)
+    assert "field 'license': unknown key (did you mean 'licence'?); fix" in str(e.value)
     root = write_package(tmp_path / "c", [["2012-03-01 00:00", "s1", 1]], observations={"file": "../secret.csv"})
     with pytest.raises(TerritoryPackageError, match=r"field 'observations.file': '../secret.csv' must be a file name inside"):
         load_package(root)

@@ -21,6 +21,7 @@ interpolated), and every such fact is listed in ``dataset.extra["problems"]``.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import re
 import zoneinfo
@@ -213,7 +214,13 @@ def _pydantic_message(path: Path, err: ValidationError) -> str:
     for e in err.errors()[:MAX_LISTED]:
         field = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parts.append(f"field '{field}': unknown key; fix: remove it or correct its spelling ({DOC} lists the keys)")
+            close = difflib.get_close_matches(str(e["loc"][-1]), list(TerritorySpec.model_fields), n=1) \
+                if len(e["loc"]) == 1 else []
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            parts.append(f"field '{field}': unknown key{hint}; fix: remove it or correct its spelling ({DOC} lists the keys)")
+        elif e["type"] == "string_pattern_mismatch" and field == "name":
+            parts.append("field 'name': letters, digits, '_', '.' and '-' only (no spaces), at most 64 characters; fix: "
+                         "e.g. pedalme_london")
         elif e["type"] == "missing":
             parts.append(f"field '{field}': required; fix: add it ({DOC})")
         else:
