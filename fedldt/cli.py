@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                    "interval, coverage, problems)")
     v.add_argument("--window", type=_positive, default=12, help="input steps of one window (default 12)")
     v.add_argument("--horizon", type=_positive, default=12, help="forecast steps of one window (default 12)")
+    v.add_argument("--split", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "TEST"),
+                   help="chronological train/validation/test fractions, as the training config's split.ratios "
+                        "(default 0.7 0.1 0.2)")
 
     pt = sub.add_parser("partition", help="write one territory data package per territory of a pilot",
                         description="Load a pilot's whole-network dataset with its built-in loader, partition it as the "
@@ -310,7 +313,14 @@ def _keygen(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from fedldt.data.package import format_report, validate_package
 
-    report = validate_package(args.package_dir, window=args.window, horizon=args.horizon)
+    from fedldt.data.windows import split_bounds
+
+    try:
+        split_bounds(100, tuple(args.split))
+    except ValueError as e:  # not three positive fractions summing to 1
+        print(f"fedldt validate: --split: {e}", file=sys.stderr)
+        return 2
+    report = validate_package(args.package_dir, window=args.window, horizon=args.horizon, split=tuple(args.split))
     print(json.dumps(report, indent=1, allow_nan=False) if args.json else format_report(report))
     return 0 if report["usable"] else 1
 

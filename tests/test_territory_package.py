@@ -97,8 +97,13 @@ def test_offsets_and_z_are_converted_and_time_of_day_stays_local(tmp_path):
 
 
 def test_local_time_in_the_spring_gap_is_refused(tmp_path):
-    with pytest.raises(TerritoryPackageError, match=r"observations.csv.*2013-03-10 02:30.*does not exist.*fix"):
+    with pytest.raises(TerritoryPackageError) as e:
         load_package(write_package(tmp_path, [["2013-03-10 01:55", "s1", 1], ["2013-03-10 02:30", "s1", 2]]))
+    assert str(e.value).endswith("observations.csv: column 'timestamp': local time '2013-03-10 02:30' of sensor 's1' (data "
+                                 "row 2; 1 such row(s)) does not exist in America/Los_Angeles: the clock skips that hour "
+                                 "when summer time starts; fix: correct the stamp (e.g. an hour later), or write every "
+                                 "stamp with its UTC offset")
+    assert "argument" not in str(e.value)  # pandas' own sentence is not passed on
 
 
 def test_mixed_naive_and_offset_stamps_name_file_and_fix(tmp_path):
@@ -107,7 +112,8 @@ def test_mixed_naive_and_offset_stamps_name_file_and_fix(tmp_path):
 
 
 def test_off_grid_stamp_is_refused(tmp_path):
-    with pytest.raises(TerritoryPackageError, match=r"observations.csv: 1 timestamp\(s\) are off the 5min grid.*fix"):
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: 1 row\(s\) with 1 distinct timestamp\(s\) are off "
+                       r"the 5min grid that starts at 2012-03-01 00:00:00-08:00, e.g. '2012-03-01 00:07'; fix: resample"):
         load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 1], ["2012-03-01 00:07", "s1", 2]]))
 
 
@@ -120,7 +126,8 @@ def test_duplicate_rule(tmp_path, rule, expected, mask):
     np.testing.assert_array_equal(ds.mask[:, 0, 0], [mask, 1])
     codes = [p["code"] for p in ds.extra["problems"]]
     assert codes == ["missing_values", "duplicates"]
-    with pytest.raises(TerritoryPackageError, match=r"2 \(timestamp, sensor\) pair\(s\) occur more than once.*duplicates: mean\|first"):
+    with pytest.raises(TerritoryPackageError, match=r"2 \(timestamp, sensor\) pair\(s\) occur more than once, e.g. sensor "
+                       r"'s1' at '2012-03-01 00:00' in data rows 1, 2, 3; fix: .*duplicates: mean\|first"):
         load_package(write_package(tmp_path / "e", rows, missing_values=[-1]))
 
 
@@ -144,9 +151,9 @@ def test_example_package_end_to_end():
     assert ds.timestamps.tz.key == "Europe/Madrid" and str(ds.timestamps[0]) == "2024-10-25 00:00:00+02:00"
     assert str(ds.timestamps[-1]) == "2024-10-27 23:45:00+01:00"
     assert int((ds.mask == 0).sum()) == 4 + 1 + 5  # four -1 markers, one empty cell, one lost step x 5 sensors
-    assert [p["code"] for p in ds.extra["problems"]] == ["missing_values", "gaps", "edges_unknown_sensors"]
+    assert [p["code"] for p in ds.extra["problems"]] == ["missing_values", "gaps"]
     np.testing.assert_allclose(ds.coords[0], [40.415557, -3.704735], atol=1e-6)  # EPSG:25830 -> WGS84 (pyproj)
-    assert ds.edge_index.shape[1] == 5 + 2 * 5  # self-loops + 5 undirected edges (the one to X99 left out)
+    assert ds.edge_index.shape[1] == 5 + 2 * 5  # self-loops + 5 undirected edges
     assert ds.units == ("vehicles/15min",) and ds.extra["licence"] == "CC0-1.0"
 
 
@@ -173,19 +180,21 @@ def test_sensor_ids_stay_text_through_every_layout(tmp_path):
 
 def test_sensor_sets_that_differ_follow_the_stated_rule(tmp_path):
     rows = [["2012-03-01 00:00", "a", 1], ["2012-03-01 00:00", "b", 2]]
-    ds = load_package(write_package(tmp_path, rows, sensors=["a", "b", "c"], edges=[["a", "b", 1.0], ["a", "z", 1.0]]))
+    ds = load_package(write_package(tmp_path, rows, sensors=["a", "b", "c"], edges=[["a", "b", 1.0]]))
     assert ds.node_ids.tolist() == ["a", "b", "c"] and ds.mask[0, :, 0].tolist() == [1, 1, 0]
     problems = {p["code"]: p for p in ds.extra["problems"]}
     assert problems["sensor_without_data"]["sensors"] == ["c"]
-    assert problems["edges_unknown_sensors"]["sensors"] == ["z"]
     assert problems["isolated_sensor"]["sensors"] == ["c"]
+    with pytest.raises(TerritoryPackageError, match=r"edges.csv: 1 of 2 edge\(s\) name sensor\(s\) not in sensors.csv: 'z' "
+                       r"\(data row\(s\) 2\); fix"):
+        load_package(write_package(tmp_path / "z", rows, sensors=["a", "b", "c"], edges=[["a", "b", 1.0], ["a", "z", 1.0]]))
     with pytest.raises(TerritoryPackageError, match=r"observations.csv: sensor\(s\) 'b' are not in sensors.csv; fix"):
         load_package(write_package(tmp_path / "x", rows, sensors=["a"]))
 
 
 def test_manifest_errors_name_file_field_and_fix(tmp_path):
     root = write_package(tmp_path, [["2012-03-01 00:00", "s1", 1]], intervall="5min")
-    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: field 'intervall': unknown key; fix"):
+    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: field 'intervall': unknown key \(did you mean 'interval'\?\); fix"):
         load_package(root)
     root = write_package(tmp_path / "b", [["2012-03-01 00:00", "s1", 1]], timezone="Mars/Olympus",
                          duplicates="max", observations={"file": "../secret.csv"})
@@ -193,6 +202,11 @@ def test_manifest_errors_name_file_field_and_fix(tmp_path):
         load_package(root)
     assert "field 'timezone': 'Mars/Olympus' is not an IANA time zone" in str(e.value)
     assert "field 'duplicates'" in str(e.value)
+    root = write_package(tmp_path / "d", [["2012-03-01 00:00", "s1", 1]], name="PedalMe London", license="MIT")
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(root)
+    assert "field 'name': letters, digits, '_', '.' and '-' only (no spaces), at most 64 characters; fix" in str(e.value)
+    assert "field 'license': unknown key (did you mean 'licence'?); fix" in str(e.value)
     root = write_package(tmp_path / "c", [["2012-03-01 00:00", "s1", 1]], observations={"file": "../secret.csv"})
     with pytest.raises(TerritoryPackageError, match=r"field 'observations.file': '../secret.csv' must be a file name inside"):
         load_package(root)
@@ -276,3 +290,134 @@ def test_data_format_doc_shows_the_example_manifest_as_it_is():
     shown = doc.split("`tests/data/territory_example/territory.yaml`:\n\n```yaml\n")[1].split("```")[0]
     real = "".join(line for line in (EXAMPLE / "territory.yaml").read_text().splitlines(True) if not line.startswith("#"))
     assert shown == real
+
+
+# ------------------------------------------------------------------------------------- newcomer trial (s10)
+def test_daily_and_weekly_local_midnights_follow_the_calendar_across_summer_time(tmp_path):
+    days = pd.date_range("2020-03-27", "2020-04-01", freq="D")  # Europe/London: summer time from 2020-03-29 01:00 UTC
+    rows = [[f"{d:%Y-%m-%d %H:%M}", "s1", float(i)] for i, d in enumerate(days) if i != 4]
+    ds = load_package(write_package(tmp_path / "d", rows, tz="Europe/London", interval="1D"))
+    assert ds.num_steps == 6 and ds.freq == pd.Timedelta("1D")
+    np.testing.assert_array_equal(ds.mask[:, 0, 0], [1, 1, 1, 1, 0, 1])  # the missing day is masked, not dropped
+    assert [t.strftime("%H:%M") for t in ds.timestamps] == ["00:00"] * 6  # local midnight every day
+    assert [str(t) for t in ds.timestamps.tz_convert("UTC")[2:4]] == ["2020-03-29 00:00:00+00:00",
+                                                                      "2020-03-29 23:00:00+00:00"]  # a 23-hour day
+    assert [p["code"] for p in ds.extra["problems"]] == ["gaps"]
+    assert ds.extra["problems"][0]["timestamps"] == ["2020-03-31 00:00:00+01:00"]
+    weeks = [[f"{d:%Y-%m-%d}", "s1", 1.0 + i] for i, d in enumerate(pd.date_range("2020-10-12", periods=4, freq="7D"))]
+    dw = load_package(write_package(tmp_path / "w", weeks, tz="Europe/London", interval="7D"))  # autumn: a 169-hour week
+    assert dw.num_steps == 4 and dw.mask.sum() == 4 and dw.freq == pd.Timedelta("7D")
+    assert np.diff(dw.timestamps.tz_convert("UTC").asi8).tolist() == [168 * 3600 * 10**9, 169 * 3600 * 10**9,
+                                                                        168 * 3600 * 10**9]
+    # only whole-day steps may follow the calendar: local hours 00:00, 01:00 (BST), 02:00 (GMT) are 1 h, 2 h apart
+    hours = pd.DatetimeIndex(["2020-10-25 00:00", "2020-10-25 01:00", "2020-10-25 02:00"]).tz_localize(
+        "Europe/London", ambiguous=np.array([True, True, False]))
+    with pytest.raises(ValueError, match="fixed interval"):
+        TerritoryDataset(name="h", values=np.zeros((3, 1, 1)), mask=np.ones((3, 1, 1)), timestamps=hours,
+                         node_ids=["s1"], edge_index=torch.zeros((2, 0), dtype=torch.long), edge_weight=torch.zeros(0))
+
+
+def test_off_calendar_stamps_are_quoted_as_written_with_consistent_counts_and_the_right_fix(tmp_path):
+    stamps = ["2020-03-27 00:00", "2020-03-28 00:00", "2020-03-29 03:00", "2020-03-30 00:00"]
+    rows = [[t, s, 1.0] for t in stamps for s in ("a", "b")]
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(write_package(tmp_path / "a", rows, tz="Europe/London", interval="1D", sensors=["a", "b"]))
+    assert str(e.value).endswith(
+        "observations.csv: 2 row(s) with 1 distinct timestamp(s) are off the 1D grid of local calendar days in "
+        "Europe/London that starts at 2020-03-27 00:00 local time, e.g. '2020-03-29 03:00'; fix: give every stamp the "
+        "same local time of day (e.g. 00:00), or correct 'interval'")
+    utc_days = [[f"{d:%Y-%m-%dT%H:%MZ}", "a", 1.0] for d in pd.date_range("2020-03-27", periods=4, freq="D")]
+    with pytest.raises(TerritoryPackageError, match=r"1 row\(s\) with 1 distinct timestamp\(s\) are off .* e.g. "
+                       r"'2020-03-30T00:00Z'; fix: the stamps are regular in UTC but not in "
+                       r"Europe/London local time: if the days are UTC days, set timezone: UTC"):
+        load_package(write_package(tmp_path / "b", utc_days, tz="Europe/London", interval="1D", sensors=["a"]))
+
+
+def test_unknown_ids_are_refused_with_a_did_you_mean_hint(tmp_path):
+    rows = [["2012-03-01 00:00", s, 1.0] for s in ("00", "01", "A")]
+    edges = [["0", "01", 0.5], ["01", "A", 0.5], ["A", "Z", 0.5], ["1", "A", 0.5]]
+    with pytest.raises(TerritoryPackageError) as e:
+        load_package(write_package(tmp_path / "e", rows, sensors=["00", "01", "A"], edges=edges))
+    assert str(e.value).endswith(
+        "edges.csv: 3 of 4 edge(s) name sensor(s) not in sensors.csv: '0' (did you mean '00'?), '1' (did you mean "
+        "'01'?), 'Z' (data row(s) 1, 3, 4); fix: write the ids exactly as in sensors.csv (as text, leading zeros kept), "
+        "or remove those edges")
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: sensor\(s\) '1' \(did you mean '01'\?\), "
+                       r"'A ' \(did you mean 'A'\?\) are not in sensors.csv; fix"):
+        load_package(write_package(tmp_path / "o", [["2012-03-01 00:00", "1", 1.0], ["2012-03-01 00:00", "A ", 1.0]],
+                                   sensors=["00", "01", "A"]))
+    root = write_package(tmp_path / "s", rows, sensors=["00", "01", "A"])
+    (root / "sensors.csv").write_text("sensor_id,latitude,longitude\n00,34,-118\n01 ,34.01,-118\nA,34.02,-118\n")
+    with pytest.raises(TerritoryPackageError, match=r"sensors.csv: column 'sensor_id' has spaces around the id in data "
+                       r"row\(s\) 2, e.g. '01 '; fix: remove the spaces"):
+        load_package(root)
+
+
+def test_distance_weights_go_through_the_gaussian_kernel_and_large_similarities_are_flagged(tmp_path):
+    rows = [["2012-03-01 00:00", s, 1.0] for s in "abc"]
+    km = [["a", "b", 1.0], ["b", "c", 3.0]]
+    ds = load_package(write_package(tmp_path / "s", rows, sensors=list("abc"), edges=km,
+                                    graph={"edges": "edges.csv", "weight_kind": "distance", "sigma_km": 2.0}))
+    adj = ds.adjacency()  # undirected (directed false by default); exp(-(1/2)^2), exp(-(3/2)^2) >= 0.1
+    np.testing.assert_allclose(adj, [[1, np.exp(-0.25), 0], [np.exp(-0.25), 1, np.exp(-2.25)], [0, np.exp(-2.25), 1]],
+                               rtol=1e-6)
+    ds = load_package(write_package(tmp_path / "d", rows, sensors=list("abc"), edges=km,
+                                    graph={"edges": "edges.csv", "weight_kind": "distance"}))
+    # sigma = std of the listed distances = 1: exp(-1) kept, exp(-9) < threshold 0.1 left out
+    np.testing.assert_allclose(ds.adjacency(), [[1, np.exp(-1), 0], [np.exp(-1), 1, 0], [0, 0, 1]], rtol=1e-6)
+    ds = load_package(write_package(tmp_path / "m", rows, sensors=list("abc"), edges=[["a", "b", 1991.3]]))
+    flagged = [p for p in ds.extra["problems"] if p["code"] == "weights_above_one"]
+    assert flagged[0]["severity"] == "warning" and "1991" not in flagged[0]["message"]  # no data in the message
+    assert flagged[0]["message"].startswith("1 of 1 edge weight(s) of edges.csv exceed 1") and \
+        flagged[0]["message"].endswith("set graph.weight_kind: distance (km)")
+    with pytest.raises(TerritoryPackageError, match=r"field 'graph': edges is set, so \['k', 'method'\] would be "
+                       r"ignored: give edges, or \['k', 'method'\] \(a graph built from the coordinates\), not both; fix"):
+        load_package(write_package(tmp_path / "k", rows, sensors=list("abc"), edges=km,
+                                   graph={"edges": "edges.csv", "method": "knn", "k": 3}))
+
+
+def test_file_errors_name_the_place_and_the_fix(tmp_path):
+    rows = [["2012-03-01 00:00", "s1", 1.0]]
+    root = write_package(tmp_path / "y", rows)
+    (root / "territory.yaml").write_text("name: t\ninterval: 5min\nchannels:\n  - name: x\n   unit: y\n")
+    with pytest.raises(TerritoryPackageError, match=r"territory.yaml: line 5, column 4: not valid YAML: .*; fix: correct "
+                       r"the syntax at that place"):
+        load_package(root)
+    (root / "territory.yaml").write_text("name: t\n\tinterval: 5min\n")
+    with pytest.raises(TerritoryPackageError, match=r"line 2, column 1: not valid YAML: .* \(tabs are not allowed in YAML "
+                       r"indentation: use spaces\); fix"):
+        load_package(root)
+    (root / "territory.yaml").write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(TerritoryPackageError, match=r"line 1, column 7: YAML tags \(!!...\) are not allowed"):
+        load_package(root)
+    root = write_package(tmp_path / "semi", rows)
+    (root / "observations.csv").write_text("timestamp;sensor_id;speed\n2012-03-01 00:00;s1;1,5\n")
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: the header is separated by semicolons, not "
+                       r"commas; fix: save it as a comma-separated CSV with '.' as the decimal point"):
+        load_package(root)
+    root = write_package(tmp_path / "latin", rows)
+    (root / "sensors.csv").write_bytes("sensor_id,latitude,longitude,road\ns1,34,-118,Caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TerritoryPackageError, match=r"sensors.csv: not UTF-8 \(line 2 of the file holds byte 0xe9.*; "
+                       r"fix: save the file as UTF-8"):
+        load_package(root)
+    root = write_package(tmp_path / "wide", pd.DataFrame(), sensors=["00", "01"], observations={"layout": "wide"})
+    (root / "observations.csv").write_text("timestamp,00,01,00\n2012-03-01 00:00,1,2,3\n")
+    with pytest.raises(TerritoryPackageError, match=r"observations.csv: column\(s\) '00' appear more than once in the "
+                       r"header; fix"):
+        load_package(root)
+
+
+def test_covariate_and_range_messages_name_the_step_and_read_well(tmp_path):
+    rows = [[f"2012-03-01 00:{m:02d}", "s1", 50.0] for m in (0, 5, 10)]
+    root = write_package(tmp_path / "c", rows, covariates={"file": "weather.csv", "columns": ["temp"]})
+    pd.DataFrame({"timestamp": ["2012-03-01 00:00", "2012-03-01 00:05", "2012-03-01 00:10"],
+                  "temp": ["11", "", "12"]}).to_csv(root / "weather.csv", index=False)
+    with pytest.raises(TerritoryPackageError, match=r"weather.csv: column 'temp' is missing or not finite at 1 step\(s\), "
+                       r"e.g. '2012-03-01 00:05:00-08:00' \(data row\(s\) 2\); fix"):
+        load_package(root)
+    channels = [{"name": "speed", "unit": "transformed demand (z-score)", "type": "integer", "min": None}]
+    ds = load_package(write_package(tmp_path / "r", [["2012-03-01 00:00", "s1", -0.5], ["2012-03-01 00:05", "s1", -2]],
+                                    channels=channels))
+    msgs = {p["code"]: p["message"] for p in ds.extra["problems"]}
+    assert msgs["out_of_range"] == "1 speed value(s) outside the valid range any whole number: masked"
+    assert "negative_values" not in msgs  # min: null declares that negative values are intended

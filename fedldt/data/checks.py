@@ -37,7 +37,8 @@ def dataset_problems(ds: TerritoryDataset) -> list[dict[str, Any]]:
       outage written as zeros, or a sensor that never counts anything);
     * ``constant_sensor`` (warning): a sensor whose (at least two) valid values of a channel are
       all the same non-zero number (a stuck sensor);
-    * ``negative_values`` (info): valid negative values in a channel without a declared minimum.
+    * ``negative_values`` (info): valid negative values in a channel without a declared minimum
+      (a package channel that writes ``min: null`` declares that negative values are intended).
     """
     out: list[dict[str, Any]] = []
     if ds.mask.sum() == 0:
@@ -57,7 +58,7 @@ def dataset_problems(ds: TerritoryDataset) -> list[dict[str, Any]]:
         if const.any():
             problem(out, "constant_sensor", "warning", f"{int(const.sum())} sensor(s) never change their valid {name} "
                     "value (a stuck sensor?)", sensors=ds.node_ids[const])
-        if declared.get(name, {}).get("min") is None:
+        if declared.get(name, {}).get("min") is None and name not in ds.extra.get("min_declared", ()):
             neg = m & (v < 0)
             if neg.any():
                 problem(out, "negative_values", "info", f"{int(neg.sum())} valid {name} value(s) are negative; declare "
@@ -75,7 +76,8 @@ def history_problems(num_steps: int, window: int, horizon: int,
         try:
             window_starts(bounds, window, horizon, part)
         except ValueError as e:
-            problem(out, "too_little_history", "error", str(e))
+            problem(out, "too_little_history", "error",
+                    str(e).replace("change split.ratios", "change split.ratios (fedldt validate --split)"))
             break
     return out
 

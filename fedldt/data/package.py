@@ -20,6 +20,9 @@ interpolated), and every such fact is listed in ``dataset.extra["problems"]``.
 
 from __future__ import annotations
 
+import csv
+import difflib
+import io
 import re
 import zoneinfo
 from pathlib import Path
@@ -41,15 +44,32 @@ MANIFEST = "territory.yaml"
 #: Largest ``steps x sensors x channels`` a package may expand to (a mistyped date could ask for more).
 MAX_CELLS = 200_000_000
 DOC = "docs/data-format.md"
+#: ``fedldt validate``: a package with a smaller fraction of valid values is not usable (``low_coverage`` error) ...
+MIN_COVERAGE = 0.10
+#: ... and one below this fraction gets a ``low_coverage`` warning.
+LOW_COVERAGE = 0.50
 
 
 class TerritoryPackageError(ValueError):
-    """A territory data package that cannot be loaded; the message names the file, the field and the fix."""
+    """A territory data package that cannot be loaded; the message names the file, the field and the fix.
+
+    ``messages``: one or more such messages (the observations' independent faults come together, one
+    line each); ``str()`` joins them with newlines."""
+
+    def __init__(self, message: str | list[str]):
+        self.messages = [message] if isinstance(message, str) else list(message)
+        super().__init__("\n".join(self.messages))
 
 
 def _listing(items: list, limit: int = MAX_LISTED) -> str:
     shown = ", ".join(repr(str(x))[:60] for x in items[:limit])
     return f"{shown} and {len(items) - limit} more" if len(items) > limit else shown
+
+
+def _rows(index: np.ndarray, limit: int = MAX_LISTED) -> str:
+    """Data-row numbers (1 = the first row after the header) of 0-based ``index``, unquoted."""
+    rows = [str(int(i) + 1) for i in index]
+    return ", ".join(rows[:limit]) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
 
 
 # ---------------------------------------------------------------------------------- the schema
@@ -106,7 +126,10 @@ class SensorsSpec(_Strict):
 class GraphSpec(_Strict):
     """The sensor graph: ``edges`` (a CSV file of ``source,target,weight``) or, when absent, a graph
     built from the coordinates by ``method`` (``knn``: ``k`` nearest sensors, made symmetric;
-    ``gaussian``: ``exp(-(d/sigma_km)^2) >= threshold``), see :func:`fedldt.data.distance_graph`."""
+    ``gaussian``: ``exp(-(d/sigma_km)^2) >= threshold``), see :func:`fedldt.data.distance_graph`.
+    ``weight_kind``: ``similarity`` (default; larger = stronger link) or ``distance`` (km, turned into
+    ``exp(-(d/sigma_km)^2)``, edges below ``threshold`` left out). ``edges`` with ``method``/``k`` is
+    refused (one of them would be ignored)."""
 
     edges: str | None = None
     directed: bool = False
@@ -114,6 +137,17 @@ class GraphSpec(_Strict):
     k: int = Field(default=8, ge=1)
     sigma_km: float | None = Field(default=None, gt=0)
     threshold: float = Field(default=0.1, gt=0, le=1)
+    weight_kind: Literal["similarity", "distance"] = "similarity"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "GraphSpec":
+        both = sorted({"method", "k"} & self.model_fields_set) if self.edges is not None else []
+        if both:
+            raise ValueError(f"edges is set, so {both} would be ignored: give edges, or {both} (a graph built "
+                             "from the coordinates), not both")
+        if self.edges is None and "weight_kind" in self.model_fields_set:
+            raise ValueError("weight_kind describes the weights of an edges file: set edges, or remove weight_kind")
+        return self
 
 
 class CovariatesSpec(_Strict):
@@ -180,13 +214,30 @@ def _pydantic_message(path: Path, err: ValidationError) -> str:
     for e in err.errors()[:MAX_LISTED]:
         field = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parts.append(f"field '{field}': unknown key; fix: remove it or correct its spelling ({DOC} lists the keys)")
+            close = difflib.get_close_matches(str(e["loc"][-1]), list(TerritorySpec.model_fields), n=1) \
+                if len(e["loc"]) == 1 else []
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            parts.append(f"field '{field}': unknown key{hint}; fix: remove it or correct its spelling ({DOC} lists the keys)")
+        elif e["type"] == "string_pattern_mismatch" and field == "name":
+            parts.append("field 'name': letters, digits, '_', '.' and '-' only (no spaces), at most 64 characters; fix: "
+                         "e.g. pedalme_london")
         elif e["type"] == "missing":
             parts.append(f"field '{field}': required; fix: add it ({DOC})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             parts.append(f"field '{field}': {msg}; fix: correct it ({DOC})")
     return f"{path}: " + "; ".join(parts)
+
+
+def _yaml_message(path: Path, e: yaml.YAMLError) -> str:
+    """A YAML error with its line and column (1-based) and a fix."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = str(getattr(e, "problem", None) or e).splitlines()[0][:200]
+    if isinstance(e, yaml.constructor.ConstructorError):
+        return f"{path}: {where}YAML tags (!!...) are not allowed ({what}); fix: remove the tag, write plain values"
+    hint = " (tabs are not allowed in YAML indentation: use spaces)" if "\\t" in what or "\t" in what else ""
+    return f"{path}: {where}not valid YAML: {what}{hint}; fix: correct the syntax at that place"
 
 
 def read_spec(root: str | Path) -> TerritorySpec:
@@ -201,8 +252,10 @@ def read_spec(root: str | Path) -> TerritorySpec:
         raise TerritoryPackageError(f"{path}: not found; fix: a territory data package is a folder holding {MANIFEST} ({DOC})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise TerritoryPackageError(f"{path}: not valid UTF-8 YAML ({str(e).splitlines()[0][:200]}); fix: correct the syntax") from None
+    except UnicodeDecodeError as e:
+        raise TerritoryPackageError(f"{path}: not UTF-8 (byte {e.start}); fix: save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise TerritoryPackageError(_yaml_message(path, e)) from None
     if not isinstance(raw, dict):
         raise TerritoryPackageError(f"{path}: expected a mapping of keys (name, interval, timezone, ...); fix: see {DOC}")
     try:
@@ -237,10 +290,47 @@ def _read_table(path: Path, text_columns: tuple[str, ...]) -> pd.DataFrame:
         return df
     if path.suffix.lower() != ".csv":
         raise TerritoryPackageError(f"{path}: unknown file type; fix: use .csv or .parquet")
+    data = path.read_bytes()
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise TerritoryPackageError(f"{path}: not a readable UTF-8 CSV file ({str(e).splitlines()[0][:200]})") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise TerritoryPackageError(f"{path}: not UTF-8 (line {line} of the file holds byte 0x{data[e.start]:02x}, e.g. an "
+                                    "accented letter in another encoding); fix: save the file as UTF-8 (in a spreadsheet: "
+                                    "'CSV UTF-8')") from None
+    header = text.split("\n", 1)[0]
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        if sep in header and "," not in header:
+            raise TerritoryPackageError(f"{path}: the header is separated by {name}, not commas; fix: save it as a "
+                                        "comma-separated CSV with '.' as the decimal point (e.g. 12.5, not 12,5)")
+    try:
+        names = next(csv.reader([header]), [])
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
+        raise TerritoryPackageError(f"{path}: not a readable CSV file ({str(e).splitlines()[0][:200]}); fix: comma-separated, "
+                                    "one header row, the same number of cells in every row, '.' as the decimal point") from None
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TerritoryPackageError(f"{path}: column(s) {_listing(twice)} appear more than once in the header; fix: keep one "
+                                    "column per name (in the wide layout, one column per sensor)")
+    return df
+
+
+def _id_key(x: str) -> str:
+    """An id with surrounding spaces and leading zeros removed: two ids with the same key differ only
+    by what a spreadsheet or a careless export adds or drops."""
+    return x.strip().lstrip("0") or ("0" if x.strip() else "")
+
+
+def _unknown_ids(unknown: list[str], ids: np.ndarray) -> str:
+    """``unknown`` ids listed, each with a ``did you mean`` hint when a listed id differs from it only by
+    spaces around it or leading zeros."""
+    near: dict[str, str] = {}
+    for i in ids:
+        near.setdefault(_id_key(str(i)), str(i))
+    out = [f"{x!r} (did you mean {near[_id_key(x)]!r}?)" if _id_key(x) in near else repr(x) for x in unknown[:MAX_LISTED]]
+    more = f" and {len(unknown) - MAX_LISTED} more" if len(unknown) > MAX_LISTED else ""
+    return ", ".join(out) + more
 
 
 def _require(df: pd.DataFrame, columns: list[str], path: Path) -> None:
@@ -266,7 +356,7 @@ def _numbers(col: pd.Series, markers: list, where: str) -> tuple[np.ndarray, np.
         if bad.any():
             rows = np.flatnonzero(bad)
             raise TerritoryPackageError(f"{where}: {int(bad.sum())} cell(s) are not numbers, e.g. {_listing(s.iloc[rows].tolist())} "
-                               f"(data rows {_listing((rows + 1).tolist())}); fix: write numbers, leave the cell empty, or "
+                               f"(data rows {_rows(rows)}); fix: write numbers, leave the cell empty, or "
                                "declare the text in missing_values")
         missing = missing | np.isnan(v)
     if num_markers.size:
@@ -301,11 +391,15 @@ def _utc_times(raw: pd.Series, tz: str, groups: pd.Series | None, where: str) ->
     if groups is not None:
         key["g"] = groups.to_numpy()
     first = key.groupby(list(key.columns), sort=False).cumcount().to_numpy() == 0
-    try:
-        local = times.tz_localize(tz, ambiguous=first, nonexistent="raise")
-    except Exception as e:  # pytz.NonExistentTimeError and friends
-        raise TerritoryPackageError(f"{where}: local time {e} does not exist in {tz} (the clock skips it); fix: correct "
-                           "the stamp or give stamps with a UTC offset") from None
+    local = times.tz_localize(tz, ambiguous=first, nonexistent="NaT")
+    gap = np.asarray(local.isna())
+    if gap.any():
+        rows = np.flatnonzero(gap)
+        who = f" of sensor {str(groups.iloc[rows[0]])!r}" if groups is not None else ""
+        raise TerritoryPackageError(f"{where}: local time {str(raw.iloc[rows[0]]).strip()!r}{who} (data row {rows[0] + 1}; "
+                                    f"{len(rows)} such row(s)) does not exist in {tz}: the clock skips that hour when summer "
+                                    "time starts; fix: correct the stamp (e.g. an hour later), or write every stamp with its "
+                                    "UTC offset")
     return local.tz_convert("UTC").as_unit("ns")
 
 
@@ -319,7 +413,11 @@ def _read_sensors(root: Path, spec: TerritorySpec, problems: list) -> tuple[np.n
     ids = df["sensor_id"].astype(str).to_numpy()
     empty = [i + 1 for i, s in enumerate(ids) if s.strip() == ""]
     if empty:
-        raise TerritoryPackageError(f"{path}: column 'sensor_id' is empty in data row(s) {_listing(empty)}; fix: give every sensor an id")
+        raise TerritoryPackageError(f"{path}: column 'sensor_id' is empty in data row(s) {_rows(np.array(empty) - 1)}; fix: give every sensor an id")
+    spaced = [i + 1 for i, s in enumerate(ids) if s != s.strip()]
+    if spaced:
+        raise TerritoryPackageError(f"{path}: column 'sensor_id' has spaces around the id in data row(s) {_rows(np.array(spaced) - 1)}, "
+                                    f"e.g. {ids[spaced[0] - 1]!r}; fix: remove the spaces")
     dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if dup:
         raise TerritoryPackageError(f"{path}: column 'sensor_id' repeats {_listing(dup)}; fix: list each sensor once")
@@ -374,23 +472,40 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
     df = _read_table(path, ("source", "target"))
     _require(df, ["source", "target"], path)
     src, dst = df["source"].astype(str).to_numpy(), df["target"].astype(str).to_numpy()
+    distance = g.weight_kind == "distance"
+    if distance and "weight" not in df.columns:
+        raise TerritoryPackageError(f"{path}: column 'weight' missing, but weight_kind is distance; fix: add the distances "
+                                    "(km) or remove weight_kind")
     if "weight" in df.columns:
         w, w_missing = _numbers(df["weight"], [], f"{path}: column 'weight'")
-        bad = w_missing | ~np.isfinite(w) | (w <= 0)
+        bad = w_missing | ~np.isfinite(w) | ((w < 0) if distance else (w <= 0))
         if bad.any():
-            raise TerritoryPackageError(f"{path}: column 'weight' must be a positive number, not in data row(s) "
-                               f"{_listing((np.flatnonzero(bad) + 1).tolist())}; fix: correct them or drop those edges")
+            kind = "a distance >= 0 (km)" if distance else "a positive number"
+            raise TerritoryPackageError(f"{path}: column 'weight' must be {kind}; data row(s) "
+                                        f"{_rows(np.flatnonzero(bad))} are not; fix: correct them or drop "
+                                        "those edges")
     else:
         w = np.ones(len(df), dtype=np.float64)
+    if distance:  # DCRNN's thresholded Gaussian kernel, as for a graph built from coordinates
+        off = src != dst
+        sigma = g.sigma_km or (float(w[off].std()) if off.sum() > 1 else 0.0) or 1.0
+        w = np.where(off, np.exp(-((w / sigma) ** 2)), 1.0)
+        keep = ~off | (w >= g.threshold)
+        src, dst, w = src[keep], dst[keep], w[keep]
+    elif (w > 1).any():
+        problem(problems, "weights_above_one", "warning",
+                f"{int((w > 1).sum())} of {len(w)} edge weight(s) of {path.name} exceed 1, the weight of every "
+                "self-loop: weights are similarities (larger = stronger link); if these are distances, set "
+                "graph.weight_kind: distance (km)")
     index = pd.Index(ids)
     s_i, d_i = index.get_indexer(src), index.get_indexer(dst)
     unknown = (s_i < 0) | (d_i < 0)
     if unknown.any():
         names = sorted({x for x, k in zip(src, s_i) if k < 0} | {x for x, k in zip(dst, d_i) if k < 0})
-        problem(problems, "edges_unknown_sensors", "warning",
-                 f"{int(unknown.sum())} of {len(df)} edge(s) of {path.name} name sensor(s) not in {spec.sensors.file}; "
-                 "they were left out", sensors=names)
-    s_i, d_i, w = s_i[~unknown], d_i[~unknown], w[~unknown]
+        raise TerritoryPackageError(f"{path}: {int(unknown.sum())} of {len(df)} edge(s) name sensor(s) not in "
+                                    f"{spec.sensors.file}: {_unknown_ids(names, ids)} (data row(s) "
+                                    f"{_rows(np.flatnonzero(unknown))}); fix: write the ids exactly as in "
+                                    f"{spec.sensors.file} (as text, leading zeros kept), or remove those edges")
     pairs = pd.Series(s_i * max(n, 1) + d_i)
     if pairs.duplicated().any():
         raise TerritoryPackageError(f"{path}: edge(s) listed twice, e.g. {ids[s_i[pairs.duplicated().to_numpy()][0]]!r} -> "
@@ -424,6 +539,46 @@ def _long_table(root: Path, spec: TerritorySpec) -> tuple[pd.DataFrame, Path]:
     long = df.melt(id_vars=[o.timestamp_column], value_vars=sensors, var_name="sensor", value_name=channel,
                    ignore_index=True)
     return pd.DataFrame({"time": long[o.timestamp_column], "sensor": long["sensor"].astype(str), channel: long[channel]}), path
+
+
+DAY = pd.Timedelta("1D")
+
+
+def _calendar(spec: TerritorySpec) -> bool:
+    """Whether the grid follows the local calendar: ``interval`` a whole number of days."""
+    return spec.step % DAY == pd.Timedelta(0)
+
+
+def _grid(t0: int, num_steps: int, spec: TerritorySpec, calendar: bool) -> pd.DatetimeIndex:
+    """The grid in UTC: ``num_steps`` steps from ``t0`` (ns; local wall-clock time when ``calendar``,
+    else UTC). Calendar steps are local midnights (or the same local time each day): a step across a
+    daylight-saving change lasts 23 or 25 hours; a grid time that does not exist locally moves
+    forward to the first one that does, one that occurs twice is the first (summer-time) one."""
+    if not calendar:
+        return pd.date_range(pd.Timestamp(t0, tz="UTC"), periods=num_steps, freq=spec.step)
+    local = pd.date_range(pd.Timestamp(t0), periods=num_steps, freq=spec.step)
+    return local.tz_localize(spec.timezone, ambiguous=np.ones(num_steps, dtype=bool),
+                             nonexistent="shift_forward").tz_convert("UTC")
+
+
+def _off_grid_message(path: Path, spec: TerritorySpec, raw: pd.Series, off: np.ndarray, t0: int, calendar: bool,
+                      times: pd.DatetimeIndex) -> str:
+    """Stamps off the grid, quoted as written in the file, with a fix that fits the case."""
+    written = pd.unique(raw[off].astype(str).str.strip())
+    if calendar:
+        grid = (f"the {spec.interval} grid of local calendar days in {spec.timezone} that starts at "
+                f"{pd.Timestamp(t0):%Y-%m-%d %H:%M} local time")
+        utc = times.asi8
+        if ((utc - utc.min()) % spec.step.value == 0).all():
+            fix = (f"the stamps are regular in UTC but not in {spec.timezone} local time: if the days are UTC days, "
+                   "set timezone: UTC; else write local times (without offset)")
+        else:
+            fix = "give every stamp the same local time of day (e.g. 00:00), or correct 'interval'"
+    else:
+        grid = f"the {spec.interval} grid that starts at {pd.Timestamp(t0, tz='UTC').tz_convert(spec.timezone)}"
+        fix = "resample to the interval or correct 'interval'"
+    return (f"{path}: {int(off.sum())} row(s) with {len(written)} distinct timestamp(s) are off {grid}, e.g. "
+            f"{_listing(list(written))}; fix: {fix}")
 
 
 def load_package(path: str | Path) -> TerritoryDataset:
@@ -469,32 +624,42 @@ def load_package(path: str | Path) -> TerritoryDataset:
     times = _utc_times(table["time"], spec.timezone, table["sensor"],
                        f"{obs_path}: column '{spec.observations.timestamp_column}'")
     node = pd.Index(ids).get_indexer(table["sensor"])
+    # the observations' faults are collected, so that one run reports them all (a fault of the
+    # time grid stops the checks that need the grid: duplicates)
+    errors: list[str] = []
     unknown = sorted(set(table["sensor"][node < 0]))
     if unknown:
-        raise TerritoryPackageError(f"{obs_path}: sensor(s) {_listing(unknown)} are not in {spec.sensors.file}; fix: add them "
-                           "(with coordinates) to it, or remove their rows")
+        errors.append(f"{obs_path}: sensor(s) {_unknown_ids(unknown, ids)} are not in {spec.sensors.file}; fix: "
+                      "write the ids exactly as there (as text, leading zeros kept), add the sensors (with "
+                      "coordinates) to it, or remove their rows")
     step_ns = spec.step.value
-    t_ns = times.asi8
+    # intervals of whole days follow the local calendar (local midnight each day or week, a 23- or
+    # 25-hour day across a daylight-saving change); shorter intervals are exact durations in UTC
+    calendar = _calendar(spec)
+    axis = times.tz_convert(spec.timezone).tz_localize(None) if calendar else times
+    t_ns = axis.asi8
     t0, t1 = int(t_ns.min()), int(t_ns.max())
     off = (t_ns - t0) % step_ns != 0
     if off.any():
-        raise TerritoryPackageError(f"{obs_path}: {int(off.sum())} timestamp(s) are off the {spec.interval} grid that starts at "
-                           f"{pd.Timestamp(t0, tz='UTC')}, e.g. {_listing(times[off].unique().astype(str).tolist())}; "
-                           "fix: resample to the interval or correct 'interval'")
+        raise TerritoryPackageError(errors + [_off_grid_message(obs_path, spec, table["time"], off, t0, calendar, times)])
     num_steps = (t1 - t0) // step_ns + 1
     if num_steps * len(ids) * len(spec.channels) > MAX_CELLS:
-        raise TerritoryPackageError(f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} values; fix: "
-                           "check the timestamps for a wrong date, or split the period")
+        raise TerritoryPackageError(errors + [f"{obs_path}: {num_steps} steps x {len(ids)} sensors is more than {MAX_CELLS} "
+                                              "values; fix: check the timestamps for a wrong date, or split the period"])
     step = ((t_ns - t0) // step_ns).astype(np.int64)
-    grid = pd.date_range(pd.Timestamp(t0, tz="UTC"), periods=num_steps, freq=spec.step)
+    grid = _grid(t0, num_steps, spec, calendar)
 
-    # one (step, node) key per row; values and missing flags per channel
-    key = step * len(ids) + node
+    # one (step, node) key per row (rows of unknown sensors: a key of their own); values and missing flags per channel
+    key = np.where(node >= 0, step * len(ids) + node, -1 - np.arange(len(table)))
     names = [c.name for c in spec.channels]
     vals = np.zeros((len(table), len(names)), dtype=np.float64)
     valid = np.zeros((len(table), len(names)), dtype=bool)
     for k, ch in enumerate(spec.channels):
-        v, missing = _numbers(table[ch.name], spec.missing_values, f"{obs_path}: column '{ch.name}'")
+        try:
+            v, missing = _numbers(table[ch.name], spec.missing_values, f"{obs_path}: column '{ch.name}'")
+        except TerritoryPackageError as e:
+            errors += e.messages
+            continue
         finite = np.isfinite(v) & ~missing
         if (~np.isfinite(v) & ~np.isnan(v)).any():
             problem(problems, "infinite", "warning", f"{int((~np.isfinite(v) & ~np.isnan(v)).sum())} infinite "
@@ -515,9 +680,17 @@ def load_package(path: str | Path) -> TerritoryDataset:
         n_dup = int(pd.Series(key[dup]).nunique())
         where = dict(sensors=pd.unique(table["sensor"][dup]), timestamps=times[dup].unique())
         if spec.duplicates == "error":
-            raise TerritoryPackageError(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. "
-                               f"{_listing(where['timestamps'].astype(str).tolist())}; fix: remove them, or set "
-                               f"duplicates: mean|first in {MANIFEST}")
+            rows = np.flatnonzero(key == key[dup][0])
+            errors.append(f"{obs_path}: {n_dup} (timestamp, sensor) pair(s) occur more than once, e.g. sensor "
+                          f"{str(table['sensor'].iloc[rows[0]])!r} at {str(table['time'].iloc[rows[0]]).strip()!r} "
+                          f"in data rows {_rows(rows)}; fix: remove them, or set duplicates: mean|first in {MANIFEST}")
+    if errors:  # the graph's own faults join them
+        try:
+            _graph(root, spec, ids, coords, [])
+        except TerritoryPackageError as e:
+            errors += e.messages
+        raise TerritoryPackageError(errors)
+    if dup.any():
         frame = pd.DataFrame(np.where(valid, vals, np.nan), columns=names)
         frame["key"] = key
         agg = frame.groupby("key", sort=False).agg(spec.duplicates)  # NaN (invalid) ignored; first = file order
@@ -554,6 +727,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
         "problems": problems, "timezone": spec.timezone, "interval": spec.interval,
         "provenance": spec.provenance, "licence": spec.licence,
         "valid_range": {c.name: c.valid_range().to_json() for c in spec.channels},
+        "min_declared": [c.name for c in spec.channels if "min" in c.model_fields_set or c.non_negative],
     }
     if spec.covariates is not None:
         extra["covariates"], extra["covariate_names"] = _covariates(root, spec, grid)
@@ -584,9 +758,12 @@ def _covariates(root: Path, spec: TerritorySpec, grid: pd.DatetimeIndex) -> tupl
     for k, name in enumerate(c.columns):
         v, missing = _numbers(df[name], spec.missing_values, f"{path}: column '{name}'")
         v = v[pos]
-        if (missing[pos] | ~np.isfinite(v)).any():
-            raise TerritoryPackageError(f"{path}: column '{name}' is missing or not finite at {int((missing[pos] | ~np.isfinite(v)).sum())} "
-                               "step(s); fix: covariates must be complete (the model reads them without a mask)")
+        bad = missing[pos] | ~np.isfinite(v)
+        if bad.any():
+            raise TerritoryPackageError(f"{path}: column '{name}' is missing or not finite at {int(bad.sum())} step(s), e.g. "
+                                        f"{_listing(grid[bad].tz_convert(spec.timezone).astype(str).tolist())} (data row(s) "
+                                        f"{_rows(pos[bad])}); fix: covariates must be complete (the model "
+                                        "reads them without a mask)")
         out[:, k] = v
     return out.astype(np.float32), list(c.columns)
 
@@ -597,22 +774,33 @@ def validate_package(path: str | Path, window: int = 12, horizon: int = 12,
     """The report of ``fedldt validate``: load the package (:func:`load_package`, its checks
     included) and check that each train/val/test part holds one window.
 
+    ``low_coverage``: an error when under :data:`MIN_COVERAGE` of the values are valid, a warning
+    under :data:`LOW_COVERAGE`.
+
     Returns:
         JSON-able ``{"package", "usable", "num_sensors", "num_steps", "interval", "coverage",
         "problems"}``: ``coverage`` the fraction of valid (mask 1) entries, ``problems`` as in
-        :mod:`fedldt.data.checks`. A package that cannot be loaded gives ``usable: false`` and one
-        ``unreadable`` error whose message names the file, field and fix; sizes are then ``null``.
+        :mod:`fedldt.data.checks`. A package that cannot be loaded gives ``usable: false`` and an
+        ``unreadable`` error per fault found (the first fatal one, with the observations' independent
+        faults and the graph's), whose message names the file, field and fix; sizes are then ``null``.
     """
     report: dict[str, Any] = {"package": str(path), "usable": False, "num_sensors": None, "num_steps": None,
                               "interval": None, "coverage": None, "problems": []}
     try:
         ds = load_package(path)
     except TerritoryPackageError as e:
-        problem(report["problems"], "unreadable", "error", str(e))
+        for message in e.messages:
+            problem(report["problems"], "unreadable", "error", message)
         return report
     problems = list(ds.extra["problems"]) + history_problems(ds.num_steps, window, horizon, split)
+    coverage = float(ds.mask.mean())
+    if 0 < coverage < LOW_COVERAGE:
+        severity = "error" if coverage < MIN_COVERAGE else "warning"
+        problem(problems, "low_coverage", severity, f"only {100 * coverage:.2f} % of the values are valid (mask 1); "
+                f"below {100 * MIN_COVERAGE:g} % the package is not usable, below {100 * LOW_COVERAGE:g} % it is "
+                "reported; fix: check missing_values, the channels' min/max/type and the interval")
     report.update(usable=is_usable(problems), num_sensors=ds.num_nodes, num_steps=ds.num_steps,
-                  interval=ds.extra["interval"], coverage=round(float(ds.mask.mean()), 6), problems=problems)
+                  interval=ds.extra["interval"], coverage=round(coverage, 6), problems=problems)
     return report
 
 

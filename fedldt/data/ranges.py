@@ -66,7 +66,8 @@ class ValidRange:
         return bad
 
     def describe(self, unit: str = "") -> str:
-        """E.g. ``"0 to 120 mph"``, ``"at least 0 kWh"``, ``"any number"``."""
+        """E.g. ``"0 to 120 mph"``, ``"at least 0 kWh"``, ``"any number"`` (no unit when
+        unbounded)."""
         u = f" {unit}" if unit else ""
         kind = " (whole numbers)" if self.type == "integer" else ""
         if self.min is not None and self.max is not None:
@@ -75,7 +76,7 @@ class ValidRange:
             return f"at least {self.min:g}{u}{kind}"
         if self.max is not None:
             return f"at most {self.max:g}{u}{kind}"
-        return f"any number{u}{kind}"
+        return "any whole number" if self.type == "integer" else "any number"
 
     def to_json(self) -> dict[str, Any]:
         return {"min": self.min, "max": self.max, "type": self.type}

@@ -12,6 +12,13 @@ from torch_geometric.utils import subgraph
 from fedldt.data.graph import complete_self_loops
 
 
+def _fixed(ns: np.ndarray, calendar: bool = False) -> bool:
+    """Whether ``ns`` (int64 ns) increases by one fixed step (``calendar``: a whole number of days)."""
+    steps = np.diff(ns)
+    day = pd.Timedelta("1D").value
+    return bool((steps == steps[0]).all() and steps[0] > 0 and (not calendar or steps[0] % day == 0))
+
+
 @dataclass
 class TerritoryDataset:
     """Spatio-temporal data of one territory (or of a whole network before partitioning).
@@ -23,7 +30,9 @@ class TerritoryDataset:
         mask: ``[time, node, channel]`` float32, 1 = valid observation, 0 = missing.
         timestamps: pandas ``DatetimeIndex`` of length ``time`` with a fixed interval: naive
             (built-in datasets) or tz-aware in the territory's IANA time zone (territory data
-            packages), whose ``hour``/``day_of_week`` are local wall-clock time.
+            packages), whose ``hour``/``day_of_week`` are local wall-clock time. A tz-aware
+            interval of whole days is fixed in local calendar time (local midnights: 23- or
+            25-hour steps across daylight-saving changes).
         node_ids: ``[node]`` sensor identifiers (strings), in the order of the node axis.
         edge_index: ``[2, num_edges]`` int64 sensor graph, source row 0, target row 1; on
             construction it gets exactly one self-loop per node (added with weight 1 where
@@ -76,7 +85,12 @@ class TerritoryDataset:
 
     @property
     def freq(self) -> pd.Timedelta:
-        """The fixed sampling interval."""
+        """The fixed sampling interval; for tz-aware timestamps on local calendar days (a day or a week,
+        23 or 25 hours across a daylight-saving change) the nominal one, e.g. ``1D``."""
+        if self.timestamps.tz is not None:
+            local = pd.Timedelta(self.timestamps[1].tz_localize(None) - self.timestamps[0].tz_localize(None))
+            if local > pd.Timedelta(0) and local % pd.Timedelta("1D") == pd.Timedelta(0):
+                return local
         return pd.Timedelta(self.timestamps[1] - self.timestamps[0])
 
     # ------------------------------------------------------------------ checks
@@ -99,10 +113,10 @@ class TerritoryDataset:
             raise ValueError(f"{where}: {len(self.timestamps)} timestamps for {self.num_steps} steps")
         if not isinstance(self.timestamps, pd.DatetimeIndex):
             raise ValueError(f"{where}: timestamps must be a pandas DatetimeIndex")
-        if self.num_steps >= 2:
-            steps = np.diff(self.timestamps.asi8)
-            if (steps != steps[0]).any() or steps[0] <= 0:
-                raise ValueError(f"{where}: timestamps must be increasing with a fixed interval")
+        if self.num_steps >= 2 and not (_fixed(self.timestamps.asi8) or (
+                self.timestamps.tz is not None and _fixed(self.timestamps.tz_localize(None).asi8, calendar=True))):
+            raise ValueError(f"{where}: timestamps must be increasing with a fixed interval (in local calendar days "
+                             "when the interval is whole days)")
         if self.node_ids.shape != (self.num_nodes,):
             raise ValueError(f"{where}: {self.node_ids.shape[0]} node ids for {self.num_nodes} nodes")
         if len(set(self.node_ids.tolist())) != self.num_nodes:
