@@ -24,8 +24,7 @@ def test_synthetic_round_through_flower_is_reproducible(synthetic_dir, tmp_path)
     assert a["test_per_territory"] == b["test_per_territory"]
     hist = pd.read_csv(tmp_path / "a" / "history.csv")
     assert list(hist["territory"]) == ["t0", "t1"] and hist["val_mae_all"].notna().all()
-    c = run_simulation(overrides[:-1] + ["seed=4"], tmp_path / "c", num_supernodes=2)
-    assert c["test"]["mae"]["all"] != a["test"]["mae"]["all"]
+    # That another seed gives other numbers is shown without Flower (tests/test_engine.py).
 
 
 def test_los_loop_3_two_rounds_end_to_end(los_loop_run):

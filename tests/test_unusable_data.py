@@ -80,3 +80,10 @@ def test_packages_refuse_an_unusable_package(tmp_path):
     with pytest.raises(UnusableData, match=r"t1: not usable \(no_valid_data\)") as e:
         load_packages(str(out))
     assert e.value.codes == ("no_valid_data",)
+
+
+def test_codes_of_the_newer_checks_travel_as_themselves_and_others_as_other():
+    from fedldt.data.checks import UnusableData
+
+    assert UnusableData("m", ["low_coverage", "weights_above_one"]).codes == ("low_coverage", "weights_above_one")
+    assert UnusableData("m", ["sensor 0717804 is dead"]).codes == ("other",)

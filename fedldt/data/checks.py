@@ -90,7 +90,7 @@ def is_usable(problems: list[dict[str, Any]]) -> bool:
 #: Every problem code the checks give: the only words about a territory's data that may leave it
 #: (a territory that refuses to train tells the server these, nothing else; :class:`UnusableData`).
 PROBLEM_CODES = ("gaps", "missing_values", "infinite", "out_of_range", "duplicates", "sensor_without_data",
-                 "edges_unknown_sensors", "isolated_sensor", "no_coordinates", "all_zero_sensor", "constant_sensor",
+                 "isolated_sensor", "low_coverage", "weights_above_one", "no_coordinates", "all_zero_sensor", "constant_sensor",
                  "negative_values", "no_valid_data", "too_little_history", "unreadable")
 
 
