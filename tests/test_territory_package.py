@@ -421,3 +421,34 @@ def test_covariate_and_range_messages_name_the_step_and_read_well(tmp_path):
     msgs = {p["code"]: p["message"] for p in ds.extra["problems"]}
     assert msgs["out_of_range"] == "1 speed value(s) outside the valid range any whole number: masked"
     assert "negative_values" not in msgs  # min: null declares that negative values are intended
+
+
+# ---------------------------------------------------------------------------------- outages
+def test_constant_runs_known_answer():
+    from fedldt.data.checks import constant_runs
+
+    v = np.array([5, 5, 5, 5, 1, 2, 2, 0, 0, 0], dtype=np.float32)[:, None, None]
+    m = np.ones_like(v)
+    assert constant_runs(v, m, 2)[:, 0, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    m[2] = 0  # a masked step ends a run: 5 5 | 5 5 are two runs of two
+    assert constant_runs(v, m, 2)[:, 0, 0].tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_runs_longer_than_max_constant_are_suspected_outages(tmp_path, masked):
+    # hourly: 4 h of 5 mph (longer than 2 h), then 1, 2, 2, then 3 h of zeros (also longer)
+    series = [5, 5, 5, 5, 1, 2, 2, 0, 0, 0]
+    rows = [[f"2012-03-01 {h:02d}:00", "s1", x] for h, x in enumerate(series)]
+    ds = load_package(write_package(tmp_path, rows, interval="1h",
+                                    outages={"max_constant": "2h", "mask": masked}))
+    (p,) = [p for p in ds.extra["problems"] if p["code"] == "suspected_outage"]
+    assert p["severity"] == "warning" and p["sensors"] == ["s1"] and p["message"].startswith("7 valid speed value(s)")
+    expected = [0, 0, 0, 0, 1, 1, 1, 0, 0, 0] if masked else [1] * 10
+    assert ds.mask[:, 0, 0].tolist() == expected
+    np.testing.assert_array_equal(ds.values[:, 0, 0], series)  # values kept as read; only the mask changes
+
+
+def test_outages_need_a_duration(tmp_path):
+    with pytest.raises(TerritoryPackageError, match="max_constant"):
+        load_package(write_package(tmp_path, [["2012-03-01 00:00", "s1", 1]], interval="1h",
+                                   outages={"max_constant": "often"}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import numpy as np
+import pandas as pd
 
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds, window_starts
@@ -66,6 +67,58 @@ def dataset_problems(ds: TerritoryDataset) -> list[dict[str, Any]]:
     return out
 
 
+def constant_runs(values: np.ndarray, mask: np.ndarray, min_steps: int) -> np.ndarray:
+    """Steps inside runs of identical valid values longer than ``min_steps`` steps.
+
+    Args:
+        values: ``[time, node, channel]`` observations.
+        mask: same shape, 1 = valid; a masked step ends a run.
+        min_steps: a run of more than this many consecutive valid steps holding the same value
+            (zeros included) is marked.
+
+    Returns:
+        ``[time, node, channel]`` bool, True on every step of such a run (valid steps only).
+        Example: one series ``5 5 5 5 1 2 2`` with ``min_steps=2`` marks the first four steps.
+    """
+    t = values.shape[0]
+    if t == 0:
+        return np.zeros(values.shape, dtype=bool)
+    v = values.reshape(t, -1)
+    m = mask.reshape(t, -1) > 0
+    same = (v[1:] == v[:-1]) & m[1:] & m[:-1]
+    starts = np.concatenate([np.ones((1, v.shape[1]), dtype=bool), ~same], axis=0)
+    run_id = np.cumsum(starts.T.reshape(-1)) - 1  # column by column: a new column always starts a run
+    lengths = np.bincount(run_id)
+    long = (lengths[run_id] > min_steps).reshape(v.shape[1], t).T & m
+    return long.reshape(values.shape)
+
+
+def outage_problems(values: np.ndarray, mask: np.ndarray, node_ids: np.ndarray, channels: Iterable[str],
+                    interval: pd.Timedelta, max_constant: pd.Timedelta, masked: bool) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """``suspected_outage`` (warning): runs of one repeated value (zeros included) lasting longer
+    than ``max_constant`` (a sensor that stopped and kept writing its last value or 0).
+
+    Args:
+        values, mask: ``[time, node, channel]``; interval: the grid step.
+        max_constant: the longest plausible run of one value; masked: whether the runs are masked.
+
+    Returns:
+        the problems and the ``[time, node, channel]`` bool array of the steps in such runs.
+    """
+    min_steps = int(max_constant // interval)
+    runs = constant_runs(values, mask, min_steps)
+    out: list[dict[str, Any]] = []
+    for k, name in enumerate(channels):
+        hit = runs[:, :, k]
+        if hit.any():
+            action = "masked" if masked else "kept (set outages.mask: true to mask them)"
+            problem(out, "suspected_outage", "warning",
+                    f"{int(hit.sum())} valid {name} value(s) of {int(hit.any(axis=0).sum())} sensor(s) lie in runs of one "
+                    f"repeated value longer than {max_constant} (outages.max_constant): {action}",
+                    sensors=np.asarray(node_ids)[hit.any(axis=0)])
+    return out, runs
+
+
 def history_problems(num_steps: int, window: int, horizon: int,
                      split: tuple[float, float, float] = (0.7, 0.1, 0.2)) -> list[dict[str, Any]]:
     """``too_little_history`` (error) when a chronological train/val/test part of ``num_steps``
@@ -91,7 +144,7 @@ def is_usable(problems: list[dict[str, Any]]) -> bool:
 #: (a territory that refuses to train tells the server these, nothing else; :class:`UnusableData`).
 PROBLEM_CODES = ("gaps", "missing_values", "infinite", "out_of_range", "duplicates", "sensor_without_data",
                  "isolated_sensor", "low_coverage", "weights_above_one", "no_coordinates", "all_zero_sensor", "constant_sensor",
-                 "negative_values", "no_valid_data", "too_little_history", "unreadable")
+                 "negative_values", "no_valid_data", "too_little_history", "unreadable", "suspected_outage")
 
 
 class UnusableData(ValueError):

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedldt.data.charged_ev import distance_graph
-from fedldt.data.checks import MAX_LISTED, dataset_problems, history_problems, is_usable, problem
+from fedldt.data.checks import MAX_LISTED, dataset_problems, history_problems, is_usable, outage_problems, problem
 from fedldt.data.ranges import ValidRange
 from fedldt.data.territory import TerritoryDataset
 
@@ -159,6 +159,25 @@ class CovariatesSpec(_Strict):
     timestamp_column: str = "timestamp"
 
 
+class OutagesSpec(_Strict):
+    """Suspected outages: runs of one repeated value (zeros included) longer than
+    ``max_constant`` (a duration such as ``6h``) are reported; ``mask: true`` also masks them."""
+
+    max_constant: str
+    mask: bool = False
+
+    @field_validator("max_constant")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        try:
+            td = pd.Timedelta(v)
+        except (ValueError, TypeError):
+            raise ValueError(f"{v!r} is not a duration; write it like 6h or 2D") from None
+        if td <= pd.Timedelta(0):
+            raise ValueError(f"{v!r} must be a positive duration")
+        return v
+
+
 class TerritorySpec(_Strict):
     """``territory.yaml`` (see ``docs/data-format.md``)."""
 
@@ -172,6 +191,7 @@ class TerritorySpec(_Strict):
     missing_values: list[float | str] = []
     duplicates: Literal["mean", "first", "error"] = "error"
     covariates: CovariatesSpec | None = None
+    outages: OutagesSpec | None = None
     provenance: str = Field(min_length=1)
     licence: str = Field(min_length=1)
 
@@ -705,6 +725,12 @@ def load_package(path: str | Path) -> TerritoryDataset:
     s_idx, n_idx = np.divmod(key, len(ids))
     values[s_idx, n_idx] = vals.astype(np.float32)
     mask[s_idx, n_idx] = valid.astype(np.float32)
+    if spec.outages is not None:
+        found, runs = outage_problems(values, mask, ids, names, pd.Timedelta(spec.interval),
+                                      pd.Timedelta(spec.outages.max_constant), spec.outages.mask)
+        problems += found
+        if spec.outages.mask:
+            mask[runs] = 0.0
     present = np.zeros(num_steps, dtype=bool)
     present[s_idx] = True
     if not present.all():
