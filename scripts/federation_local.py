@@ -20,13 +20,14 @@ from omegaconf import DictConfig
 from fedldt.config import CONF_DIR, num_territories, resolve_config
 from fedldt.launch.loopback import LocalFederation
 from fedldt.launch.provenance import begin_run, guard_checkout
-from fedldt.launch.simulation import interruptible
+from fedldt.launch.simulation import config_errors, interruptible
 from fedldt.results import summary_table
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    resolved = resolve_config(cfg)  # fail fast on a bad config or data path, before Flower starts
+    with config_errors():  # fail fast on a bad config or data path, before Flower starts
+        resolved = resolve_config(cfg)
     hc = HydraConfig.get()
     overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     run_dir = Path(hc.runtime.output_dir)

@@ -19,13 +19,14 @@ from omegaconf import DictConfig
 
 from fedldt.config import CONF_DIR, checkout_path, resolve_config
 from fedldt.launch.provenance import begin_run, guard_checkout
-from fedldt.launch.simulation import interruptible
+from fedldt.launch.simulation import config_errors, interruptible
 from fedldt.sweep import ARTIFACTS, run_sweep
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    resolved = resolve_config(cfg)
+    with config_errors():
+        resolved = resolve_config(cfg)
     hc = HydraConfig.get()
     overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     publish = checkout_path(resolved["sweep"].get("publish_dir"))

@@ -82,6 +82,21 @@ def interruptible(note: str = "") -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Report a bad config as one line instead of a traceback: a
+    :class:`fedldt.schema.ConfigError` (the key, the value, the allowed range, where to set it)
+    inside the block is printed as ``fedldt: bad config: <message>`` on stderr and the script
+    exits with status 2, before any process is started."""
+    from fedldt.schema import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        print(f"fedldt: bad config: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def _bin(name: str) -> str:
     """A console script of this environment (next to the running Python), else from PATH."""
     cand = Path(sys.executable).parent / name
