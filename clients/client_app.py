@@ -3,7 +3,8 @@ packs the reply. The same app serves simulation and deployment; everything terri
 comes from the SuperNode's node config (see ``docs/deploy.md``):
 
 * ``territory`` (deployment) or ``partition-id`` (simulation): the territory index;
-* ``data-root`` / ``data-path``: the territory's own data location (replaces the server's path);
+* ``data-path`` / ``data-root``: the territory's own data: its territory data package (which then
+  replaces the server's dataset), or its dataset folder (replaces the server's path);
 * ``out-dir``: the territory's output folder (its egress log, ``egress.jsonl``).
 
 The run config arrives as JSON in every message. Every reply passes the egress mod of the

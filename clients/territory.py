@@ -15,8 +15,10 @@ from typing import Any, Mapping
 
 import torch
 
-from fedldt.config import load_territories
+from fedldt.config import load_territories, reads_packages
 from fedldt.data.checks import require_usable
+from fedldt.data.package import MANIFEST, load_package
+from fedldt.data.territory import TerritoryDataset
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
 from fedldt.results import evaluation_sums, sums_to_record, territory_info
@@ -41,13 +43,23 @@ def territory_index(node_config: Mapping[str, Any]) -> int:
     )
 
 
+#: Key of the ``dataset`` block :func:`territory_config` writes when the SuperNode's data is its
+#: own territory data package (node config ``data-path`` naming a folder with ``territory.yaml``).
+OWN_PACKAGE = "own_package"
+
+
 def territory_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> dict[str, Any]:
     """The run config as this territory uses it: its own data location replaces the server's.
 
-    The server sends ``dataset.path`` as resolved on *its* machine. A territory holds its own
-    data, so its SuperNode's node config may name where (checked in this order):
+    The server sends ``dataset.path`` as resolved on *its* machine (in a deployment the
+    coordinator has no data: the path need not exist there). A territory holds its own data, so
+    its SuperNode's node config may name where (checked in this order):
 
-    * ``data-path``: the dataset folder itself (e.g. ``"/srv/data/los_loop"``);
+    * ``data-path``: either the territory's own **territory data package** (a folder holding
+      ``territory.yaml``, ``docs/data-format.md``), which is then its whole data, whatever dataset
+      the server names (its name, sizes and valid ranges come from the package; no partition
+      runs); or the dataset folder itself (e.g. ``"/srv/data/los_loop"``, or for
+      ``dataset=packages`` a folder of package sub-folders);
     * ``data-root``: the folder of datasets (e.g. ``"/srv/data"``); the dataset folder is
       ``<data-root>/<last component of the server's dataset.path>`` (``los_loop``), the layout
       of ``conf/dataset/*.yaml`` (``${paths.data_root}/<folder>``).
@@ -59,13 +71,18 @@ def territory_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
         node_config: the SuperNode's node config (``context.node_config``).
 
     Returns:
-        A copy of ``cfg`` with ``dataset.path`` replaced when the node config names one.
+        A copy of ``cfg`` with ``dataset.path`` replaced when the node config names one; for a
+        package, ``dataset`` is ``{"own_package": <folder>, "name": <the server's dataset name>}``
+        (:data:`OWN_PACKAGE`, read by :func:`own_territory`).
 
     Raises:
         ValueError: the node config path is relative.
-        FileNotFoundError: the resulting dataset folder does not exist (node config key named).
+        FileNotFoundError: the resulting folder does not exist, is empty, or (``dataset=packages``)
+            holds neither ``territory.yaml`` nor a package sub-folder (node config key named).
+        NotADirectoryError: the resulting path is a file (node config key named).
     """
     out = json.loads(json.dumps(cfg))
+    out["dataset"].pop(OWN_PACKAGE, None)  # only the territory's own node config names its package
     server_path = Path(str(out["dataset"]["path"]))
     if "data-path" in node_config:
         key, path = "data-path", Path(str(node_config["data-path"])).expanduser()
@@ -73,26 +90,54 @@ def territory_config(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
         key, path = "data-root", Path(str(node_config["data-root"])).expanduser() / server_path.name
     else:
         return out
+    given = f"node config {key}={node_config[key]!r}"
+    fix = (f"fix the SuperNode's --node-config {key}: the territory's data package folder (holding {MANIFEST}, "
+           "docs/data-format.md) or the dataset folder")
     if not path.is_absolute():
-        raise ValueError(f"node config {key}={node_config[key]!r} must be an absolute path (restart the SuperNode "
+        raise ValueError(f"{given} must be an absolute path (restart the SuperNode "
                          f"with --node-config '{key}=\"/abs/path\"')")
     if not path.exists():
-        raise FileNotFoundError(f"dataset folder {path} (from node config {key}={node_config[key]!r}) does not exist on "
-                                f"this territory; fix the SuperNode's --node-config {key}")
+        raise FileNotFoundError(f"dataset folder {path} (from {given}) does not exist on this territory; {fix}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} (from {given}) is a file, not a folder; {fix}")
+    if (path / MANIFEST).is_file():  # the territory's own package: its whole data
+        out["dataset"] = {OWN_PACKAGE: str(path), "name": str(out["dataset"].get("name", "packages"))}
+        return out
+    if not any(path.iterdir()):
+        raise FileNotFoundError(f"{path} (from {given}) is an empty folder; {fix}")
+    if reads_packages(out) and not any((d / MANIFEST).is_file() for d in path.iterdir() if d.is_dir()):
+        raise FileNotFoundError(f"{path} (from {given}) is neither a territory data package (no {MANIFEST}) nor a "
+                                f"folder of packages (no sub-folder holds one) for dataset=packages; {fix}")
     out["dataset"]["path"] = str(path)
     return out
+
+
+def own_territory(cfg: Mapping[str, Any], index: int) -> TerritoryDataset:
+    """The territory's data: its own package (``dataset.own_package``, see :func:`territory_config`),
+    loaded alone (:func:`fedldt.data.load_package`), or its share (``index``) of the dataset and
+    partition the config names (:func:`fedldt.config.load_territories`).
+
+    Raises:
+        ValueError: ``index`` is outside the config's territories; TerritoryPackageError (a
+            ``ValueError``) or the loader's own errors for data that cannot be read.
+    """
+    package = cfg["dataset"].get(OWN_PACKAGE)
+    if package is not None:
+        return load_package(package)
+    territories = load_territories(dict(cfg))
+    if not 0 <= index < len(territories):
+        raise ValueError(f"territory index {index} is outside 0..{len(territories) - 1} for pilot '{cfg['name']}'")
+    return territories[index]
 
 
 @lru_cache(maxsize=8)
 def _task(cfg_json: str, index: int) -> TerritoryTask:
     cfg = json.loads(cfg_json)
-    territories = load_territories(cfg)
-    if not 0 <= index < len(territories):
-        raise ValueError(f"territory index {index} is outside 0..{len(territories) - 1} for pilot '{cfg['name']}'")
+    ds = own_territory(cfg, index)
     t = cfg["task"]
     # the checks of `fedldt validate`: never train on unusable data; the server learns the problem codes only
-    require_usable(territories[index], int(t["window"]), int(t["horizon"]), tuple(t["split"]))
-    return task_from_config(territories[index], cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
+    require_usable(ds, int(t["window"]), int(t["horizon"]), tuple(t["split"]))
+    return task_from_config(ds, cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
 
 
 def get_task(cfg: Mapping[str, Any], index: int) -> TerritoryTask:

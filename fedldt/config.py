@@ -169,8 +169,8 @@ def resolve_config(cfg: DictConfig | dict, require_data: bool = True) -> dict[st
         cfg: composed config.
         require_data: check that ``dataset.path`` exists here and that the task and partition
             fit the data. The ServerApp passes ``False``: in a deployment the data lives on the
-            territories (whose SuperNodes may name their own folder with node config
-            ``data-root``), not on the server.
+            territories (whose SuperNodes name their own package or folder with node config
+            ``data-path`` or ``data-root``), not on the server.
 
     Raises:
         ConfigError (a ``ValueError``): a required value is missing (``???``), a key is
@@ -209,11 +209,17 @@ def packages_partition(cfg: dict[str, Any]) -> None:
     ``as_given`` with one territory per package sub-folder of ``dataset.path`` (in place): the
     packages are the territories, whatever partition the pilot names. Where ``dataset.path`` is not
     a folder here (a coordinator without data) the pilot's ``num_territories`` is kept."""
-    if DATASET_LOADERS.get(str(cfg["dataset"].get("_target_"))) is not load_packages:
+    if not reads_packages(cfg):
         return
     path = Path(cfg["dataset"]["path"])
     count = len(package_folders(path)) if path.is_dir() else int(cfg["partition"]["num_territories"])
     cfg["partition"] = {"_target_": "fedldt.data.partition.as_given", "num_territories": count}
+
+
+def reads_packages(cfg: Mapping[str, Any]) -> bool:
+    """Whether the config's dataset is a folder of territory data packages (``dataset=packages``,
+    :func:`fedldt.data.load_packages`)."""
+    return DATASET_LOADERS.get(str(cfg["dataset"].get("_target_"))) is load_packages
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:

@@ -7,6 +7,8 @@ Same pilots and overrides as scripts/simulate.py, same results folder (summary.j
 model.pt, resolved_config.yaml), plus logs/ (superlink.log, supernode-<i>.log, server.log,
 processes.json) and territories/territory-<i>/egress.jsonl (what each territory sent).
 Every process started is stopped at the end, also on error, Ctrl-C or SIGTERM (exit status 130 / 143).
+With ``dataset=packages dataset.path=DIR`` each SuperNode's node config names only its own package,
+``data-path=<the i-th package sub-folder of DIR>`` (name order), as territories holding their own data do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fedldt.config import CONF_DIR, num_territories, resolve_config
+from fedldt.config import CONF_DIR, num_territories, reads_packages, resolve_config
+from fedldt.data import package_folders
 from fedldt.launch.loopback import LocalFederation
 from fedldt.launch.provenance import begin_run, guard_checkout
 from fedldt.launch.simulation import config_errors, interruptible
@@ -32,8 +35,11 @@ def main(cfg: DictConfig) -> None:
     overrides = begin_run(hc)  # logs the code and config folders; carries --config-dir to Flower
     run_dir = Path(hc.runtime.output_dir)
     with interruptible(f" (see {run_dir / 'logs' / 'processes.json'})"):
-        # Every territory reads the data from its own node config (data-root), here the same folder.
-        with LocalFederation(run_dir, num_territories(resolved), data_root=Path(resolved["dataset"]["path"]).parent) as fed:
+        # Every territory reads the data from its own node config: its own package (data-path) when the
+        # pilot reads packages, else the folder of datasets (data-root), here the same folder for all.
+        path = Path(resolved["dataset"]["path"])
+        own = {"data_paths": package_folders(path)} if reads_packages(resolved) else {"data_root": path.parent}
+        with LocalFederation(run_dir, num_territories(resolved), **own) as fed:
             summary = fed.run(overrides, run_dir)
     print()
     print(summary_table(summary))

@@ -40,7 +40,8 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
 
     Raises:
         FederationError: nodes missing after ``timeout`` s, a node failed, two nodes claim the
-            same territory, or territories disagree on the model's input/output sizes.
+            same territory, two territories have the same name (``territory-id``), or territories
+            disagree on the model's input/output sizes.
     """
     expected = num_territories(cfg)
     deadline = time.monotonic() + timeout
@@ -62,6 +63,12 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
         infos[idx] = {**info, "node_id": int(r.metadata.src_node_id)}
     if sorted(infos) != list(range(expected)):
         raise FederationError(f"territories {sorted(infos)} answered; the pilot has {expected} (0..{expected - 1})")
+    names: dict[str, int] = {}
+    for idx, info in sorted(infos.items()):  # a territory's name comes from its own data (e.g. its package)
+        other = names.setdefault(str(info["territory-id"]), idx)
+        if other != idx:
+            raise FederationError(f"territories {other} and {idx} are both named {str(info['territory-id'])!r}; each "
+                                  "territory needs its own name (territory.yaml 'name' of its data package)")
     dims = {(i["in-channels"], i["out-channels"], i["horizon"]) for i in infos.values()}
     if len(dims) != 1:
         raise FederationError(f"territories disagree on model sizes (in, out, horizon): {sorted(dims)}")

@@ -52,6 +52,33 @@ def write_los_loop_like(folder: Path, num_nodes: int = 12, num_steps: int = 300,
     return folder
 
 
+def write_territory_packages(base: Path, num_territories: int = 3, num_nodes: int = 12, num_steps: int = 300,
+                             seed: int = 0) -> list[Path]:
+    """Every territory's own data, as in a real federation: a :func:`write_los_loop_like` network
+    split by ``fedldt partition --pilot los_loop_3`` (k-means, territories ``t0..t<K-1>``) into one
+    territory data package per territory, each moved to a folder of its own,
+    ``base/territory-<i>/t<i>``. The network and the partition report are removed, so ``base``
+    holds nothing but the territories' folders, each with only its own package.
+
+    Returns:
+        The package folders, in territory order.
+    """
+    import shutil
+
+    from fedldt.data.package_writer import partition_pilot
+
+    scratch = base / "scratch"
+    network = write_los_loop_like(scratch / "los_loop", num_nodes=num_nodes, num_steps=num_steps, seed=seed)
+    partition_pilot("los_loop_3", scratch / "packages",
+                    overrides=[f"dataset.path={network}", f"partition.num_territories={num_territories}"])
+    folders = []
+    for i in range(num_territories):
+        (base / f"territory-{i}").mkdir(parents=True)
+        folders.append(Path(shutil.move(scratch / "packages" / f"t{i}", base / f"territory-{i}" / f"t{i}")))
+    shutil.rmtree(scratch)
+    return folders
+
+
 @pytest.fixture
 def synthetic_dir(tmp_path: Path) -> Path:
     return write_los_loop_like(tmp_path / "synthetic")

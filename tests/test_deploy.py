@@ -5,8 +5,9 @@ Two federations, each reused by several tests (the deployment round trip costs ~
 
 * ``deployed``: ``scripts/federation_local.py pilot=los_loop_3 train.rounds=2`` end to end
   (the real Los-loop data), compared with the simulation engine's run of the same config;
-* ``federation``: a :class:`LocalFederation` on small synthetic territories whose server has
-  no data at all, territory 1 failing in round 1 (test-only node config), used for refusals
+* ``federation``: a :class:`LocalFederation` on small synthetic territories, each holding only
+  its own territory data package in a folder of its own (node config ``data-path``), whose server
+  (``dataset=packages``) has no data at all, territory 1 failing in round 1 (test-only node config), used for refusals
   (of SuperNodes, and of the Control/runtime APIs at the Fleet-only gateway), failures, a killed
   and restarted SuperNode, and the minimum-territories error.
 """
@@ -37,7 +38,7 @@ from fedldt.launch.simulation import RunFailed, flwr_env, free_port, processes_w
 from fedldt.metrics import SUM_KEYS
 from fedldt.results import REFERENCES
 from tests.apps import write_test_app
-from tests.conftest import write_los_loop_like
+from tests.conftest import write_los_loop_like, write_territory_packages
 
 pytestmark = pytest.mark.slow
 
@@ -291,10 +292,11 @@ def test_sigterm_stops_a_simulation_and_every_process_it_started(tmp_path):
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     base = tmp_path_factory.mktemp("federation")
-    # The territories' own data; the server gets a data root that does not exist.
-    write_los_loop_like(base / "territory-data" / "los_loop", num_nodes=12, num_steps=300, seed=2)
+    # Every territory's own data: its package alone in a folder of its own (territory-<i>/t<i>), named by its
+    # node config data-path; the server's dataset.path does not exist.
+    packages = write_territory_packages(base / "territory-data", num_territories=3, num_nodes=12, seed=2)
     # fail-in-round is read by the test app's fail_in_round_mod (tests/mods.py), not by the production app.
-    fed = LocalFederation(base / "fed", 3, data_root=base / "territory-data", node_config={1: {"fail-in-round": 1}})
+    fed = LocalFederation(base / "fed", 3, data_paths=packages, node_config={1: {"fail-in-round": 1}})
     with fed:
         yield fed
 
@@ -306,7 +308,8 @@ def failing_app(tmp_path_factory):
 
 
 def _overrides(**extra):
-    ov = {"pilot": "los_loop_3", "paths.data_root": "/nonexistent/fedldt-server-has-no-data", "train.rounds": 2,
+    ov = {"pilot": "los_loop_3", "dataset": "packages", "dataset.path": "/nonexistent/fedldt-server-has-no-data/packages",
+          "paths.data_root": "/nonexistent/fedldt-server-has-no-data", "train.rounds": 2,
           "model.hidden": 8, "seed": 5, "federation.timeout_s": 240, **extra}
     return [f"{k}={v}" for k, v in ov.items()]
 
@@ -463,8 +466,13 @@ def test_failed_and_restarted_territories_rejoin_later_rounds(federation, failin
                              timeout_s=1500, app_dir=failing_app)
     watcher.join(timeout=60)
     assert events == ["killed", "restarted"] and federation.territories[2].proc.pid != first_pid
-    assert summary["dataset"]["path"] == "/nonexistent/fedldt-server-has-no-data/los_loop"  # the server has no data
+    assert summary["dataset"] == {"name": "packages", "path": "/nonexistent/fedldt-server-has-no-data/packages"}  # no data
     assert sum(t["num_nodes"] for t in summary["territories"]) == 12  # the territories' own 12-node network
+    assert [t["id"] for t in summary["territories"]] == ["t0", "t1", "t2"]  # the names in their packages' territory.yaml
+    for t in federation.territories:  # each SuperNode was given its own package, and its folder holds nothing else
+        package = Path(t.node_config["data-path"])
+        assert "data-root" not in t.node_config and (package / "territory.yaml").is_file()
+        assert package.name == f"t{t.index}" and [p.name for p in package.parent.iterdir()] == [package.name]
     fails = [(f["round"], f["phase"], f["territory"]) for f in summary["failures"]]
     assert fails[0] == (1, "train", "t1")
     t1_fail = [f for f in summary["failures"] if f["territory"] == "t1"]

@@ -16,16 +16,17 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from clients import territory
-from clients.audit import EGRESS_LOG, egress_log_path
+from clients.audit import EGRESS_LOG, ERRORS_LOG, egress_log_path
 from clients.client_app import app, build_app
 from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
 from fedldt.launch.certs import KeyFileError, main as certs_main, make_server_pki, make_territory_key
 from fedldt.launch.loopback import node_config_arg
 from fedldt.metrics import SUM_KEYS
-from server.rounds import min_train_territories
+from server.rounds import discover_territories, min_train_territories
 from server.strategy import FedLDTAvg, FederationError
 from tests.apps import write_test_app
-from tests.conftest import write_los_loop_like
+from tests.conftest import write_los_loop_like, write_territory_packages
+from tests.inprocess import InProcessGrid
 from tests.mods import InjectedFailure, fail_in_round_mod
 
 
@@ -176,6 +177,17 @@ def test_node_config_arg_quotes_strings_and_refuses_spaces():
         node_config_arg({"data-root": "/my data"})
 
 
+def test_local_federation_takes_one_data_path_per_territory_and_no_data_root(tmp_path):
+    from fedldt.launch.loopback import LocalFederation
+
+    fed = LocalFederation(tmp_path / "fed", 2, data_paths=[tmp_path / "a", tmp_path / "b"])  # starts nothing yet
+    assert fed.data_paths == [tmp_path.resolve() / "a", tmp_path.resolve() / "b"] and fed.data_root is None
+    with pytest.raises(ValueError, match=r"one folder per territory \(3, got 2\)"):
+        LocalFederation(tmp_path / "fed", 3, data_paths=[tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match="no data_root"):
+        LocalFederation(tmp_path / "fed", 2, data_root=tmp_path, data_paths=[tmp_path / "a", tmp_path / "b"])
+
+
 # -- a territory's own data ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def own_data(tmp_path_factory):
@@ -217,6 +229,79 @@ def test_clientapp_uses_its_own_data_and_logs_what_it_sends(own_data, tmp_path):
     assert entry["error"] is None
     (rec,) = entry["records"]
     assert rec["name"] == "info" and rec["kind"] == "config" and set(rec["config"]) == set(info)
+
+
+# -- a territory whose data is its own territory data package (issue 12 item 6) ----------------
+@pytest.fixture(scope="module")
+def own_packages(tmp_path_factory):
+    """Three territories' packages, each alone in a folder of its own, and the coordinator's config
+    (``dataset=packages``) whose path does not exist: the coordinator has no data."""
+    base = tmp_path_factory.mktemp("own-packages")
+    folders = write_territory_packages(base / "territories", seed=3)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", "dataset=packages", "dataset.path=/nonexistent/server/packages",
+                                         "model.hidden=8"]), require_data=False)
+    return base, folders, cfg
+
+
+def test_a_package_data_path_is_the_territorys_whole_data(own_packages, tmp_path):
+    base, folders, cfg = own_packages
+    assert cfg["partition"] == {"_target_": "fedldt.data.partition.as_given", "num_territories": 3}  # the pilot's count
+    assert sorted(p.name for p in (base / "territories").iterdir()) == ["territory-0", "territory-1", "territory-2"]
+    assert [[p.name for p in f.parent.iterdir()] for f in folders] == [["t0"], ["t1"], ["t2"]]
+    # the same 12-node network split by the built-in path (load_los_loop, k-means): what each package must hold
+    network = write_los_loop_like(base / "network" / "los_loop", num_nodes=12, num_steps=300, seed=3)
+    builtin = load_territories(resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={network}"])))
+    for i, folder in enumerate(folders):
+        mine = territory.territory_config(cfg, {"territory": i, "data-path": str(folder)})
+        assert mine["dataset"] == {"own_package": str(folder), "name": "packages"}
+        ds, ref = territory.own_territory(mine, i), builtin[i]
+        assert ds.name == ref.name == f"t{i}" and list(ds.node_ids) == list(ref.node_ids)
+        np.testing.assert_array_equal(np.asarray(ds.mask), np.asarray(ref.mask))
+        np.testing.assert_array_equal(np.asarray(ds.values), np.asarray(ref.values))
+        assert ds.extra["valid_range"]["speed"]["max"] == 120  # the package's own valid range (the server sends none)
+    assert sorted(s for t in builtin for s in t.node_ids) == [str(700000 + j) for j in range(12)]
+    # the package is the data, whatever the index: the index only places the territory in the federation
+    assert territory.own_territory(territory.territory_config(cfg, {"territory": 2, "data-path": str(folders[0])}), 2).name == "t0"
+    # the coordinator learns names and sizes from the territories' query replies (real ClientApp, no Flower runtime)
+    grid = InProcessGrid(app, {10 + i: {"territory": i, "data-path": str(f), "out-dir": str(tmp_path / f"out-{i}")}
+                               for i, f in enumerate(folders)})
+    infos = discover_territories(grid, cfg, timeout=30)
+    assert [infos[i]["territory-id"] for i in range(3)] == ["t0", "t1", "t2"]
+    assert [infos[i]["num-nodes"] for i in range(3)] == [t.num_nodes for t in builtin] and sum(
+        t.num_nodes for t in builtin) == 12
+    twice = InProcessGrid(app, {10 + i: {"territory": i, "data-path": str(folders[j]), "out-dir": str(tmp_path / f"o-{i}")}
+                                for i, j in enumerate((0, 0, 2))})  # territories 0 and 1 hold the same package
+    with pytest.raises(FederationError, match="territories 0 and 1 are both named 't0'"):
+        discover_territories(twice, cfg, timeout=30)
+
+
+def test_a_data_path_that_holds_no_data_is_refused_naming_the_node_config_key(own_packages, tmp_path):
+    _, folders, cfg = own_packages
+    with pytest.raises(NotADirectoryError, match=r"from node config data-path='.*territory.yaml'\) is a file, not a folder"):
+        territory.territory_config(cfg, {"data-path": str(folders[0] / "territory.yaml")})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"from node config data-path='.*empty'\) is an empty folder; fix the "
+                                                r"SuperNode's --node-config data-path"):
+        territory.territory_config(cfg, {"data-path": str(empty)})
+    stray = tmp_path / "stray"
+    (stray / "old").mkdir(parents=True)
+    (stray / "speeds.csv").write_text("a\n1\n")
+    with pytest.raises(FileNotFoundError, match=r"data-path=.*is neither a territory data package \(no territory.yaml\) "
+                                                r"nor a folder of packages"):
+        territory.territory_config(cfg, {"data-path": str(stray)})
+    # a folder of package sub-folders is the dataset folder of dataset=packages (the territory takes the one at its index)
+    shared = territory.territory_config(cfg, {"territory": 0, "data-path": str(folders[1].parent)})
+    assert shared["dataset"]["path"] == str(folders[1].parent) and "own_package" not in shared["dataset"]
+    # only the territory's node config names its package: one named by the server is ignored
+    sent = {**cfg, "dataset": {**cfg["dataset"], "own_package": str(folders[0])}}
+    assert "own_package" not in territory.territory_config(sent, {"territory": 0})["dataset"]
+    # through the ClientApp: the reply carries the exception type only, the path stays in errors.log
+    ctx = Context(run_id=7, node_id=11, node_config={"territory": 0, "data-path": str(empty), "out-dir": str(tmp_path / "out")},
+                  state=RecordDict(), run_config={})
+    reply = app(Message(RecordDict({"config": ConfigRecord({"fedldt-config": json.dumps(cfg)})}), metadata=_md(MessageType.QUERY)), ctx)
+    assert reply.error.reason == "FileNotFoundError [fedldt-100]"
+    assert "node config data-path" in (tmp_path / "out" / ERRORS_LOG).read_text()
 
 
 def _train_msg(cfg, server_round):

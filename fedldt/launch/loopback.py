@@ -15,7 +15,8 @@ address on 127.0.0.1. :class:`LocalFederation`:
    and refuses the Control and runtime APIs (403);
 4. registers each territory's public key (``flwr supernode register``, on the internal port);
 5. starts one ``flower-supernode`` per territory, dialling the gateway, with its own runtime
-   ``--port`` and node config ``territory=<i> data-root="..." out-dir="<run_dir>/territories/territory-<i>"``,
+   ``--port`` and node config ``territory=<i> data-root="..." out-dir="<run_dir>/territories/territory-<i>"``
+   (or ``data-path="<its own package>"`` instead of ``data-root``, see ``data_paths``),
    and waits until the SuperLink lists every node as online;
 6. :meth:`LocalFederation.run` submits the pilot with ``flwr run``, streams its log, checks
    that it *finished:completed* and returns ``summary.json``;
@@ -103,6 +104,9 @@ class LocalFederation:
         num_territories: SuperNodes to start (territories ``0..num_territories-1``).
         data_root: folder of datasets every territory's node config names as ``data-root``
             (``None``: the territories use the path the server sends).
+        data_paths: instead of ``data_root``, one folder per territory (index order) that its
+            node config names as ``data-path``: its own territory data package (a folder holding
+            ``territory.yaml``) or its own dataset folder, so no territory sees another's data.
         node_config: extra node config per territory index, e.g. ``{1: {"data-path": "/srv/x"}}``
             (keys read by a test app's mods go here too).
         startup_timeout: seconds to wait for the SuperLink and for every SuperNode to be online.
@@ -111,9 +115,14 @@ class LocalFederation:
     """
 
     def __init__(self, run_dir: Path, num_territories: int, *, data_root: Path | None = None,
-                 node_config: Mapping[int, Mapping[str, Any]] | None = None, startup_timeout: float = 120.0) -> None:
+                 data_paths: Sequence[Path] | None = None, node_config: Mapping[int, Mapping[str, Any]] | None = None,
+                 startup_timeout: float = 120.0) -> None:
         if num_territories < 1:
             raise ValueError(f"num_territories={num_territories} must be >= 1")
+        if data_paths is not None and (data_root is not None or len(data_paths) != num_territories):
+            raise ValueError(f"data_paths: give one folder per territory ({num_territories}, got {len(data_paths)}) and "
+                             "no data_root (each territory's data-path replaces it)")
+        self.data_paths = None if data_paths is None else [Path(p).resolve() for p in data_paths]
         self.run_dir = Path(run_dir).resolve()
         self.logs = self.run_dir / "logs"
         self.num_territories = int(num_territories)
@@ -168,6 +177,8 @@ class LocalFederation:
             nc: dict[str, Any] = {"territory": i}
             if self.data_root is not None:
                 nc["data-root"] = str(self.data_root)
+            if self.data_paths is not None:
+                nc["data-path"] = str(self.data_paths[i])
             nc["out-dir"] = str(out_dir)
             nc.update(self.extra_node_config.get(i, {}))
             t = Territory(index=i, key=key, public_key=pub, port=free_port(), node_config=nc,
