@@ -159,6 +159,17 @@ class CovariatesSpec(_Strict):
     timestamp_column: str = "timestamp"
 
 
+def _positive_duration(v: str, example: str, most: str | None = None) -> str:
+    """``v`` if it is a positive duration (at most ``most``), else a ValueError with an example."""
+    try:
+        td = pd.Timedelta(v)
+    except (ValueError, TypeError):
+        raise ValueError(f"{v!r} is not a duration; write it like {example}") from None
+    if td <= pd.Timedelta(0) or (most is not None and td > pd.Timedelta(most)):
+        raise ValueError(f"{v!r} must be a positive duration" + (f" of at most {pd.Timedelta(most).days} days" if most else ""))
+    return v
+
+
 class OutagesSpec(_Strict):
     """Suspected outages: runs of one repeated value (zeros included) longer than
     ``max_constant`` (a duration such as ``6h``) are reported; ``mask: true`` also masks them."""
@@ -169,13 +180,7 @@ class OutagesSpec(_Strict):
     @field_validator("max_constant")
     @classmethod
     def _duration(cls, v: str) -> str:
-        try:
-            td = pd.Timedelta(v)
-        except (ValueError, TypeError):
-            raise ValueError(f"{v!r} is not a duration; write it like 6h or 2D") from None
-        if td <= pd.Timedelta(0):
-            raise ValueError(f"{v!r} must be a positive duration")
-        return v
+        return _positive_duration(v, "6h or 2D")
 
 
 class TerritorySpec(_Strict):
@@ -198,12 +203,7 @@ class TerritorySpec(_Strict):
     @field_validator("interval")
     @classmethod
     def _interval(cls, v: str) -> str:
-        try:
-            td = pd.Timedelta(v)
-        except (ValueError, TypeError):
-            raise ValueError(f"{v!r} is not a duration; write it like 5min, 15min or 1h") from None
-        if td <= pd.Timedelta(0) or td > pd.Timedelta("7D"):
-            raise ValueError(f"{v!r} must be a positive duration of at most 7 days")
+        _positive_duration(v, "5min, 15min or 1h", most="7D")
         return v
 
     @field_validator("timezone")
