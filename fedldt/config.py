@@ -23,7 +23,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedldt import __version__
-from fedldt.data import as_given, load_charged_cities, load_los_loop, load_packages, package_folders, partition_kmeans
+from fedldt.data import (as_given, load_charged_cities, load_los_loop, load_package, load_packages, package_folders,
+                         partition_kmeans)
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
 from fedldt.engine import OPTIMIZERS
@@ -331,6 +332,8 @@ DATASET_LOADERS: dict[str, Callable[..., Any]] = {
     "fedldt.data.charged_ev.load_charged_cities": load_charged_cities,
     "fedldt.data.load_packages": load_packages,
     "fedldt.data.packages.load_packages": load_packages,
+    "fedldt.data.load_package": load_package,
+    "fedldt.data.package.load_package": load_package,
 }
 #: The partitions a config may name in ``partition._target_`` (called with the loaded dataset
 #: first, then the block's other keys).
