@@ -633,8 +633,23 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
         raise TerritoryPackageError(f"{path}: not a UTF-8 JSON file ({str(e)[:200]}); fix: write networkx "
                                     "node_link_data as JSON") from None
     links = "links" if isinstance(data, dict) and "links" in data else "edges"
+    shape = f"fix: a JSON object with 'nodes' (each with '{nl.id}') and '{links}' (each with 'source' and 'target')"
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, list) or not isinstance(data.get(links, []), list):
+        raise TerritoryPackageError(f"{path}: not a networkx node-link graph (no list 'nodes' or '{links}'); {shape}")
+    plain = (str, int)
+    for i, v in enumerate(nodes):
+        if not isinstance(v, dict) or not isinstance(v.get(nl.id), plain) or isinstance(v.get(nl.id), bool):
+            raise TerritoryPackageError(f"{path}: node {i + 1} of 'nodes' has no text or integer '{nl.id}'; {shape} (or name "
+                                        f"the id attribute in {root / MANIFEST} field 'observations.node_link.id')")
+    known = {str(v[nl.id]) for v in nodes}
+    for i, e in enumerate(data.get(links, [])):
+        ends = [e.get(k) if isinstance(e, dict) else None for k in ("source", "target")]
+        if not all(isinstance(x, plain) and not isinstance(x, bool) and str(x) in known for x in ends):
+            raise TerritoryPackageError(f"{path}: link {i + 1} of '{links}' does not join two listed nodes (source "
+                                        f"{str(ends[0])[:40]!r}, target {str(ends[1])[:40]!r}); {shape}")
     try:
-        graph = nx.node_link_graph(data, edges=links, name=nl.id)
+        graph = nx.node_link_graph(data, directed=True, multigraph=False, edges=links, name=nl.id)
     except Exception as e:  # networkx raises KeyError/TypeError/NetworkXError on a malformed document
         raise TerritoryPackageError(f"{path}: not a networkx node-link graph ({type(e).__name__}: {str(e)[:200]}); fix: "
                                     f"a JSON object with 'nodes' (each with '{nl.id}') and 'links' (each with 'source' "
@@ -935,6 +950,8 @@ def load_package(path: str | Path, manifest: dict[str, Any] | None = None, name:
         "valid_range": {c.name: c.valid_range().to_json() for c in spec.channels},
         "min_declared": [c.name for c in spec.channels if "min" in c.model_fields_set or c.non_negative],
     }
+    if spec.outages is not None:
+        extra["outages"] = spec.outages.model_dump()
     if spec.covariates is not None:
         extra["covariates"], extra["covariate_names"] = _covariates(root, spec, grid)
     ds = TerritoryDataset(
