@@ -136,3 +136,22 @@ def test_territory_checkpoint_names_its_run_and_round_and_keeps_two(tmp_path):
     with pytest.raises(ValueError, match=r"run key '../../etc' must be 32 hex digits"):
         local_state_path(tmp_path, "../../etc", 1)
     np.testing.assert_array_equal(load_local_state(tmp_path, key, 2)["head.weight"].numpy(), np.full((2, 3), 2.0, np.float32))
+
+
+def test_simulate_refuses_a_changed_resume_before_flower_starts(one_round, syn, tmp_path):
+    """``scripts/simulate.py ... resume=RUN_DIR`` with another seed: exit 2, one line naming the key."""
+    import subprocess
+    import sys
+
+    from fedldt.config import checkout_root
+    from tests.conftest import SMALL
+
+    run, _ = one_round
+    args = ["pilot=los_loop_3", f"dataset.path={syn}", *SMALL, *FAST, "train.rounds=3", f"resume={run}", "seed=1",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.run([sys.executable, str(checkout_root() / "scripts" / "simulate.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"fedldt: bad config: resume={run}: the run config differs from the checkpoint's in partition.seed "
+            "(checkpoint 0, now 1), seed (checkpoint 0, now 1); a resume may change only train.rounds") in proc.stderr
+    assert "Flower run" not in proc.stdout and not (tmp_path / "hydra" / "logs").exists()
