@@ -17,7 +17,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedldt.checkpoint import Checkpoint, Checkpointable, check_global_arrays, load_checkpoint, save_checkpoint, set_rng_state
+from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, check_global_arrays, load_checkpoint,
+                               save_checkpoint, set_rng_state)
 from fedldt.config import num_territories, territory_view
 from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
@@ -163,8 +164,6 @@ def _resume_from(cfg: dict[str, Any], ids: Mapping[int, str], shared: Mapping[st
         CheckpointError: see :func:`fedldt.checkpoint.load_checkpoint`; ``resume`` not absolute;
             the territories or the model differ from the checkpoint's.
     """
-    from fedldt.checkpoint import CheckpointError
-
     if not cfg.get("resume"):
         return None
     folder = Path(str(cfg["resume"]))

@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clients.client_app import app
-from fedldt.checkpoint import (CHECKPOINT, CheckpointError, State, load_checkpoint, load_local_state,
-                               local_state_path, resume_folder, save_local_state)
+from fedldt.checkpoint import (CHECKPOINT, RESUMABLE_KEYS, CheckpointError, State, config_differences, load_checkpoint,
+                               load_local_state, local_state_path, resume_folder, save_local_state)
 from server.rounds import run_federated
 from tests.conftest import small_config, write_los_loop_like
 from tests.inprocess import InProcessGrid
@@ -155,3 +157,25 @@ def test_simulate_refuses_a_changed_resume_before_flower_starts(one_round, syn, 
     assert (f"fedldt: bad config: resume={run}: the run config differs from the checkpoint's in partition.seed "
             "(checkpoint 0, now 1), seed (checkpoint 0, now 1); a resume may change only train.rounds") in proc.stderr
     assert "Flower run" not in proc.stdout and not (tmp_path / "hydra" / "logs").exists()
+
+
+#: dotted config keys, none a prefix of another (each names a leaf)
+_KEY = st.sampled_from(["seed", "name", "train.lr", "train.rounds", "model.hidden", "task.window", "resume", "a.b.c"])
+
+
+@given(st.dictionaries(_KEY, st.integers(-3, 3), min_size=1), _KEY, st.integers(-3, 3))
+def test_config_differences_name_exactly_the_changed_keys_but_rounds_and_resume(flat, key, value):
+    def nest(d):
+        out: dict = {}
+        for k, v in d.items():
+            *path, last = k.split(".")
+            node = out
+            for p in path:
+                node = node.setdefault(p, {})
+            node[last] = v
+        return out
+
+    changed = {**flat, key: value}
+    expected = [] if key in RESUMABLE_KEYS or flat.get(key, ...) == value else [key]
+    assert config_differences(nest(flat), nest(changed)) == expected
+    assert config_differences(nest(flat), nest(flat)) == []
