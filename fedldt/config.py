@@ -312,7 +312,7 @@ def _load_dataset_cached(key: str) -> Any:
 
 def territory_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The config as it is sent to territories: without the script-only blocks
-    (:data:`fedldt.schema.SCRIPT_ONLY`: ``compare``, ``sweep``)."""
+    (:data:`fedldt.schema.SCRIPT_ONLY`: ``compare``, ``sweep``, ``resume``)."""
     return {k: v for k, v in cfg.items() if k not in SCRIPT_ONLY}
 
 

@@ -181,11 +181,14 @@ class RunConfig(_Block):
     strategy: dict[str, Any]
     compare: Optional[CompareConfig] = None  # script-only: absent from what territories receive
     sweep: Optional[SweepConfig] = None
+    #: a run folder to continue (its checkpoint.pt, fedldt.checkpoint); null = a new run
+    resume: Optional[Annotated[str, Field(min_length=1)]] = None
 
 
-#: Top-level blocks used by scripts only (``scripts/compare.py``, ``scripts/sweep.py``): they
-#: stay out of the config that travels to territories (:func:`fedldt.config.territory_view`).
-SCRIPT_ONLY = ("compare", "sweep")
+#: Top-level keys the territories never need (``scripts/compare.py``, ``scripts/sweep.py``, and
+#: ``resume``, a folder on the server): they stay out of the config that travels to territories
+#: (:func:`fedldt.config.territory_view`).
+SCRIPT_ONLY = ("compare", "sweep", "resume")
 
 
 # ------------------------------------------------------------------ dataset and partition
