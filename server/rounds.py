@@ -20,7 +20,8 @@ from fedldt.engine import seed_everything
 from fedldt.metrics import MetricSums
 from fedldt.models import build_model, split_state
 from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
-from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory
+from fedldt.privacy import round_events
+from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory, with_privacy
 
 
 def config_record(cfg: dict[str, Any], **extra: Any) -> ConfigRecord:
@@ -161,20 +162,43 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     )
     print(f"[fedldt] strategy {type(strategy).__name__}, personalization {personalization}: "
           f"{len(shared)} shared tensors, {len(local)} kept by each territory", flush=True)
+    strategy = with_privacy(strategy, cfg)
+    ledger = strategy.privacy
+    run_rounds = rounds
+    if ledger is not None:
+        windows = {ids[i]: int(info["num-train"]) for i, info in infos.items()}
+        run_rounds = ledger.rounds_within_budget(rounds, windows)
+        if run_rounds == 0:
+            first = ledger.accountant.epsilon_after(round_events(ledger.privacy, cfg["train"], windows))
+            raise FederationError(f"privacy.max_epsilon={ledger.privacy['max_epsilon']} is exceeded by the first round "
+                                  f"already (epsilon after one round: {first:.4g}); raise privacy.max_epsilon or "
+                                  "privacy.noise_multiplier")
+        if run_rounds < rounds:
+            print(f"[fedldt] privacy budget max_epsilon={ledger.privacy['max_epsilon']} fits {run_rounds} of {rounds} "
+                  f"rounds: the run ends after round {run_rounds}", flush=True)
+            for s in {strategy, getattr(strategy, "strategy", strategy)}:
+                s.num_rounds = run_rounds
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, timeout=timeout,
+        grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=run_rounds, timeout=timeout,
         train_config=config_record(cfg), evaluate_config=config_record(cfg, split="val"),
     )
     if strategy.failures:
         print(f"[fedldt] WARNING: {len(strategy.failures)} failed replies: {strategy.failures}", flush=True)
-    test = evaluate_split(grid, strategy, result.arrays, cfg, "test", rounds + 1, timeout)
+    test = evaluate_split(grid, strategy, result.arrays, cfg, "test", run_rounds + 1, timeout)
     summary = build_summary(cfg, "federated", [territory_row(info) for info in infos.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
                             strategy.failures, model_cfg, time.time() - t_start)
+    history = strategy.history
+    if ledger is not None:
+        summary["privacy"] = ledger.summary(rounds, run_rounds)
+        # the epsilon spent after each round (the same for every territory row of the round)
+        history = [{**row, "privacy_epsilon": ledger.epsilon_by_round.get(int(row["round"]))} for row in history]
+        print(f"[fedldt] privacy: epsilon={summary['privacy']['epsilon']:.4g} at delta={ledger.accountant.delta:g} "
+              f"after {run_rounds} round(s) ({ledger.privacy['mode']}-level, {summary['privacy']['accountant']})", flush=True)
     final = result.arrays.to_torch_state_dict()
     if set(final) != set(shared):
         raise FederationError(f"the final global model has keys {sorted(set(final) ^ set(shared))} that differ from the shared part")
     # model.pt holds the global (shared) weights; "local_keys" are the entries each territory kept.
-    write_run_outputs(run_dir, cfg, summary, strategy.history,
+    write_run_outputs(run_dir, cfg, summary, history,
                       {"state_dict": final, "model_config": model_cfg, "personalization": personalization,
                        "local_keys": list(local)})
     print(f"[fedldt] results written to {run_dir}", flush=True)
