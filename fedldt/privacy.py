@@ -125,11 +125,22 @@ class Accountant:
         Raises:
             ValueError: another delta, or a malformed event.
         """
-        if float(state["delta"]) != self.delta:
-            raise ValueError(f"accountant state has delta={state['delta']!r}, this run has privacy.delta={self.delta}")
+        if not isinstance(state, Mapping) or not isinstance(state.get("events"), list):
+            raise ValueError("accountant state must be {'delta': float, 'events': [...]} (Accountant.state_dict())")
+        if state.get("delta") != self.delta:
+            raise ValueError(f"accountant state has delta={state.get('delta')!r}, this run has privacy.delta={self.delta}")
+        events = []
+        for i, e in enumerate(state["events"]):
+            try:
+                ev = Event(str(e["subject"]), float(e["noise_multiplier"]), float(e["sampling_rate"]), int(e["count"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"accountant state event {i} is malformed ({exc!r}); it needs subject, "
+                                 "noise_multiplier, sampling_rate, count") from None
+            if not all(math.isfinite(v) for v in (ev.noise_multiplier, ev.sampling_rate)):
+                raise ValueError(f"accountant state event {i} has a non-finite value")
+            events.append(ev)
         self.events, self._backends = [], {}
-        self.compose(Event(str(e["subject"]), float(e["noise_multiplier"]), float(e["sampling_rate"]), int(e["count"]))
-                     for e in state["events"])
+        self.compose(events)
 
 
 def dpsgd_schedule(num_windows: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -203,8 +214,19 @@ class PrivacyLedger:
                 "epsilon_by_round": {str(k): v for k, v in sorted(self.epsilon_by_round.items())}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.accountant.load_state_dict(state["accountant"])
-        self.epsilon_by_round = {int(k): float(v) for k, v in state["epsilon_by_round"].items()}
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: malformed state, or another delta (:meth:`Accountant.load_state_dict`).
+        """
+        if not isinstance(state, Mapping) or not isinstance(state.get("epsilon_by_round"), Mapping):
+            raise ValueError("privacy ledger state must be {'accountant': ..., 'epsilon_by_round': {...}} "
+                             "(PrivacyLedger.state_dict())")
+        self.accountant.load_state_dict(state.get("accountant"))
+        try:
+            self.epsilon_by_round = {int(k): float(v) for k, v in state["epsilon_by_round"].items()}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"privacy ledger state: malformed epsilon_by_round ({exc!r})") from None
 
     def summary(self, rounds_planned: int, rounds_run: int) -> dict[str, Any]:
         """The ``summary.json`` ``privacy`` block."""

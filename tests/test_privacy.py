@@ -90,6 +90,11 @@ def test_accountant_state_is_json_and_restores_the_same_epsilon():
     assert back.accountant.epsilon() == ledger.accountant.epsilon()
     with pytest.raises(ValueError, match="delta"):
         PrivacyLedger(_territory_privacy(delta=1e-4), TRAIN).load_state_dict(json.loads(text))
+    with pytest.raises(ValueError, match="event 0 is malformed"):  # a checkpoint file is input like any other
+        back.load_state_dict({"accountant": {"delta": 1e-3, "events": [{"subject": "federation"}]}, "epsilon_by_round": {}})
+    with pytest.raises(ValueError, match="epsilon_by_round"):
+        back.load_state_dict({"accountant": {"delta": 1e-3, "events": []}})
+    assert back.accountant.epsilon() == ledger.accountant.epsilon()  # a refused state changes nothing
 
 
 def test_budget_counts_the_rounds_that_fit():
