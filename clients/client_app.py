@@ -13,7 +13,11 @@ against the allow-lists of :mod:`fedldt.egress` (refused if it carries anything 
 logged, and an exception becomes an error reply with its type and a code only (the text stays in
 the territory's ``errors.log``). See ``docs/egress.md``.
 The territory's local entries (node embeddings, integer buffers, personalized layers) stay in
-``context.state`` between rounds and are never put in a reply.
+``context.state`` between rounds and are never put in a reply. When the server names its run
+(config ``run-key``, :data:`server.rounds.RUN_KEY`), they are also checkpointed after every
+training round in the territory's own folder (``<out-dir>/checkpoints/<run key>/``,
+:func:`fedldt.checkpoint.save_local_state`), so that a resumed run (a new Flower run, a fresh
+``context``) reloads them from there (:func:`clients.territory.local_state`).
 
 :func:`build_app` builds this ClientApp with extra mods inside the egress mod (their replies and
 exceptions pass the egress check too); tests use it to ship an app that injects failures
@@ -29,15 +33,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients import territory
-from clients.audit import egress_audit_mod
+from clients.audit import egress_audit_mod, territory_out_dir
+from fedldt.checkpoint import save_local_state
 from fedldt.egress import CONFIG_KEY
 
 LOCAL_KEY = "fedldt-local"  # context.state array record of this territory's local entries
+LOCAL_TAG = "fedldt-local-tag"  # context.state config record: the run key and round of those entries
 
 
-def _local(context: Context):
-    rec = context.state.array_records.get(LOCAL_KEY)
-    return None if rec is None else rec.to_torch_state_dict()
+def _local(msg: Message, context: Context, local_round: int):
+    """This territory's local entries after its training of ``local_round`` (``None``: none yet)."""
+    rec, tag = context.state.array_records.get(LOCAL_KEY), context.state.config_records.get(LOCAL_TAG)
+    kept = None if rec is None else rec.to_torch_state_dict()
+    run_key = msg.content["config"].get("run-key")
+    if run_key is None:  # a server that does not checkpoint: the entries of this Flower run
+        return kept
+    kept_as = None if tag is None else (str(tag["run-key"]), int(tag["round"]))
+    return territory.local_state(territory_out_dir(context.node_config), str(run_key), local_round, kept, kept_as)
 
 
 def _cfg(msg: Message, context: Context) -> dict:
@@ -52,11 +64,16 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = _cfg(msg, context)
     conf = msg.content["config"]
+    server_round = int(conf["server-round"])
     shared, local, metrics = territory.train(
         cfg, territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
-        server_round=int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)), local_state=_local(context),
+        server_round=server_round, proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        local_state=_local(msg, context, server_round - 1),
     )
     context.state.array_records[LOCAL_KEY] = ArrayRecord(local)
+    if "run-key" in conf:
+        save_local_state(territory_out_dir(context.node_config), str(conf["run-key"]), server_round, local)
+        context.state.config_records[LOCAL_TAG] = ConfigRecord({"run-key": str(conf["run-key"]), "round": server_round})
     return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -64,7 +81,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     metrics = territory.evaluate(
         _cfg(msg, context), territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
-        split=str(conf["split"]), local_state=_local(context),
+        split=str(conf["split"]), local_state=_local(msg, context, int(conf.get("local-round", conf["server-round"]))),
     )
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

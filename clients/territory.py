@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from fedldt.checkpoint import load_local_state
 from fedldt.config import load_territories, reads_packages
 from fedldt.data.checks import require_usable
 from fedldt.data.package import MANIFEST, load_package
@@ -168,6 +169,29 @@ def _model(cfg: Mapping[str, Any], index: int, task: TerritoryTask, shared: Mapp
         model.load_state_dict(local, strict=False)
     load_shared_state(model, shared, personalization)
     return model
+
+
+def local_state(folder: Path, run_key: str, local_round: int, kept: Mapping[str, torch.Tensor] | None,
+                kept_as: tuple[str, int] | None) -> dict[str, torch.Tensor] | None:
+    """The local entries this territory trains or evaluates with: those after its training of
+    ``local_round`` in run ``run_key`` (``None`` for round 0: initialised from the run seed).
+
+    Args:
+        folder: the territory's own folder (node config ``out-dir``, :func:`clients.audit.territory_out_dir`).
+        kept, kept_as: the entries this process holds (``context.state``) and their ``(run key,
+            round)``; used when they are the ones asked for, else the territory's checkpoint
+            (:func:`fedldt.checkpoint.load_local_state`) is read, as after a resume.
+
+    Raises:
+        CheckpointError: the checkpoint of that round is missing or corrupt (file named; the
+            reply carries only the error's type and code).
+        ValueError: ``run_key`` is not 32 hex digits.
+    """
+    if local_round <= 0:
+        return None
+    if kept is not None and kept_as == (run_key, local_round):
+        return dict(kept)
+    return load_local_state(folder, run_key, local_round)
 
 
 def personalization_of(cfg: Mapping[str, Any]) -> str:

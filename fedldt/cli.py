@@ -125,9 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                                     "territory borders. Run the pilot on them with dataset=packages dataset.path=OUT.")
     pt.add_argument("--pilot", required=True, help="pilot name (conf/pilot/<name>.yaml), e.g. los_loop_3")
     pt.add_argument("--out", required=True, type=Path, help="new or empty folder to write the packages into")
-    pt.add_argument("--timezone", default="UTC",
+    pt.add_argument("--timezone", default=None,
                     help="IANA time zone in which the dataset's time stamps are local time (Los-loop: "
-                         "America/Los_Angeles); default UTC keeps them as the built-in loader gives them")
+                         "America/Los_Angeles); default: the zone a dataset read from a package declares "
+                         "(montevideo_bus_4), else UTC, which keeps them as the built-in loader gives them")
     pt.add_argument("--force", action="store_true",
                     help="replace an earlier `fedldt partition` output in --out (only the files it wrote)")
     pt.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_root=/abs/shared/data")

@@ -23,7 +23,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedldt import __version__
-from fedldt.data import as_given, load_charged_cities, load_los_loop, load_packages, package_folders, partition_kmeans
+from fedldt.data import (as_given, load_charged_cities, load_los_loop, load_package, load_packages, package_folders,
+                         partition_kmeans)
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
 from fedldt.engine import OPTIMIZERS
@@ -316,7 +317,7 @@ def _load_dataset_cached(key: str) -> Any:
 
 def territory_view(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The config as it is sent to territories: without the script-only blocks
-    (:data:`fedldt.schema.SCRIPT_ONLY`: ``compare``, ``sweep``)."""
+    (:data:`fedldt.schema.SCRIPT_ONLY`: ``compare``, ``sweep``, ``resume``)."""
     return {k: v for k, v in cfg.items() if k not in SCRIPT_ONLY}
 
 
@@ -336,6 +337,8 @@ DATASET_LOADERS: dict[str, Callable[..., Any]] = {
     "fedldt.data.charged_ev.load_charged_cities": load_charged_cities,
     "fedldt.data.load_packages": load_packages,
     "fedldt.data.packages.load_packages": load_packages,
+    "fedldt.data.load_package": load_package,
+    "fedldt.data.package.load_package": load_package,
 }
 #: The partitions a config may name in ``partition._target_`` (called with the loaded dataset
 #: first, then the block's other keys).

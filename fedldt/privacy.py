@@ -228,6 +228,17 @@ class PrivacyLedger:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"privacy ledger state: malformed epsilon_by_round ({exc!r})") from None
 
+    def checkpoint_state(self) -> Any:
+        """The ledger as a checkpoint component (:class:`fedldt.checkpoint.State`, JSON metadata
+        only: :meth:`state_dict`); ``server.rounds.run_federated`` saves it as ``"privacy"``."""
+        from fedldt.checkpoint import State
+
+        return State(meta=self.state_dict())
+
+    def load_checkpoint_state(self, state: Any) -> None:
+        """Restore :meth:`checkpoint_state` output (:meth:`load_state_dict` of its metadata)."""
+        self.load_state_dict(state.meta)
+
     def summary(self, rounds_planned: int, rounds_run: int) -> dict[str, Any]:
         """The ``summary.json`` ``privacy`` block."""
         limit = self.privacy.get("max_epsilon")

@@ -205,11 +205,14 @@ class RunConfig(_Block):
     privacy: Optional[PrivacyConfig] = None  # absent = privacy none (configs written before the group existed)
     compare: Optional[CompareConfig] = None  # script-only: absent from what territories receive
     sweep: Optional[SweepConfig] = None
+    #: a run folder to continue (its checkpoint.pt, fedldt.checkpoint); null = a new run
+    resume: Optional[Annotated[str, Field(min_length=1)]] = None
 
 
-#: Top-level blocks used by scripts only (``scripts/compare.py``, ``scripts/sweep.py``): they
-#: stay out of the config that travels to territories (:func:`fedldt.config.territory_view`).
-SCRIPT_ONLY = ("compare", "sweep")
+#: Top-level keys the territories never need (``scripts/compare.py``, ``scripts/sweep.py``, and
+#: ``resume``, a folder on the server): they stay out of the config that travels to territories
+#: (:func:`fedldt.config.territory_view`).
+SCRIPT_ONLY = ("compare", "sweep", "resume")
 
 
 # ------------------------------------------------------------------ dataset and partition
@@ -260,6 +263,26 @@ class PackagesDataset(_Block):
     name: Annotated[str, Field(min_length=1)] = "packages"
 
 
+class PackageDataset(_Block):
+    """Arguments of :func:`fedldt.data.load_package` for a whole network in one package, split by
+    the pilot's partition: ``path`` (the folder of the data files) and ``manifest`` (its
+    ``territory.yaml`` as a mapping, checked by :class:`fedldt.data.package.TerritorySpec`; e.g.
+    ``conf/pilot/montevideo_bus_4.yaml``); without ``manifest`` the folder's ``territory.yaml``."""
+
+    target: str = Field(alias="_target_")
+    path: str
+    manifest: Optional[dict[str, Any]] = None
+    name: Optional[Annotated[str, Field(min_length=1)]] = None
+
+    @model_validator(mode="after")
+    def _manifest(self) -> "PackageDataset":
+        if self.manifest is not None:
+            from fedldt.data.package import TerritorySpec  # lazy: the schema module stays free of the loaders
+
+            TerritorySpec.model_validate(self.manifest)
+        return self
+
+
 class KMeansPartition(_Block):
     """Arguments of :func:`fedldt.data.partition_kmeans` (``conf/partition/kmeans.yaml``); the
     number of territories is also checked against the dataset's sensors."""
@@ -280,7 +303,7 @@ class AsGivenPartition(_Block):
 #: Loader function name -> schema of its ``dataset`` block (keyed by the function, so every
 #: ``_target_`` alias of :data:`fedldt.config.DATASET_LOADERS` shares one schema).
 DATASET_SCHEMAS: dict[str, type[_Block]] = {"load_los_loop": LosLoopDataset, "load_charged_cities": ChargedDataset,
-                                             "load_packages": PackagesDataset}
+                                             "load_packages": PackagesDataset, "load_package": PackageDataset}
 #: Partition function name -> schema of its ``partition`` block.
 PARTITION_SCHEMAS: dict[str, type[_Block]] = {"partition_kmeans": KMeansPartition, "as_given": AsGivenPartition}
 

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, check_global_arrays, load_checkpoint,
+                               save_checkpoint, set_rng_state)
 from fedldt.config import num_territories, territory_view
 from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
 from fedldt.metrics import MetricSums
 from fedldt.models import build_model, split_state
-from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
 from fedldt.privacy import round_events
+from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
 from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory, with_privacy
+
+#: Config key of every train/evaluate message: the run key (:data:`fedldt.checkpoint.RUN_KEY`),
+#: which names the territory's checkpoint folder of this run.
+RUN_KEY = "run-key"
+#: Config key of evaluate messages: the round whose local state (after its training) the
+#: territory evaluates with (train messages use ``server-round - 1``).
+LOCAL_ROUND = "local-round"
 
 
 def config_record(cfg: dict[str, Any], **extra: Any) -> ConfigRecord:
@@ -77,13 +89,16 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
 
 
 def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cfg: dict[str, Any], split: str,
-                   server_round: int, timeout: float) -> dict[int, dict[str, MetricSums]]:
+                   server_round: int, timeout: float, **extra: Any) -> dict[int, dict[str, MetricSums]]:
     """Evaluate ``arrays`` on every territory's ``split``; returns per-territory model/persistence sums.
+
+    Args:
+        **extra: more config entries for the territories (e.g. :data:`RUN_KEY`, :data:`LOCAL_ROUND`).
 
     Raises:
         FederationError: a territory failed or did not answer.
     """
-    msgs = strategy.configure_evaluate(server_round, arrays, config_record(cfg, split=split), grid)
+    msgs = strategy.configure_evaluate(server_round, arrays, config_record(cfg, split=split, **extra), grid)
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     failed = failure_reasons(replies)
     if failed:
@@ -115,7 +130,57 @@ def min_train_territories(cfg: dict[str, Any]) -> int:
     return value
 
 
-def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int, timeout: float,
+               train_config: Callable[[int], ConfigRecord], evaluate_config: Callable[[int], ConfigRecord],
+               on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
+    """Rounds ``first`` .. ``last`` of Flower's round loop (``Strategy.start`` in Flower 1.42, which
+    always starts at round 1): per round ``configure_train``, send, ``aggregate_train``,
+    ``configure_evaluate``, send, ``aggregate_evaluate``, then ``on_round_end(round, arrays)``
+    (the checkpoint). Works with any Flower ``Strategy``, a wrapper included.
+
+    Args:
+        arrays: the global model before round ``first``.
+        train_config, evaluate_config: round -> the config record of its messages (a new
+            record per round: Flower writes ``server-round`` into it).
+
+    Returns:
+        The global model after round ``last`` (``arrays`` when ``first > last``).
+    """
+    for rnd in range(first, last + 1):
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config(rnd), grid), timeout=timeout)
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        if aggregated is not None:
+            arrays = aggregated
+        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, evaluate_config(rnd), grid), timeout=timeout)
+        strategy.aggregate_evaluate(rnd, replies)
+        if on_round_end is not None:
+            on_round_end(rnd, arrays)
+    return arrays
+
+
+def _resume_from(cfg: dict[str, Any], ids: Mapping[int, str], shared: Mapping[str, Any]) -> Checkpoint | None:
+    """The checked checkpoint ``cfg["resume"]`` names, or ``None`` for a new run.
+
+    Raises:
+        CheckpointError: see :func:`fedldt.checkpoint.load_checkpoint`; ``resume`` not absolute;
+            the territories or the model differ from the checkpoint's.
+    """
+    if not cfg.get("resume"):
+        return None
+    folder = Path(str(cfg["resume"]))
+    if not folder.is_absolute():
+        raise CheckpointError(f"resume={cfg['resume']!r} must be an absolute path on the server (scripts/simulate.py "
+                              "makes it absolute)")
+    ckpt = load_checkpoint(folder, cfg)
+    if ckpt.territories != dict(ids):
+        raise CheckpointError(f"checkpoint {ckpt.path} was written with territories {ckpt.territories}, these are "
+                              f"{dict(ids)}; resume with the same territories (SuperNodes and their data)")
+    check_global_arrays(ckpt, {k: (tuple(v.shape), np.dtype(str(v.numpy().dtype))) for k, v in shared.items()})
+    return ckpt
+
+
+def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
+                  components: Mapping[str, Checkpointable] | None = None) -> dict[str, Any]:
     """Run the pilot's federated training and write the results folder.
 
     Args:
@@ -133,6 +198,17 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
             recorded in ``summary.json`` (``failures``) and ``history.csv`` (``train_status``,
             ``eval_status``, ``error``).
         ValueError: ``federation.min_train_territories`` is invalid.
+        CheckpointError: ``resume`` names a checkpoint that is missing, corrupt or does not fit.
+
+    Checkpoints: after every round ``<run_dir>/checkpoint.pt`` is rewritten
+    (:func:`fedldt.checkpoint.save_checkpoint`): the global arrays, the round, the run key, the
+    server's random states and the state of each component, ``"strategy"`` (its
+    ``checkpoint_state()``) and those of ``components`` (name -> object with
+    ``checkpoint_state()``/``load_checkpoint_state()``, e.g. a privacy accountant: its state is
+    saved and, on resume, loaded before the first round). With ``cfg["resume"]`` (an absolute run
+    folder) the run continues after the checkpoint's round: everything above is restored and the
+    territories reload their local state from their own checkpoints (the run key travels in every
+    message); ``history.csv`` and ``summary.json`` then cover every round from 1.
     """
     t_start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,39 +238,62 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path) -> dict[str, A
     )
     print(f"[fedldt] strategy {type(strategy).__name__}, personalization {personalization}: "
           f"{len(shared)} shared tensors, {len(local)} kept by each territory", flush=True)
-    strategy = with_privacy(strategy, cfg)
+    strategy = with_privacy(strategy, cfg)  # privacy=territory: TerritoryDP around the fedldt strategy
     ledger = strategy.privacy
-    run_rounds = rounds
+    fed = getattr(strategy, "strategy", strategy)  # the fedldt strategy (its state is the "strategy" component)
+    components = {"strategy": fed, **({"privacy": ledger} if ledger is not None else {}), **(components or {})}
+    arrays, done, run_key, elapsed0 = ArrayRecord(shared), 0, uuid.uuid4().hex, 0.0
+    ckpt = _resume_from(cfg, ids, shared)
+    if ckpt is not None:
+        missing = sorted(set(components) - set(ckpt.components))
+        if missing:
+            raise FederationError(f"checkpoint {ckpt.path} holds no state of {missing}; resume with the settings it "
+                                  "was written with")
+        for name, comp in components.items():
+            comp.load_checkpoint_state(ckpt.components[name])
+        set_rng_state(ckpt.rng)
+        arrays = ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()})
+        done, run_key, elapsed0 = ckpt.round, ckpt.run_key, ckpt.elapsed_s
+        print(f"[fedldt] resuming from {ckpt.path}: round {done} done, rounds {done + 1}..{rounds} to go", flush=True)
+    last = rounds  # the last round to run: fewer when the privacy budget ends the run
     if ledger is not None:
         windows = {ids[i]: int(info["num-train"]) for i, info in infos.items()}
-        run_rounds = ledger.rounds_within_budget(rounds, windows)
-        if run_rounds == 0:
-            first = ledger.accountant.epsilon_after(round_events(ledger.privacy, cfg["train"], windows))
+        last = done + ledger.rounds_within_budget(rounds - done, windows)
+        if last == 0:
+            first_eps = ledger.accountant.epsilon_after(round_events(ledger.privacy, cfg["train"], windows))
             raise FederationError(f"privacy.max_epsilon={ledger.privacy['max_epsilon']} is exceeded by the first round "
-                                  f"already (epsilon after one round: {first:.4g}); raise privacy.max_epsilon or "
+                                  f"already (epsilon after one round: {first_eps:.4g}); raise privacy.max_epsilon or "
                                   "privacy.noise_multiplier")
-        if run_rounds < rounds:
-            print(f"[fedldt] privacy budget max_epsilon={ledger.privacy['max_epsilon']} fits {run_rounds} of {rounds} "
-                  f"rounds: the run ends after round {run_rounds}", flush=True)
-            for s in {strategy, getattr(strategy, "strategy", strategy)}:
-                s.num_rounds = run_rounds
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=run_rounds, timeout=timeout,
-        train_config=config_record(cfg), evaluate_config=config_record(cfg, split="val"),
-    )
+        if last < rounds:
+            print(f"[fedldt] privacy budget max_epsilon={ledger.privacy['max_epsilon']} fits {last} of {rounds} "
+                  f"rounds: the run ends after round {last}", flush=True)
+            fed.num_rounds = last
+
+    def checkpoint(rnd: int, current: ArrayRecord) -> None:
+        save_checkpoint(run_dir, round=rnd, run_key=run_key, config=cfg, territories=ids,
+                        arrays={k: np.asarray(a.numpy()) for k, a in current.items()}, components=components,
+                        elapsed_s=elapsed0 + time.time() - t_start)
+
+    keyed = {RUN_KEY: run_key}
+    arrays = run_rounds(strategy, grid, arrays, done + 1, last, timeout,
+                        train_config=lambda r: config_record(cfg, **keyed),
+                        evaluate_config=lambda r: config_record(cfg, split="val", **keyed, **{LOCAL_ROUND: r}),
+                        on_round_end=checkpoint)
     if strategy.failures:
         print(f"[fedldt] WARNING: {len(strategy.failures)} failed replies: {strategy.failures}", flush=True)
-    test = evaluate_split(grid, strategy, result.arrays, cfg, "test", run_rounds + 1, timeout)
+    test = evaluate_split(grid, strategy, arrays, cfg, "test", last + 1, timeout, **keyed, **{LOCAL_ROUND: last})
     summary = build_summary(cfg, "federated", [territory_row(info) for info in infos.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
-                            strategy.failures, model_cfg, time.time() - t_start)
+                            strategy.failures, model_cfg, elapsed0 + time.time() - t_start)
+    if ckpt is not None:
+        summary["resumed_after_round"] = ckpt.round
     history = strategy.history
     if ledger is not None:
-        summary["privacy"] = ledger.summary(rounds, run_rounds)
+        summary["privacy"] = ledger.summary(rounds, last)
         # the epsilon spent after each round (the same for every territory row of the round)
         history = [{**row, "privacy_epsilon": ledger.epsilon_by_round.get(int(row["round"]))} for row in history]
         print(f"[fedldt] privacy: epsilon={summary['privacy']['epsilon']:.4g} at delta={ledger.accountant.delta:g} "
-              f"after {run_rounds} round(s) ({ledger.privacy['mode']}-level, {summary['privacy']['accountant']})", flush=True)
-    final = result.arrays.to_torch_state_dict()
+              f"after {last} round(s) ({ledger.privacy['mode']}-level, {summary['privacy']['accountant']})", flush=True)
+    final = arrays.to_torch_state_dict()
     if set(final) != set(shared):
         raise FederationError(f"the final global model has keys {sorted(set(final) ^ set(shared))} that differ from the shared part")
     # model.pt holds the global (shared) weights; "local_keys" are the entries each territory kept.

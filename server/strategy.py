@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping,
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from fedldt.checkpoint import State
 from fedldt.launch.progress import fmt as _fmt
 from fedldt.launch.progress import round_line
 from fedldt.metrics import MetricSums, report, windows_weighted_mean
@@ -207,6 +208,32 @@ class FedLDTStrategy:
         #: the run's privacy accountant (:class:`fedldt.privacy.PrivacyLedger`), ``None`` without DP
         self.privacy: PrivacyLedger | None = None
 
+    def checkpoint_state(self) -> State:
+        """The strategy's state for a checkpoint (:mod:`fedldt.checkpoint`): the metric history
+        so far (:attr:`history`, :attr:`rounds`, :attr:`failures`) as JSON metadata.
+
+        A strategy class with more state extends this and :meth:`load_checkpoint_state` (calling
+        ``super()`` and adding its arrays and metadata under its own names: see
+        :class:`_ServerOptimizer`, :class:`FedLDTAvgM`). A component that is not the strategy (a
+        privacy accountant, a wrapper around the strategy) is checkpointed as its own component
+        (``server.rounds.run_federated``, ``components``), not through this method. The state of
+        one round (sent messages, replies' status) is not saved: a checkpoint is written between
+        rounds only.
+        """
+        return State(meta={"history": self.history, "rounds": self.rounds, "failures": self.failures})
+
+    def load_checkpoint_state(self, state: State) -> None:
+        """Put back what :meth:`checkpoint_state` returned (the checkpoint was checked when loaded).
+
+        Raises:
+            ValueError: a field is missing or not a list of objects.
+        """
+        for name in ("history", "rounds", "failures"):
+            value = state.meta.get(name)
+            if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+                raise ValueError(f"checkpoint strategy state '{name}' must be a list of objects")
+            setattr(self, name, [dict(r) for r in value])
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._template = {k: (tuple(int(d) for d in a.shape), np.dtype(a.dtype)) for k, a in arrays.items()}
         if isinstance(self, FedAvgM):
@@ -378,6 +405,29 @@ class _ServerOptimizer(FedLDTStrategy):
         super().__init__(**kwargs)
         self.optimizer_step = 0
 
+    def checkpoint_state(self) -> State:
+        """Adds ``m_t``/``v_t`` (arrays ``m_t/<key>``, ``v_t/<key>``) and :attr:`optimizer_step`.
+        ``current_arrays`` is not saved: ``configure_train`` sets it from the global model each round."""
+        state = super().checkpoint_state()
+        for name in ("m_t", "v_t"):
+            moments = getattr(self, name) or {}
+            state.arrays.update({f"{name}/{k}": np.asarray(v) for k, v in moments.items()})
+            state.meta[name] = list(moments)  # key order
+        state.meta["optimizer_step"] = self.optimizer_step
+        return state
+
+    def load_checkpoint_state(self, state: State) -> None:
+        super().load_checkpoint_state(state)
+        for name in ("m_t", "v_t"):
+            keys = state.meta.get(name)
+            if not isinstance(keys, list) or any(f"{name}/{k}" not in state.arrays for k in keys):
+                raise ValueError(f"checkpoint strategy state: '{name}' keys and arrays do not match")
+            setattr(self, name, {k: state.arrays[f"{name}/{k}"] for k in keys} or None)
+        step = state.meta.get("optimizer_step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint strategy state: optimizer_step={step!r} must be an integer >= 0")
+        self.optimizer_step = step
+
     def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super()._aggregate_rule(server_round, replies)
         if arrays is not None:
@@ -437,7 +487,24 @@ class FedLDTAdagrad(_ServerOptimizer, FedAdagrad):
 
 
 class FedLDTAvgM(FedLDTStrategy, FedAvgM):
-    """FedAvgM (Hsu et al., arXiv:1909.06335, 2019): FedAvg with server momentum."""
+    """FedAvgM (Hsu et al., arXiv:1909.06335, 2019): FedAvg with server momentum.
+
+    Its checkpoint state adds Flower's ``momentum_vector`` (a list in the global model's key
+    order; arrays ``momentum_vector/<index>``)."""
+
+    def checkpoint_state(self) -> State:
+        state = super().checkpoint_state()
+        vector = self.momentum_vector or []
+        state.arrays.update({f"momentum_vector/{i}": np.asarray(v) for i, v in enumerate(vector)})
+        state.meta["momentum_vector"] = len(vector)
+        return state
+
+    def load_checkpoint_state(self, state: State) -> None:
+        super().load_checkpoint_state(state)
+        n = state.meta.get("momentum_vector")
+        if isinstance(n, bool) or not isinstance(n, int) or any(f"momentum_vector/{i}" not in state.arrays for i in range(n)):
+            raise ValueError("checkpoint strategy state: 'momentum_vector' length and arrays do not match")
+        self.momentum_vector = [state.arrays[f"momentum_vector/{i}"] for i in range(n)] or None
 
 
 class FedLDTMedian(FedLDTStrategy, FedMedian):

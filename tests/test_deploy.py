@@ -9,7 +9,7 @@ Two federations, each reused by several tests (the deployment round trip costs ~
   its own territory data package in a folder of its own (node config ``data-path``), whose server
   (``dataset=packages``) has no data at all, territory 1 failing in round 1 (test-only node config), used for refusals
   (of SuperNodes, and of the Control/runtime APIs at the Fleet-only gateway), failures, a killed
-  and restarted SuperNode, and the minimum-territories error.
+  and restarted SuperNode, the minimum-territories error, and a killed SuperLink whose run is resumed.
 """
 
 import json
@@ -30,15 +30,19 @@ import yaml
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from clients.audit import EGRESS_LOG, ERRORS_LOG
+from clients.client_app import app
 from clients.territory import SCALAR_METRICS
-from fedldt.config import checkout_root, load_territories
+from fedldt.checkpoint import CHECKPOINT
+from fedldt.config import checkout_root, compose_config, load_territories, resolve_config
 from fedldt.launch.certs import make_territory_key
 from fedldt.launch.loopback import LocalFederation
 from fedldt.launch.simulation import RunFailed, flwr_env, free_port, processes_with_home
 from fedldt.metrics import SUM_KEYS
 from fedldt.results import REFERENCES
 from tests.apps import write_test_app
+from server.rounds import run_federated
 from tests.conftest import write_los_loop_like, write_territory_packages
+from tests.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.slow
 
@@ -520,6 +524,48 @@ def test_hard_kill_is_sigkill_and_takes_the_helpers_and_the_node_comes_back(fede
     assert processes_with_home(t.home) == [] and not any(_alive_flower(p.pid) for p in helpers)
     federation.start_territory(0, wait=True, timeout=300)
     assert federation.supernodes()[t.node_id] == "online"
+
+
+def test_a_killed_superlink_is_resumed_from_its_checkpoint(federation, tmp_path):
+    """The SuperLink (and the ServerApp with it) is killed with SIGKILL once round 2's checkpoint
+    is written; started again, ``resume=<run folder>`` finishes the 4 rounds. The territories
+    reload their own local entries (from their folders), and the result equals, bit for bit, a
+    straight 4-round run of the same config (fedldt's server and ClientApp on an in-process grid)."""
+    run_dir = federation.run_dir / "run-resume"
+    killed: list[int] = []
+
+    def kill_after_round_2():
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not killed:
+            try:
+                rnd = json.loads(torch.load(run_dir / CHECKPOINT, weights_only=True)["meta"])["round"]
+            except Exception:  # not written yet
+                rnd = 0
+            if rnd >= 2:
+                federation.kill_superlink()
+                killed.append(rnd)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_after_round_2, daemon=True)
+    watcher.start()
+    with pytest.raises(RunFailed):
+        federation.run(_overrides(**{"train.rounds": 4}), run_dir, timeout_s=900)
+    watcher.join(timeout=60)
+    assert killed and killed[0] in (2, 3) and not (run_dir / "summary.json").exists()
+    federation.restart_superlink()
+    summary = federation.run(_overrides(**{"train.rounds": 4, "resume": run_dir}), run_dir, timeout_s=900)
+    assert summary["resumed_after_round"] == killed[0] and [r["round"] for r in summary["history"]] == [1, 2, 3, 4]
+    hist = pd.read_csv(run_dir / "history.csv")
+    assert list(hist["round"]) == [r for r in (1, 2, 3, 4) for _ in range(3)]  # once each per territory
+
+    cfg = resolve_config(compose_config(_overrides(**{"train.rounds": 4})), require_data=False)
+    nodes = {10 + t.index: {"territory": t.index, "data-path": t.node_config["data-path"],
+                            "out-dir": str(tmp_path / f"t{t.index}")} for t in federation.territories}
+    straight = run_federated(InProcessGrid(app, nodes), cfg, tmp_path / "straight")
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["test"] == straight["test"] and summary["history"] == straight["history"]
 
 
 def test_federation_stops_every_process(federation):

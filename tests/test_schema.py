@@ -235,7 +235,7 @@ def test_territory_view_has_no_script_only_block(base):
     assert set(SCRIPT_ONLY) <= set(base)  # the scripts see them
     view = territory_view(base)
     assert not set(SCRIPT_ONLY) & set(view)
-    assert view == {k: v for k, v in base.items() if k not in ("sweep", "compare")}
+    assert view == {k: v for k, v in base.items() if k not in ("sweep", "compare", "resume")}
     validate_config(view)  # what a territory gets is still a valid config
 
 

@@ -242,7 +242,7 @@ def test_script_only_blocks_never_reach_territories(syn_dir):
     assert set(sent) == {MessageType.QUERY, MessageType.TRAIN, MessageType.EVALUATE}
     for kind, received in sent.items():
         assert not {"sweep", "compare"} & set(received), kind
-        assert received == territory_view(cfg) and set(received) == set(cfg) - {"sweep", "compare"}, kind
+        assert received == territory_view(cfg) and set(received) == set(cfg) - {"sweep", "compare", "resume"}, kind
 
 
 def test_personalized_entries_never_leave_the_territory(syn_dir):

@@ -99,13 +99,48 @@ class ChannelSpec(_Strict):
         return ValidRange(low, self.max, self.type)
 
 
+class NodeLinkSpec(_Strict):
+    """Where a node-link JSON file keeps each sensor's fields: node attribute names of the sensor
+    id, the series (a list of numbers, ``null`` = missing, one per step from ``observations.start``)
+    and the two coordinates (``x``/``y`` in ``sensors.crs``, longitude/latitude for EPSG:4326), and
+    the link attribute holding the edge weight."""
+
+    id: str = "id"
+    series: str
+    x: str
+    y: str
+    weight: str = "weight"
+
+
 class ObservationsSpec(_Strict):
-    """The observations file (``.csv`` or ``.parquet``) and its layout."""
+    """The observations file and its layout: ``long`` or ``wide`` (``.csv`` or ``.parquet``), or
+    ``node_link`` (a networkx node-link JSON graph holding sensors, series and links in one file;
+    see :class:`NodeLinkSpec`): then ``start`` (the first step's time stamp) and ``node_link`` are
+    required, and ``sensors.file``/``graph.edges`` are not used."""
 
     file: str = "observations.csv"
-    layout: Literal["long", "wide"] = "long"
+    layout: Literal["long", "wide", "node_link"] = "long"
     timestamp_column: str = "timestamp"
     sensor_column: str = "sensor_id"
+    start: str | None = None
+    node_link: NodeLinkSpec | None = None
+
+    @model_validator(mode="after")
+    def _node_link_fields(self) -> "ObservationsSpec":
+        if self.layout == "node_link":
+            missing = [k for k in ("start", "node_link") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"layout 'node_link' needs {missing} (the first step's time stamp, the node attribute "
+                                 "names)")
+            try:
+                pd.Timestamp(self.start)
+            except (ValueError, TypeError):
+                raise ValueError(f"start {self.start!r} is not a time stamp; write it like 2020-10-01 00:00") from None
+        else:
+            extra = sorted({"start", "node_link"} & self.model_fields_set)
+            if extra:
+                raise ValueError(f"{extra} only apply to layout 'node_link'; remove them or set layout: node_link")
+        return self
 
 
 class SensorsSpec(_Strict):
@@ -128,7 +163,8 @@ class GraphSpec(_Strict):
     built from the coordinates by ``method`` (``knn``: ``k`` nearest sensors, made symmetric;
     ``gaussian``: ``exp(-(d/sigma_km)^2) >= threshold``), see :func:`fedldt.data.distance_graph`.
     ``weight_kind``: ``similarity`` (default; larger = stronger link) or ``distance`` (km, turned into
-    ``exp(-(d/sigma_km)^2)``, edges below ``threshold`` left out). ``edges`` with ``method``/``k`` is
+    ``exp(-(d/sigma_km)^2)``, edges below ``threshold`` left out; ``distance_unit: m`` for metres).
+    ``edges`` with ``method``/``k`` is
     refused (one of them would be ignored)."""
 
     edges: str | None = None
@@ -138,6 +174,7 @@ class GraphSpec(_Strict):
     sigma_km: float | None = Field(default=None, gt=0)
     threshold: float = Field(default=0.1, gt=0, le=1)
     weight_kind: Literal["similarity", "distance"] = "similarity"
+    distance_unit: Literal["km", "m"] = "km"
 
     @model_validator(mode="after")
     def _one_source(self) -> "GraphSpec":
@@ -145,8 +182,6 @@ class GraphSpec(_Strict):
         if both:
             raise ValueError(f"edges is set, so {both} would be ignored: give edges, or {both} (a graph built "
                              "from the coordinates), not both")
-        if self.edges is None and "weight_kind" in self.model_fields_set:
-            raise ValueError("weight_kind describes the weights of an edges file: set edges, or remove weight_kind")
         return self
 
 
@@ -220,8 +255,25 @@ class TerritorySpec(_Strict):
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             raise ValueError(f"channels: names {names} repeat; give each channel its own name")
-        if self.observations.layout == "wide" and len(self.channels) != 1:
-            raise ValueError("observations.layout 'wide' holds one channel; declare exactly one channel, or use 'long'")
+        if self.observations.layout in ("wide", "node_link") and len(self.channels) != 1:
+            raise ValueError(f"observations.layout {self.observations.layout!r} holds one channel; declare exactly one "
+                             "channel, or use 'long'")
+        g = self.graph
+        if self.observations.layout != "node_link" and g.edges is None and {"weight_kind", "distance_unit"} & g.model_fields_set:
+            raise ValueError("graph.weight_kind and graph.distance_unit describe the weights of an edges file: set "
+                             "graph.edges, or remove them")
+        if g.weight_kind != "distance" and "distance_unit" in g.model_fields_set:
+            raise ValueError("graph.distance_unit applies to weight_kind: distance only; remove it")
+        ignored = sorted({"method", "k"} & g.model_fields_set)
+        if self.observations.layout == "node_link" and ignored:
+            raise ValueError(f"observations.layout 'node_link' holds the links, so graph {ignored} would be ignored; "
+                             "remove them")
+        if self.observations.layout == "node_link":
+            both = sorted(k for k, block in (("sensors.file", self.sensors), ("graph.edges", self.graph))
+                          if k.split(".")[1] in block.model_fields_set)
+            if both:
+                raise ValueError(f"observations.layout 'node_link' holds the sensors and the links, so {both} would be "
+                                 "ignored; remove them")
         return self
 
     @property
@@ -424,9 +476,13 @@ def _utc_times(raw: pd.Series, tz: str, groups: pd.Series | None, where: str) ->
 
 
 # ---------------------------------------------------------------------------------- the loader
-def _read_sensors(root: Path, spec: TerritorySpec, problems: list) -> tuple[np.ndarray, np.ndarray | None]:
-    path = _member(root, spec.sensors.file, "sensors.file")
-    df = _read_table(path, ("sensor_id",))
+def _read_sensors(root: Path, spec: TerritorySpec, problems: list,
+                  table: tuple[pd.DataFrame, Path] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sensor ids (text) and ``[node, 2]`` (latitude, longitude) from ``sensors.file`` (or ``table``:
+    the sensors of a node-link file, with its path)."""
+    df, path = table if table is not None else (None, _member(root, spec.sensors.file, "sensors.file"))
+    if df is None:
+        df = _read_table(path, ("sensor_id",))
     geo = spec.sensors.crs == "EPSG:4326"
     xy = ["longitude", "latitude"] if geo else ["x", "y"]
     _require(df, ["sensor_id", *xy], path)
@@ -480,16 +536,19 @@ def distances_km(coords: np.ndarray) -> np.ndarray:
 
 
 def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray | None,
-           problems: list) -> tuple[torch.Tensor, torch.Tensor]:
+           problems: list, table: tuple[pd.DataFrame, Path] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``edge_index``/``edge_weight`` from ``graph.edges`` (or ``table``: the links of a node-link
+    file, with its path), else built from the coordinates."""
     g = spec.graph
     n = len(ids)
-    if g.edges is None:
+    if g.edges is None and table is None:
         if coords is None:
             raise TerritoryPackageError(f"{root / MANIFEST}: field 'graph.edges' is not set and some sensors lack coordinates; "
                                f"fix: give every sensor coordinates in {spec.sensors.file}, or an edges file")
         return distance_graph(distances_km(coords), method=g.method, sigma_km=g.sigma_km, threshold=g.threshold, k=g.k)
-    path = _member(root, g.edges, "graph.edges")
-    df = _read_table(path, ("source", "target"))
+    df, path = table if table is not None else (None, _member(root, g.edges, "graph.edges"))
+    if df is None:
+        df = _read_table(path, ("source", "target"))
     _require(df, ["source", "target"], path)
     src, dst = df["source"].astype(str).to_numpy(), df["target"].astype(str).to_numpy()
     distance = g.weight_kind == "distance"
@@ -507,6 +566,7 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
     else:
         w = np.ones(len(df), dtype=np.float64)
     if distance:  # DCRNN's thresholded Gaussian kernel, as for a graph built from coordinates
+        w = w / 1000.0 if g.distance_unit == "m" else w
         off = src != dst
         sigma = g.sigma_km or (float(w[off].std()) if off.sum() > 1 else 0.0) or 1.0
         w = np.where(off, np.exp(-((w / sigma) ** 2)), 1.0)
@@ -537,6 +597,116 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
 
         ei, ew = to_undirected(ei, ew, num_nodes=n, reduce="mean")
     return ei, ew
+
+
+#: Largest node-link JSON file read (bytes): it is read into memory whole.
+MAX_NODE_LINK_BYTES = 2 * 1024**3
+
+
+def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.DataFrame], Path]:
+    """The three tables of a networkx node-link JSON file (``observations.layout: node_link``).
+
+    Parsed with :func:`networkx.node_link_graph` (the format of ``networkx.node_link_data``; links
+    under ``links`` or ``edges``). Node ids become text (``str``); each node's series (attribute
+    ``node_link.series``) is one value per step from ``observations.start`` at ``interval``.
+
+    Returns:
+        ``{"sensors": sensor_id + x/y (or longitude/latitude), "observations": time (UTC) + sensor
+        + the channel, "edges": source/target (+ weight)}`` and the file's path.
+
+    Raises:
+        TerritoryPackageError: not JSON, not a node-link graph, a node without the series or with a
+            series of another length or with a value that is not a number, two nodes with one id.
+    """
+    import json
+
+    import networkx as nx
+
+    o, nl = spec.observations, spec.observations.node_link
+    path = _member(root, o.file, "observations.file")
+    if path.stat().st_size > MAX_NODE_LINK_BYTES:
+        raise TerritoryPackageError(f"{path}: larger than {MAX_NODE_LINK_BYTES} bytes; fix: split the network, or use "
+                                    "the long layout in Parquet")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise TerritoryPackageError(f"{path}: not a UTF-8 JSON file ({str(e)[:200]}); fix: write networkx "
+                                    "node_link_data as JSON") from None
+    links = "links" if isinstance(data, dict) and "links" in data else "edges"
+    shape = f"fix: a JSON object with 'nodes' (each with '{nl.id}') and '{links}' (each with 'source' and 'target')"
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, list) or not isinstance(data.get(links, []), list):
+        raise TerritoryPackageError(f"{path}: not a networkx node-link graph (no list 'nodes' or '{links}'); {shape}")
+    plain = (str, int)
+    for i, v in enumerate(nodes):
+        if not isinstance(v, dict) or not isinstance(v.get(nl.id), plain) or isinstance(v.get(nl.id), bool):
+            raise TerritoryPackageError(f"{path}: node {i + 1} of 'nodes' has no text or integer '{nl.id}'; {shape} (or name "
+                                        f"the id attribute in {root / MANIFEST} field 'observations.node_link.id')")
+    known = {str(v[nl.id]) for v in nodes}
+    for i, e in enumerate(data.get(links, [])):
+        ends = [e.get(k) if isinstance(e, dict) else None for k in ("source", "target")]
+        if not all(isinstance(x, plain) and not isinstance(x, bool) and str(x) in known for x in ends):
+            raise TerritoryPackageError(f"{path}: link {i + 1} of '{links}' does not join two listed nodes (source "
+                                        f"{str(ends[0])[:40]!r}, target {str(ends[1])[:40]!r}); {shape}")
+    try:
+        graph = nx.node_link_graph(data, directed=True, multigraph=False, edges=links, name=nl.id)
+    except Exception as e:  # networkx raises KeyError/TypeError/NetworkXError on a malformed document
+        raise TerritoryPackageError(f"{path}: not a networkx node-link graph ({type(e).__name__}: {str(e)[:200]}); fix: "
+                                    f"a JSON object with 'nodes' (each with '{nl.id}') and 'links' (each with 'source' "
+                                    "and 'target')") from None
+    if graph.is_multigraph():
+        raise TerritoryPackageError(f"{path}: a multigraph (two links may join the same sensors); fix: one link per pair")
+    ids = [str(v) for v in graph.nodes]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise TerritoryPackageError(f"{path}: node ids {_listing(twice)} are the same as text; fix: give each node its own id")
+    if not ids:
+        raise TerritoryPackageError(f"{path}: no nodes; fix: add the sensors")
+    where = f"{root / MANIFEST}: field 'observations.node_link"
+    series, length = [], None
+    for v, attrs in graph.nodes(data=True):
+        y = attrs.get(nl.series)
+        if not isinstance(y, list):
+            raise TerritoryPackageError(f"{path}: node {str(v)!r} has no list '{nl.series}'; fix: give every node its series, "
+                                        f"or name the attribute in {where}.series'")
+        if length is None:
+            length = len(y)
+        if len(y) != length:
+            raise TerritoryPackageError(f"{path}: node {str(v)!r} has {len(y)} values in '{nl.series}', the first node "
+                                        f"{length}; fix: one value per step for every node (null where missing)")
+        bad = [x for x in y if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)))]
+        if bad:
+            raise TerritoryPackageError(f"{path}: node {str(v)!r}: '{nl.series}' holds {len(bad)} value(s) that are not "
+                                        f"numbers, e.g. {_listing(bad)}; fix: numbers, or null where missing")
+        series.append(np.array([np.nan if x is None else float(x) for x in y], dtype=np.float64))
+    if not length:
+        raise TerritoryPackageError(f"{path}: the series '{nl.series}' are empty; fix: add the observations")
+    geo = spec.sensors.crs == "EPSG:4326"
+    xy = ["longitude", "latitude"] if geo else ["x", "y"]
+    coords = {c: [attrs.get(a) for _, attrs in graph.nodes(data=True)] for c, a in zip(xy, (nl.x, nl.y))}
+    for c, a in zip(xy, (nl.x, nl.y)):
+        if any(x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))) for x in coords[c]):
+            raise TerritoryPackageError(f"{path}: node attribute '{a}' holds values that are not numbers; fix: numbers "
+                                        f"(in {spec.sensors.crs}), or name the right attribute in {where}.{'x' if c in ('x', 'longitude') else 'y'}'")
+    sensors = pd.DataFrame({"sensor_id": ids, **{c: pd.array(v, dtype="Float64").astype("float64") for c, v in coords.items()}})
+    start = pd.Timestamp(o.start)
+    calendar = _calendar(spec)
+    if start.tzinfo is not None:  # an offset given: the grid's first step in UTC (or local wall clock)
+        start = start.tz_convert(spec.timezone).tz_localize(None) if calendar else start.tz_convert("UTC").tz_localize(None)
+    elif not calendar:
+        local = pd.DatetimeIndex([start]).tz_localize(spec.timezone, ambiguous=True, nonexistent="raise")
+        start = local.tz_convert("UTC").tz_localize(None)[0]
+    grid = _grid(int(start.as_unit("ns").value), length, spec, calendar)
+    channel = spec.channels[0].name
+    observations = pd.DataFrame({"time": pd.DatetimeIndex(np.tile(grid.asi8, len(ids))).tz_localize("UTC"),
+                                 "sensor": np.repeat(np.array(ids, dtype=object), length), channel: np.concatenate(series)})
+    rows = [(str(a), str(b), d.get(nl.weight)) for a, b, d in graph.edges(data=True)]
+    edges = pd.DataFrame(rows, columns=["source", "target", "weight"])
+    if edges["weight"].isna().all():
+        edges = edges.drop(columns="weight")
+    else:
+        edges["weight"] = pd.to_numeric(edges["weight"], errors="coerce")
+    return {"sensors": sensors, "observations": observations, "edges": edges}, path
 
 
 def _long_table(root: Path, spec: TerritorySpec) -> tuple[pd.DataFrame, Path]:
@@ -601,8 +771,29 @@ def _off_grid_message(path: Path, spec: TerritorySpec, raw: pd.Series, off: np.n
             f"{_listing(list(written))}; fix: {fix}")
 
 
-def load_package(path: str | Path) -> TerritoryDataset:
+def spec_from_config(manifest: Any, root: Path) -> TerritorySpec:
+    """A package manifest given in a config (``dataset.manifest`` of :func:`load_package`) instead of
+    ``territory.yaml``: same schema, errors named ``dataset.manifest``.
+
+    Raises:
+        TerritoryPackageError: not a mapping, or breaks the schema.
+    """
+    where = f"dataset.manifest (data folder {root})"
+    if not isinstance(manifest, dict):
+        raise TerritoryPackageError(f"{where}: expected a mapping with the keys of {MANIFEST}; fix: see {DOC}")
+    try:
+        return TerritorySpec.model_validate(manifest)
+    except ValidationError as e:
+        raise TerritoryPackageError(_pydantic_message(Path(where), e)) from None
+
+
+def load_package(path: str | Path, manifest: dict[str, Any] | None = None, name: str | None = None) -> TerritoryDataset:
     """Load a territory data package (format: ``docs/data-format.md``).
+
+    ``manifest``: the package's ``territory.yaml`` given as a mapping (a dataset config's
+    ``manifest``, e.g. a whole-network pilot such as ``conf/pilot/montevideo_bus_4.yaml``); then
+    ``path`` is the folder of the data files and needs no ``territory.yaml``. ``name``: the
+    dataset name carried into results (``extra["dataset"]``), default the manifest's name.
 
     Time: stamps become UTC (see :func:`_utc_times`); the grid runs from the first to the last
     stamp at ``interval``; a stamp off that grid is refused. Every grid step is kept: a step with
@@ -635,10 +826,14 @@ def load_package(path: str | Path) -> TerritoryDataset:
     root = Path(path)
     if not root.is_dir():
         raise TerritoryPackageError(f"{root}: not a folder; fix: give the folder of a territory data package ({DOC})")
-    spec = read_spec(root)
+    spec = read_spec(root) if manifest is None else spec_from_config(manifest, root)
     problems: list[dict[str, Any]] = []
-    ids, coords = _read_sensors(root, spec, problems)
-    table, obs_path = _long_table(root, spec)
+    node_link, edges_table = None, None
+    if spec.observations.layout == "node_link":
+        node_link, obs_path = _node_link_tables(root, spec)
+        edges_table = (node_link["edges"], obs_path)
+    ids, coords = _read_sensors(root, spec, problems, (node_link["sensors"], obs_path) if node_link else None)
+    table, obs_path = (node_link["observations"], obs_path) if node_link else _long_table(root, spec)
     if table.empty:
         raise TerritoryPackageError(f"{obs_path}: no observations; fix: add rows")
     times = _utc_times(table["time"], spec.timezone, table["sensor"],
@@ -706,7 +901,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
                           f"in data rows {_rows(rows)}; fix: remove them, or set duplicates: mean|first in {MANIFEST}")
     if errors:  # the graph's own faults join them
         try:
-            _graph(root, spec, ids, coords, [])
+            _graph(root, spec, ids, coords, [], edges_table)
         except TerritoryPackageError as e:
             errors += e.messages
         raise TerritoryPackageError(errors)
@@ -741,7 +936,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
         problem(problems, "sensor_without_data", "warning", f"{int(no_data.sum())} sensor(s) of {spec.sensors.file} have "
                  "no valid observation: kept with mask 0", sensors=ids[no_data])
 
-    edge_index, edge_weight = _graph(root, spec, ids, coords, problems)
+    edge_index, edge_weight = _graph(root, spec, ids, coords, problems, edges_table)
     ei = edge_index.numpy()
     linked = np.zeros(len(ids), dtype=bool)
     linked[ei[0][ei[0] != ei[1]]] = True
@@ -755,6 +950,8 @@ def load_package(path: str | Path) -> TerritoryDataset:
         "valid_range": {c.name: c.valid_range().to_json() for c in spec.channels},
         "min_declared": [c.name for c in spec.channels if "min" in c.model_fields_set or c.non_negative],
     }
+    if spec.outages is not None:
+        extra["outages"] = spec.outages.model_dump()
     if spec.covariates is not None:
         extra["covariates"], extra["covariate_names"] = _covariates(root, spec, grid)
     ds = TerritoryDataset(
@@ -764,6 +961,7 @@ def load_package(path: str | Path) -> TerritoryDataset:
         source=f"territory data package {spec.name} ({spec.provenance}; licence {spec.licence})", extra=extra,
     )
     problems += dataset_problems(ds)
+    ds.extra["dataset"] = name or spec.name
     return ds
 
 

@@ -99,6 +99,9 @@ def _utc_stamps(ds: TerritoryDataset, timezone: str) -> pd.DatetimeIndex:
             daylight-saving change inside the data), or the UTC steps are not regular.
     """
     ts = ds.timestamps
+    if ts.tz is not None and timezone != str(ts.tz):
+        raise PartitionError(f"--timezone {timezone}: the dataset's time stamps carry their own zone, {ts.tz}; fix: "
+                             "leave --timezone out")
     if ts.tz is None:
         try:
             ts = ts.tz_localize(timezone, ambiguous="raise", nonexistent="raise")
@@ -118,15 +121,17 @@ def _interval(ds: TerritoryDataset) -> str:
     return f"{s // 3600}h" if s % 3600 == 0 else f"{s // 60}min" if s % 60 == 0 else f"{s}s"
 
 
-def write_package(ds: TerritoryDataset, folder: Path, timezone: str, valid_range: dict[str, Any] | None,
+def write_package(ds: TerritoryDataset, folder: Path, timezone: str | None, valid_range: dict[str, Any] | None,
                   provenance: str, licence: str) -> list[str]:
     """Write ``ds`` as a territory data package in the new folder ``folder`` (see the module docstring).
 
     Args:
         ds: one territory (values/mask ``[time, node, channel]`` float32).
         folder: package folder to create (must not exist).
-        timezone: IANA zone of naive time stamps (written as UTC, declared in ``territory.yaml``).
-        valid_range: channel -> ``{min, max, type}`` (the pilot's ``dataset.valid_range``) or ``None``.
+        timezone: IANA zone of naive time stamps (written as UTC, declared in ``territory.yaml``);
+            ``None``: the zone of time-zone-aware stamps (a dataset read from a package), else UTC.
+        valid_range: channel -> ``{min, max, type}`` (the pilot's ``dataset.valid_range``) or ``None``
+            (then the dataset's own, ``ds.extra["valid_range"]``, as a package declares it).
         provenance, licence: text for ``territory.yaml``.
 
     Returns:
@@ -135,8 +140,9 @@ def write_package(ds: TerritoryDataset, folder: Path, timezone: str, valid_range
     Raises:
         PartitionError: see :func:`_utc_stamps`; an edge weight that is not positive.
     """
-    folder.mkdir(parents=True, exist_ok=False)
+    timezone = str(ds.timestamps.tz) if ds.timestamps.tz is not None and timezone is None else timezone or "UTC"
     utc = _utc_stamps(ds, timezone)
+    folder.mkdir(parents=True, exist_ok=False)
     t, n = ds.num_steps, ds.num_nodes
     obs = pd.DataFrame({"timestamp": np.repeat(utc, n), "sensor_id": pd.array(np.tile(ds.node_ids, t), dtype="string")})
     for k, ch in enumerate(ds.channels):
@@ -157,13 +163,15 @@ def write_package(ds: TerritoryDataset, folder: Path, timezone: str, valid_range
     files = [MANIFEST, OBSERVATIONS, SENSORS, EDGES]
     channels = []
     for ch, unit in zip(ds.channels, ds.units):
-        r = (valid_range or {}).get(ch) or {}
+        r = (valid_range or ds.extra.get("valid_range") or {}).get(ch) or {}
         channels.append({"name": ch, "unit": unit, "min": r.get("min"), "max": r.get("max"), "type": r.get("type", "number")})
     manifest: dict[str, Any] = {
         "name": ds.name, "interval": _interval(ds), "timezone": timezone, "channels": channels,
         "observations": {"file": OBSERVATIONS, "layout": "long"}, "sensors": {"file": SENSORS},
         "graph": {"edges": EDGES, "directed": True}, "missing_values": [], "duplicates": "error",
     }
+    if ds.extra.get("outages"):  # the source package's outage rule holds for its territories' packages
+        manifest["outages"] = dict(ds.extra["outages"])
     cov = ds.extra.get("covariates")
     if cov is not None:
         names = [str(c) for c in ds.extra["covariate_names"]]
@@ -222,8 +230,9 @@ def _prepare_out(out: Path, force: bool) -> None:
         (out / d).rmdir()
 
 
-def _licence(dataset_name: str) -> str:
-    """The licence note of ``conf/provenance/<dataset>.yaml`` (one line), else a pointer to the source."""
+def _licence(dataset_name: str, declared: Any = None) -> str:
+    """The licence note of ``conf/provenance/<dataset>.yaml`` (one line), else ``declared`` (the
+    licence a source package states), else a pointer to the source."""
     from fedldt.config import CONF_DIR
 
     f = CONF_DIR / "provenance" / f"{dataset_name}.yaml"
@@ -231,10 +240,12 @@ def _licence(dataset_name: str) -> str:
         text = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("license")
         if isinstance(text, str) and text.strip():
             return " ".join(text.split())
+    if isinstance(declared, str) and declared.strip():
+        return " ".join(declared.split())
     return f"as the source dataset {dataset_name} (not stated in fedldt; check its provenance)"
 
 
-def partition_pilot(pilot: str, out: str | Path, timezone: str = "UTC", overrides: Sequence[str] = (),
+def partition_pilot(pilot: str, out: str | Path, timezone: str | None = None, overrides: Sequence[str] = (),
                     force: bool = False) -> dict[str, Any]:
     """Write one territory data package per territory of ``pilot`` into ``out``.
 
@@ -247,7 +258,8 @@ def partition_pilot(pilot: str, out: str | Path, timezone: str = "UTC", override
         pilot: a pilot of ``conf/pilot/`` (or of a folder added by a ``hydra.searchpath`` override).
         out: new or empty folder (or an earlier output of this function, with ``force``).
         timezone: IANA zone in which the dataset's naive time stamps are local time (Los-loop:
-            ``America/Los_Angeles``); ``UTC`` keeps them as they are.
+            ``America/Los_Angeles``); ``UTC`` keeps them as they are; ``None``: the zone of a
+            dataset whose stamps carry one (read from a package, e.g. ``montevideo_bus_4``), else UTC.
         overrides: further Hydra overrides.
         force: replace an earlier ``fedldt partition`` output in ``out`` (only the files it lists).
 
@@ -265,7 +277,7 @@ def partition_pilot(pilot: str, out: str | Path, timezone: str = "UTC", override
     from fedldt.config import DATASET_LOADERS, compose_config, load_territories, registered_call, resolve_config
 
     try:
-        zoneinfo.ZoneInfo(timezone)
+        zoneinfo.ZoneInfo(timezone or "UTC")
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise PartitionError(f"--timezone {timezone!r} is not an IANA time zone; write it like America/Los_Angeles or UTC") from None
     out = Path(out)
@@ -290,7 +302,7 @@ def partition_pilot(pilot: str, out: str | Path, timezone: str = "UTC", override
     if bad:
         raise PartitionError(f"territory name {bad[0]!r} of pilot {pilot} cannot name a package (letters, digits, _ . - "
                              "only, at most 64); fix: rename it in the dataset config")
-    licence = _licence(str(cfg["dataset"].get("name", "")))
+    licence = _licence(str(cfg["dataset"].get("name", "")), territories[0].extra.get("licence"))
     files: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -314,7 +326,8 @@ def partition_pilot(pilot: str, out: str | Path, timezone: str = "UTC", override
     else:
         total = sum(c["edges_kept"] for c in counts)
     report = {"written_by": WRITTEN_BY, "fedldt_version": __version__, "pilot": pilot, "overrides": list(overrides),
-              "dataset": cfg["dataset"].get("name"), "timezone": timezone, "territories": counts,
+              "dataset": cfg["dataset"].get("name"), "timezone": timezone or str(territories[0].timestamps.tz or "UTC"),
+              "territories": counts,
               "edges_dropped": dropped, "edges_total": total, "share_dropped": round(dropped / total, 6) if total else 0.0,
               "files": files}
     (out / REPORT).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")

@@ -203,7 +203,7 @@ class LocalFederation:
     def _start_superlink(self) -> None:
         assert self.work is not None and self.pki is not None and self.port is not None
         home = self.work / "home-superlink"
-        home.mkdir()
+        home.mkdir(exist_ok=True)  # kept across restart_superlink()
         proc = self._popen(
             "superlink",
             [_bin("flower-superlink"), "--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
@@ -231,6 +231,41 @@ class LocalFederation:
             wait_http(f"https://127.0.0.1:{self.gateway_port}/health", timeout=self.startup_timeout, proc=proc, context=ctx)
         except (TimeoutError, RunFailed) as e:
             raise RunFailed(f"the Fleet gateway did not start: {e}; see {self.logs / 'gateway.log'}") from e
+
+    def kill_superlink(self) -> None:
+        """Kill the SuperLink with SIGKILL, as a crash would: its process group and every
+        descendant (the ServerApp of a run in progress dies with it). Its database file stays,
+        so :meth:`restart_superlink` keeps the registered territories; the gateway and the
+        SuperNodes keep running and retry."""
+        procs = [p for name, p in self._procs if name == "superlink" and p.poll() is None]
+        for proc in procs:
+            try:
+                helpers = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                helpers = []
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for p in helpers:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            proc.wait(timeout=10.0)
+
+    def restart_superlink(self) -> None:
+        """Start the SuperLink again (after :meth:`kill_superlink`) on the same port with the same
+        database and certificates, and wait until every territory's SuperNode is online again.
+
+        Raises:
+            RuntimeError: the SuperLink is still running.
+            RunFailed: it did not start, or the SuperNodes did not come back within ``startup_timeout``.
+        """
+        if any(name == "superlink" and p.poll() is None for name, p in self._procs):
+            raise RuntimeError("the SuperLink is still running; kill_superlink() first")
+        self._start_superlink()
+        self.wait_online([t.node_id for t in self.territories], self.startup_timeout)
 
     def register(self, public_key: Path) -> int:
         """Register a territory's public key on the SuperLink (``flwr supernode register``).

@@ -314,7 +314,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    link_log = open(logs / "superlink.log", "w")
+    link_log = open(logs / "superlink.log", "a")  # a resumed run (resume=) appends
     link = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
          "--host", "127.0.0.1", "--port", str(port), "--database", str(home / "state.db")],
