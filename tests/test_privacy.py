@@ -288,3 +288,35 @@ def test_dpsgd_is_seeded_per_territory_and_round(syn_dir):
     assert any(not torch.equal(a[k], train(cfg, rnd=2)[k]) for k in a)
     plain = train(small_config(syn_dir))
     assert any(not torch.equal(a[k], plain[k]) for k in a)  # DP-SGD did run
+
+
+# ------------------------------------------------------------------ checkpoint and resume (fedldt/checkpoint.py)
+def test_resumed_private_run_continues_the_accountant_and_the_budget(syn_dir, tmp_path):
+    """A territory-level DP run with a budget that fits 2 of 3 rounds: stopped after round 1 and
+    resumed, it ends after round 2 with the weights, epsilons and history of the straight run
+    (the ledger is the checkpoint component "privacy"; the noise is seeded by round)."""
+    from fedldt.checkpoint import CHECKPOINT, load_checkpoint
+
+    probe = PrivacyLedger(_territory_privacy(sigma=1.0, clip=5.0), TRAIN)
+    eps = [probe.record_round(r, {"t0": 1}) for r in (1, 2, 3)]
+    dp = ("privacy=territory", "privacy.clipping_norm=5.0", f"privacy.max_epsilon={(eps[1] + eps[2]) / 2}")
+
+    def federate(run_dir, homes, *overrides):
+        cfg = small_config(syn_dir, *dp, *overrides)
+        grid = InProcessGrid(app, {10 + i: {"partition-id": i, "out-dir": str(homes / f"t{i}")} for i in range(2)})
+        return cfg, run_federated(grid, cfg, run_dir)
+
+    _, straight = federate(tmp_path / "straight", tmp_path / "homes-a", "train.rounds=3")
+    run = tmp_path / "run"
+    _, first = federate(run, tmp_path / "homes-b", "train.rounds=1")
+    assert first["privacy"]["rounds_run"] == 1 and (run / CHECKPOINT).is_file()
+    cfg, resumed = federate(run, tmp_path / "homes-b", "train.rounds=3", f"resume={run}")
+    assert resumed["privacy"] == straight["privacy"] and resumed["privacy"]["rounds_run"] == 2
+    assert resumed["privacy"]["stopped_by_budget"] and resumed["privacy"]["epsilon"] == eps[1]
+    assert resumed["test"] == straight["test"] and resumed["history"] == straight["history"]
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv"), pd.read_csv(tmp_path / "straight" / "history.csv"))
+    ckpt = load_checkpoint(run, {**json.loads(json.dumps(cfg)), "resume": str(run)})
+    assert [e["count"] for e in ckpt.components["privacy"].meta["accountant"]["events"]] == [1, 1]
