@@ -22,6 +22,7 @@ from fedldt.data.package import MANIFEST, load_package
 from fedldt.data.territory import TerritoryDataset
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
+from fedldt.privacy import dpsgd_options
 from fedldt.results import evaluation_sums, sums_to_record, territory_info
 
 #: Train metric names (the allow-list ``fedldt.egress.TRAIN_METRICS`` is exactly these).
@@ -215,6 +216,9 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
         ``(shared, local, metrics)``: the shared weights to send (float32, the global model's
         keys only), the local entries to keep at home, and metrics ``num-examples`` (training
         windows, the FedAvg weight), ``train_loss`` (scaled MAE) and ``territory``.
+
+    With ``privacy.mode: sample`` the local training is DP-SGD with Opacus, its sampling and
+    noise seeded by the run seed, this territory and ``server_round`` (:func:`fedldt.privacy.dpsgd_options`).
     """
     task = get_task(cfg, index)
     model = _model(cfg, index, task, state_dict, local_state)
@@ -223,7 +227,7 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
     loss = task.fit(
         model, epochs=tr["local_epochs"], lr=tr["lr"], seed=derive_seed(cfg["seed"], index, server_round),
         weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"], proximal_mu=proximal_mu,
-        proximal_names=shared_names, optimizer=tr["optimizer"]["_target_"],
+        proximal_names=shared_names, optimizer=tr["optimizer"]["_target_"], dp=dpsgd_options(cfg),
     )
     shared, local = split_state(model, personalization_of(cfg))
     metrics = {"num-examples": task.num_windows("train"), "train_loss": float(loss), "territory": index}

@@ -29,6 +29,7 @@ from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
 from fedldt.engine import OPTIMIZERS
 from fedldt.models import MODEL_TARGETS
+from fedldt.privacy import PrivacyConfigError, check_privacy_config
 from fedldt.schema import (DATASET_SCHEMAS, PARTITION_SCHEMAS, SCRIPT_ONLY, STRATEGY_SCHEMAS, STRATEGY_TARGETS,
                            ConfigError, RunConfig, check_block, model_schema, strategy_arguments)
 
@@ -238,6 +239,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     from fedldt.models import MODELS, build_model, local_state_names
 
     check_block(RunConfig, cfg, "", "a pilot (conf/pilot/) or a command-line override")
+    try:
+        check_privacy_config(cfg)
+    except PrivacyConfigError as exc:
+        raise ConfigError(f"{exc} (conf/privacy/ or a command-line override)") from None
     registered_call(cfg["dataset"], DATASET_LOADERS, "dataset")  # the loaders are checked before any run starts
     registered_call(cfg["partition"], PARTITIONS, "partition", skip=1)
     args = strategy_arguments(cfg["strategy"])

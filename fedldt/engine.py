@@ -207,6 +207,7 @@ class TerritoryTask:
         proximal_mu: float = 0.0,
         proximal_names: Collection[str] | None = None,
         optimizer: str = "torch.optim.Adam",
+        dp: Mapping[str, Any] | None = None,
     ) -> float:
         """Train ``model`` in place on the training windows with masked MAE (scaled units).
 
@@ -221,12 +222,18 @@ class TerritoryTask:
             proximal_names: parameter names the proximal term covers (default: all; a
                 territory passes its shared ones, so local parameters may move freely).
             optimizer: ``train.optimizer._target_``, a key of :data:`OPTIMIZERS`.
+            dp: ``{"noise_multiplier", "clipping_norm", "batch_first"}``: sample-level DP-SGD
+                with Opacus instead (:func:`train_epochs_dpsgd`; ``grad_clip`` and the proximal
+                term do not apply).
 
         Returns:
             Training loss (scaled MAE) of the last epoch, a windows-weighted mean over its
             batches (:func:`train_epochs`).
         """
         opt = build_optimizer(model.parameters(), optimizer, lr=lr, weight_decay=weight_decay)
+        if dp is not None:
+            return train_epochs_dpsgd(model, opt, self, epochs, seed, float(dp["noise_multiplier"]),
+                                      float(dp["clipping_norm"]), batch_first=bool(dp["batch_first"]))
         return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu,
                             proximal_names=proximal_names)
 
@@ -351,3 +358,58 @@ def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], tra
         train_stride=task_cfg.get("train_stride", 1),
         valid_range=valid_range,
     )
+
+
+def train_epochs_dpsgd(model: nn.Module, opt: torch.optim.Optimizer, task: "TerritoryTask", epochs: int, seed: int,
+                       noise_multiplier: float, clipping_norm: float, batch_first: bool) -> float:
+    """DP-SGD (Abadi et al., CCS 2016) with Opacus on one territory's training windows, in place.
+
+    Batches are Poisson-sampled (``opacus.utils.uniform_sampler.UniformWithReplacementSampler``,
+    rate and steps of :func:`fedldt.privacy.dpsgd_schedule`); each window's gradient of its own
+    masked MAE (:func:`fedldt.privacy.per_window_masked_mae`) is clipped to ``clipping_norm``
+    (L2, over all trainable parameters) and Gaussian noise of std ``noise_multiplier *
+    clipping_norm`` is added to their sum (``opacus.optimizers.DPOptimizer``). Sampling and noise
+    use generators seeded from ``seed`` (the run seed, territory and round: same seed, same
+    noise). A batch that Poisson sampling leaves empty (probability ``(1-q)^N``, about
+    ``e^-batch_size``) is skipped.
+
+    Args:
+        batch_first: whether the model's layers see the batch in dimension 0 (Opacus'
+            ``GradSampleModule(batch_first=...)``; DCRNN's see ``[node, batch, feature]``).
+
+    Returns:
+        The last epoch's training loss, as :func:`train_epochs`.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from fedldt.privacy import dpsgd_schedule, per_window_masked_mae
+
+    seed_everything(seed)
+    model.train()
+    data = task.windows["train"]
+    q, steps = dpsgd_schedule(len(data), task.batch_size, 1)
+    gen_sample = torch.Generator().manual_seed(derive_seed(seed, 1))
+    gen_noise = torch.Generator().manual_seed(derive_seed(seed, 2))
+    gsm = GradSampleModule(model, batch_first=batch_first, loss_reduction="mean")
+    dp_opt = DPOptimizer(opt, noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
+                         expected_batch_size=max(1, int(len(data) * q)), loss_reduction="mean", generator=gen_noise)
+    last_loss = float("nan")
+    try:
+        for _ in range(int(epochs)):
+            sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=gen_sample, steps=steps)
+            losses: list[tuple[float, int]] = []
+            for idx in sampler:
+                if not idx:
+                    continue
+                batch = collate([data[i] for i in idx])
+                dp_opt.zero_grad()
+                loss = per_window_masked_mae(gsm(batch.x, task.edge_index, task.edge_weight), batch.y_scaled, batch.mask)
+                loss.backward()
+                dp_opt.step()
+                losses.append((float(loss.detach()), int(batch.x.shape[0])))
+            last_loss = windows_weighted_mean(losses) or 0.0
+    finally:
+        gsm._close()  # remove Opacus' hooks and grad_sample attributes: the model is a plain module again
+    return last_loss

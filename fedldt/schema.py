@@ -139,6 +139,29 @@ class PersonalizationConfig(_Block):
     name: Literal["none", "fedper", "fedbn"]
 
 
+class PrivacyConfig(_Block):
+    """``privacy``: differential privacy of a federated run (``conf/privacy/*.yaml``,
+    :mod:`fedldt.privacy`, ``docs/privacy.md``). ``mode: none`` takes no other key; the other
+    modes need ``noise_multiplier``, ``clipping_norm`` and ``delta``."""
+
+    mode: Literal["none", "territory", "sample"]
+    noise_multiplier: Optional[Annotated[float, Field(gt=0.0, le=1.0e6)]] = None
+    clipping_norm: Optional[Annotated[float, Field(gt=0.0, le=1.0e12)]] = None
+    delta: Optional[Fraction] = None
+    max_epsilon: Optional[Annotated[float, Field(gt=0.0, le=1.0e12)]] = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "PrivacyConfig":
+        given = {k for k in ("noise_multiplier", "clipping_norm", "delta", "max_epsilon") if getattr(self, k) is not None}
+        if self.mode == "none" and given:
+            raise ValueError(f"privacy.mode=none takes no {sorted(given)}; choose privacy=territory or privacy=sample "
+                             "(conf/privacy/) to use them")
+        missing = [k for k in ("noise_multiplier", "clipping_norm", "delta") if getattr(self, k) is None]
+        if self.mode != "none" and missing:
+            raise ValueError(f"privacy.mode={self.mode} needs {missing} (see conf/privacy/{self.mode}.yaml)")
+        return self
+
+
 class PathsConfig(_Block):
     data_root: str
 
@@ -179,6 +202,7 @@ class RunConfig(_Block):
     partition: dict[str, Any]
     model: dict[str, Any]
     strategy: dict[str, Any]
+    privacy: Optional[PrivacyConfig] = None  # absent = privacy none (configs written before the group existed)
     compare: Optional[CompareConfig] = None  # script-only: absent from what territories receive
     sweep: Optional[SweepConfig] = None
     #: a run folder to continue (its checkpoint.pt, fedldt.checkpoint); null = a new run

@@ -24,8 +24,9 @@ from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
 from fedldt.metrics import MetricSums
 from fedldt.models import build_model, split_state
+from fedldt.privacy import round_events
 from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
-from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory
+from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory, with_privacy
 
 #: Config key of every train/evaluate message: the run key (:data:`fedldt.checkpoint.RUN_KEY`),
 #: which names the territory's checkpoint folder of this run.
@@ -237,7 +238,10 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     )
     print(f"[fedldt] strategy {type(strategy).__name__}, personalization {personalization}: "
           f"{len(shared)} shared tensors, {len(local)} kept by each territory", flush=True)
-    components = {"strategy": strategy, **(components or {})}
+    strategy = with_privacy(strategy, cfg)  # privacy=territory: TerritoryDP around the fedldt strategy
+    ledger = strategy.privacy
+    fed = getattr(strategy, "strategy", strategy)  # the fedldt strategy (its state is the "strategy" component)
+    components = {"strategy": fed, **({"privacy": ledger} if ledger is not None else {}), **(components or {})}
     arrays, done, run_key, elapsed0 = ArrayRecord(shared), 0, uuid.uuid4().hex, 0.0
     ckpt = _resume_from(cfg, ids, shared)
     if ckpt is not None:
@@ -251,6 +255,19 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
         arrays = ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()})
         done, run_key, elapsed0 = ckpt.round, ckpt.run_key, ckpt.elapsed_s
         print(f"[fedldt] resuming from {ckpt.path}: round {done} done, rounds {done + 1}..{rounds} to go", flush=True)
+    last = rounds  # the last round to run: fewer when the privacy budget ends the run
+    if ledger is not None:
+        windows = {ids[i]: int(info["num-train"]) for i, info in infos.items()}
+        last = done + ledger.rounds_within_budget(rounds - done, windows)
+        if last == 0:
+            first_eps = ledger.accountant.epsilon_after(round_events(ledger.privacy, cfg["train"], windows))
+            raise FederationError(f"privacy.max_epsilon={ledger.privacy['max_epsilon']} is exceeded by the first round "
+                                  f"already (epsilon after one round: {first_eps:.4g}); raise privacy.max_epsilon or "
+                                  "privacy.noise_multiplier")
+        if last < rounds:
+            print(f"[fedldt] privacy budget max_epsilon={ledger.privacy['max_epsilon']} fits {last} of {rounds} "
+                  f"rounds: the run ends after round {last}", flush=True)
+            fed.num_rounds = last
 
     def checkpoint(rnd: int, current: ArrayRecord) -> None:
         save_checkpoint(run_dir, round=rnd, run_key=run_key, config=cfg, territories=ids,
@@ -258,22 +275,29 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
                         elapsed_s=elapsed0 + time.time() - t_start)
 
     keyed = {RUN_KEY: run_key}
-    arrays = run_rounds(strategy, grid, arrays, done + 1, rounds, timeout,
+    arrays = run_rounds(strategy, grid, arrays, done + 1, last, timeout,
                         train_config=lambda r: config_record(cfg, **keyed),
                         evaluate_config=lambda r: config_record(cfg, split="val", **keyed, **{LOCAL_ROUND: r}),
                         on_round_end=checkpoint)
     if strategy.failures:
         print(f"[fedldt] WARNING: {len(strategy.failures)} failed replies: {strategy.failures}", flush=True)
-    test = evaluate_split(grid, strategy, arrays, cfg, "test", rounds + 1, timeout, **keyed, **{LOCAL_ROUND: rounds})
+    test = evaluate_split(grid, strategy, arrays, cfg, "test", last + 1, timeout, **keyed, **{LOCAL_ROUND: last})
     summary = build_summary(cfg, "federated", [territory_row(info) for info in infos.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
                             strategy.failures, model_cfg, elapsed0 + time.time() - t_start)
     if ckpt is not None:
         summary["resumed_after_round"] = ckpt.round
+    history = strategy.history
+    if ledger is not None:
+        summary["privacy"] = ledger.summary(rounds, last)
+        # the epsilon spent after each round (the same for every territory row of the round)
+        history = [{**row, "privacy_epsilon": ledger.epsilon_by_round.get(int(row["round"]))} for row in history]
+        print(f"[fedldt] privacy: epsilon={summary['privacy']['epsilon']:.4g} at delta={ledger.accountant.delta:g} "
+              f"after {last} round(s) ({ledger.privacy['mode']}-level, {summary['privacy']['accountant']})", flush=True)
     final = arrays.to_torch_state_dict()
     if set(final) != set(shared):
         raise FederationError(f"the final global model has keys {sorted(set(final) ^ set(shared))} that differ from the shared part")
     # model.pt holds the global (shared) weights; "local_keys" are the entries each territory kept.
-    write_run_outputs(run_dir, cfg, summary, strategy.history,
+    write_run_outputs(run_dir, cfg, summary, history,
                       {"state_dict": final, "model_config": model_cfg, "personalization": personalization,
                        "local_keys": list(local)})
     print(f"[fedldt] results written to {run_dir}", flush=True)

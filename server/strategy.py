@@ -26,14 +26,17 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
-                                     FedYogi, Krum)
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+                                     FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum)
 from flwr.serverapp.strategy.fedopt import FedOpt
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedldt.checkpoint import State
 from fedldt.launch.progress import fmt as _fmt
 from fedldt.launch.progress import round_line
 from fedldt.metrics import MetricSums, report, windows_weighted_mean
+from fedldt.engine import derive_seed
+from fedldt.privacy import PrivacyLedger, check_privacy_config
 from fedldt.results import flat_metrics, history_row, round_row
 from fedldt.schema import strategy_arguments
 
@@ -202,6 +205,8 @@ class FedLDTStrategy:
         self._sent: dict[str, list[Message]] = {"train": [], "evaluate": []}
         self._status: dict[str, dict[int, tuple[str, str]]] = {"train": {}, "evaluate": {}}
         self._template: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        #: the run's privacy accountant (:class:`fedldt.privacy.PrivacyLedger`), ``None`` without DP
+        self.privacy: PrivacyLedger | None = None
 
     def checkpoint_state(self) -> State:
         """The strategy's state for a checkpoint (:mod:`fedldt.checkpoint`): the metric history
@@ -245,6 +250,20 @@ class FedLDTStrategy:
         return self._sent["evaluate"]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        contributing = self.checked_train_replies(server_round, replies)
+        arrays, metrics = self.aggregate_checked(server_round, contributing)
+        if arrays is not None and self.privacy is not None and self.privacy.privacy["mode"] == "sample":
+            self.privacy.record_round(server_round, self.trained_windows(contributing))
+        return arrays, metrics
+
+    def checked_train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies a round aggregates, after fedldt's checks (see the class docstring):
+        sorted by territory, failures recorded, ``min_train_territories`` enforced, arrays
+        checked and put in the global model's key order, 0-window territories left out.
+
+        Raises:
+            FederationError, AggregationGuardError: see the class docstring.
+        """
         replies = _sorted(replies)
         self._record_failures(server_round, "train", replies)
         ok = [m for m in replies if not m.has_error()]
@@ -274,10 +293,18 @@ class FedLDTStrategy:
             raise FederationError(
                 f"round {server_round}: every territory that trained reported {WEIGHT_KEY}=0 (no training windows), so "
                 "there is nothing to aggregate; check each territory's data and task.split/task.window")
+        return contributing
+
+    def aggregate_checked(self, server_round: int, contributing: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregation rule on :meth:`checked_train_replies` output, cast to the global dtypes."""
         arrays, metrics = self._aggregate_rule(server_round, contributing)
         if arrays is not None and self.buffer_keys and isinstance(self, _SERVER_OPTIMIZERS):
             arrays = _with_weighted_mean(arrays, contributing, self.buffer_keys)
         return self._conform(server_round, arrays), metrics
+
+    def trained_windows(self, contributing: list[Message]) -> dict[str, int]:
+        """Territory id -> training windows of the replies ``contributing`` (for the accountant)."""
+        return {str(self._tid(reply_territory(m))): self._train[reply_territory(m)][1] for m in contributing}
 
     def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The aggregation rule on checked, ordered replies: the Flower class's own
@@ -523,3 +550,103 @@ def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLD
         print(f"[fedldt] WARNING: fedtrimmedavg with beta={args.get('beta', 0.2)} trims int(beta*{n}) = 0 territories "
               "per side: with this many territories it is a plain unweighted mean", flush=True)
     return STRATEGIES[strategy_cfg["name"]](fraction_train=1.0, fraction_evaluate=1.0, **args, **fedldt_args)
+
+
+class TerritoryDP(DifferentialPrivacyServerSideFixedClipping):
+    """Territory-level DP around a fedldt FedAvg/FedProx strategy: Flower's
+    ``DifferentialPrivacyServerSideFixedClipping`` (McMahan et al., ICLR 2018; Andrew et al.,
+    NeurIPS 2021 for the Flower wrapper's papers) with fedldt's reply checks kept.
+
+    Flower's wrapper skips a round silently when a reply has an error, clips replies in their
+    own key order and averages them weighted by ``num-examples``. This subclass keeps Flower's
+    configure step, its clipping (``compute_clip_model_update``) and its noise
+    (``_add_noise_to_aggregated_arrays``: std ``noise_multiplier * clipping_norm / n``), and
+    around them:
+
+    * runs :meth:`FedLDTStrategy.checked_train_replies` first (failures recorded, territories
+      named, ``min_train_territories`` enforced, arrays checked and ordered by name);
+    * averages the clipped updates *unweighted* (each reply's ``num-examples`` set to 1 for
+      the rule; the history keeps the real counts): the noise is calibrated to a mean of ``n``
+      equal-weight updates, ``n`` = the territories that trained this round;
+    * seeds the noise from the run seed and the round (:func:`fedldt.engine.derive_seed`);
+    * composes the round in the ledger (:class:`fedldt.privacy.PrivacyLedger`, on the wrapped
+      strategy's ``privacy``) after the noisy aggregate is made.
+
+    Args:
+        strategy: a :class:`FedLDTAvg` or :class:`FedLDTProx` whose ``privacy`` ledger is set.
+        seed: the run seed.
+    """
+
+    def __init__(self, strategy: FedLDTStrategy, seed: int) -> None:
+        ledger = strategy.privacy
+        if ledger is None or ledger.privacy["mode"] != "territory":
+            raise ValueError("TerritoryDP needs a strategy whose privacy ledger has mode 'territory'")
+        if not isinstance(strategy, (FedLDTAvg, FedLDTProx)) or isinstance(strategy, _SERVER_OPTIMIZERS):
+            raise ValueError(f"territory-level DP needs FedAvg or FedProx, not {type(strategy).__name__}")
+        super().__init__(strategy, float(ledger.privacy["noise_multiplier"]), float(ledger.privacy["clipping_norm"]),
+                         num_sampled_clients=len(strategy.territory_ids))
+        self.seed = int(seed)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        fed: FedLDTStrategy = self.strategy
+        contributing = fed.checked_train_replies(server_round, replies)
+        if not contributing:
+            return None, None
+        current = self.current_arrays.to_numpy_ndarrays()
+        for m in contributing:
+            key, record = next(iter(m.content.array_records.items()))
+            clipped = record.to_numpy_ndarrays()
+            compute_clip_model_update(param1=clipped, param2=current, clipping_norm=self.clipping_norm)
+            m.content[key] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(record.keys(), clipped, strict=True)})
+        trained = fed.trained_windows(contributing)
+        for m in contributing:  # equal weights: the noise below is calibrated to an unweighted mean
+            next(iter(m.content.metric_records.values()))[WEIGHT_KEY] = 1
+        arrays, metrics = fed.aggregate_checked(server_round, contributing)
+        if arrays is None:
+            return arrays, metrics
+        self.num_sampled_clients = len(contributing)
+        state = np.random.get_state()  # Flower draws the noise from numpy's global generator
+        try:
+            np.random.seed(derive_seed(self.seed, server_round, NOISE_STREAM) % 2**32)
+            arrays = self._add_noise_to_aggregated_arrays(arrays)
+        finally:
+            np.random.set_state(state)
+        fed.privacy.record_round(server_round, trained)
+        return fed._conform(server_round, arrays), metrics
+
+    # the run reads the wrapped strategy's records
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.strategy.history
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.strategy.rounds
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return self.strategy.failures
+
+    @property
+    def privacy(self) -> PrivacyLedger | None:
+        return self.strategy.privacy
+
+
+#: derive_seed stream of the server's DP noise (distinct from territories' training seeds).
+NOISE_STREAM = 0xD1F
+
+
+def with_privacy(strategy: FedLDTStrategy, cfg: Mapping[str, Any]) -> FedLDTStrategy | TerritoryDP:
+    """The run's strategy with its privacy: unchanged for ``privacy.mode: none``; with a
+    :class:`fedldt.privacy.PrivacyLedger` for ``sample`` (the territories run DP-SGD); wrapped
+    in :class:`TerritoryDP` for ``territory``.
+
+    Raises:
+        fedldt.privacy.PrivacyConfigError: see :func:`fedldt.privacy.check_privacy_config`.
+    """
+    p = cfg.get("privacy") or {"mode": "none"}
+    if p["mode"] == "none":
+        return strategy
+    check_privacy_config(cfg)
+    strategy.privacy = PrivacyLedger(p, cfg["train"])
+    return TerritoryDP(strategy, int(cfg["seed"])) if p["mode"] == "territory" else strategy

@@ -20,7 +20,7 @@ def test_every_pilot_composes_and_resolves(pilot, data_root):
     assert "${" not in str(cfg)  # fully resolved, nothing left for a client to interpolate
 
 
-GROUPS = ("dataset", "partition", "model", "strategy", "personalization", "train")
+GROUPS = ("dataset", "partition", "model", "strategy", "personalization", "privacy", "train")
 
 
 def test_every_config_group_is_tested():
@@ -45,6 +45,8 @@ def test_each_group_option_instantiates(group, option, data_root):
         own = {k: cfg["seed"] if v == "${seed}" else v
                for k, v in yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()).items()}
         assert cfg[group] == {**own, **pilot_sets} and len(own) >= 2
+    elif group == "privacy":  # named by its mode
+        assert cfg[group]["mode"] == option
     else:
         assert cfg[group]["name"] == option
     if group in ("dataset", "partition"):
@@ -71,6 +73,11 @@ def test_each_group_option_instantiates(group, option, data_root):
                 continue
             extra = set(local_state_names(model, option)) - set(local_state_names(model, "none"))
             assert bool(extra) == (option != "none")
+    elif group == "privacy":
+        from server.strategy import TerritoryDP, with_privacy
+        s = with_privacy(build_strategy(cfg["strategy"], territory_ids={0: "t0", 1: "t1", 2: "t2"}, report_steps=[3],
+                                        num_rounds=1, min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3), cfg)
+        assert isinstance(s, TerritoryDP) == (option == "territory") and (s.privacy is None) == (option == "none")
 
 
 @pytest.mark.parametrize("override,field", [("strategy.proximal_mu=-1", "proximal_mu"),
