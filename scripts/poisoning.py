@@ -191,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     results.update(git_state(checkout_root()), settings={
         "pilot": PILOT, "attacker": args.attacker, "strategies": strategies, "extra_overrides": list(args.extra),
         "strategy_overrides": {k: STRATEGY_OVERRIDES[k] for k in strategies}, "tolerance": TOLERANCE,
-        "description": (f"pilot `{PILOT}` (Los-loop, 4 k-means territories, DCRNN, 5 rounds x 1 local epoch, "
-                        f"task.train_stride=2), attacker territory index {args.attacker}; sign_flip: the attacker "
+        "description": (f"pilot `{PILOT}` (Los-loop, 4 k-means territories, DCRNN, 4 rounds x 1 local epoch, "
+                        f"task.train_stride=3), attacker territory index {args.attacker}; sign_flip: the attacker "
                         "sends global + (-10) * (local - global); gaussian_noise: local + N(0, std(array)^2) per "
                         "float array (test-only mod tests/mods.py: poison_mod)" +
                         (f"; extra overrides {list(args.extra)}" if args.extra else "") + ".")})
