@@ -15,7 +15,11 @@ from clients.client_app import build_app
 from fedldt.config import checkout_root
 from tests.apps import write_test_app
 from tests.mods import gaussian_noise, poison_mod, resolve_mods, sign_flip
-from tests.test_strategies import F32, _aggregate, _run, syn_dir  # noqa: F401  (syn_dir: a fixture)
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from clients.client_app import app
+from tests.inprocess import InProcessGrid
+from tests.test_strategies import F32, _reply, _run, _strategy, syn_dir  # noqa: F401  (syn_dir: a fixture)
 
 # ------------------------------------------------------------------ the attacks, known answers
 
@@ -70,33 +74,35 @@ def _arrays(msg):
 
 @pytest.mark.parametrize("attack", ["sign_flip", "gaussian_noise"])
 def test_poison_mod_corrupts_only_the_attackers_train_replies(syn_dir, attack):  # noqa: F811
-    """One FedAvg round, 2 territories, in process: the same seed with the production app and with
-    territory 1 as attacker. Territory 0's replies and every evaluate reply are identical; territory
-    1's train reply is exactly the attack applied to its honest reply."""
+    """One FedAvg round, 2 territories, in process, the same seed with the production app and with
+    territory 1 as attacker. Training starts from the same global model, so territory 0's train
+    reply is identical and territory 1's is exactly the attack applied to its honest reply. The
+    evaluate messages (of the poisoned global model) get the same reply from the production app."""
     ov = ["strategy=fedavg", "seed=4"]
     _, init, _, clean, _ = _run(syn_dir, ov)
     _, _, _, poisoned, _ = _run(syn_dir, ov, client_app=build_app([poison_mod(attack, attacker=1, seed=4)]))
-    assert [m.metadata.message_type for m in clean.replies] == [m.metadata.message_type for m in poisoned.replies]
-    checked = {"train": 0, "evaluate": 0}
-    for c, p in zip(clean.replies, poisoned.replies):
-        assert not c.has_error() and not p.has_error()
-        kind, idx = c.metadata.message_type, int(c.content.metric_records["metrics"]["territory"])
-        checked[kind] += 1
-        if kind == "evaluate" or idx == 0:
-            assert c.content.metric_records["metrics"] == p.content.metric_records["metrics"]
-            if kind == "train":
-                assert all(np.array_equal(a, _arrays(p)[k]) for k, a in _arrays(c).items())
-            continue
-        honest, sent = _arrays(c), _arrays(p)
-        assert list(sent) == list(honest)
-        if attack == "sign_flip":
-            g = {k: v.numpy() for k, v in init.items()}
-            assert all(np.array_equal(sent[k], sign_flip(g[k], honest[k], -10.0)) for k in honest)
-        else:
-            rng = np.random.default_rng([4, 1, 1])  # (seed, round, attacker)
-            assert all(np.array_equal(sent[k], gaussian_noise(honest[k], rng)) for k in honest)
-        assert any(not np.array_equal(sent[k], honest[k]) for k in honest)
-    assert checked == {"train": 2, "evaluate": 2}
+    train = {}
+    for grid in (clean, poisoned):
+        replies = [m for m in grid.replies if m.metadata.message_type == "train"]
+        assert len(replies) == 2 and not any(m.has_error() for m in replies)
+        train[grid] = {int(m.content["metrics"]["territory"]): _arrays(m) for m in replies}
+    (c0, c1), (p0, p1) = (train[clean][0], train[clean][1]), (train[poisoned][0], train[poisoned][1])
+    assert list(c0) == list(p0) == list(c1) == list(p1)
+    assert all(np.array_equal(c0[k], p0[k]) for k in c0)  # the honest territory: untouched
+    if attack == "sign_flip":
+        g = {k: v.numpy() for k, v in init.items()}
+        assert all(np.array_equal(p1[k], sign_flip(g[k], c1[k], -10.0)) for k in c1)
+    else:
+        rng = np.random.default_rng([4, 1, 1])  # (seed, round, attacker), arrays in the reply's order
+        assert all(np.array_equal(p1[k], gaussian_noise(c1[k], rng)) for k in c1)
+    assert all(not np.array_equal(p1[k], c1[k]) for k in c1 if c1[k].size > 1)
+    evaluated = 0
+    for msg, reply in zip(poisoned.sent, poisoned.replies):
+        if msg.metadata.message_type == "evaluate":
+            prod = app(msg, poisoned.contexts[int(msg.metadata.dst_node_id)])
+            assert reply.content["metrics"] == prod.content["metrics"] and not reply.content.array_records
+            evaluated += 1
+    assert evaluated == 2
 
 
 def test_test_app_carries_the_mod_arguments_and_production_code_has_no_attack(tmp_path):
@@ -106,12 +112,23 @@ def test_test_app_carries_the_mod_arguments_and_production_code_has_no_attack(tm
         write_test_app(tmp_path / "bad", [["poison_mod", {"attack": "sign_flip", "attacker": 3, "bad": 1}]])
     for folder in ("clients", "server", "fedldt"):
         for f in (checkout_root() / folder).rglob("*.py"):
-            assert "poison" not in f.read_text(), f
+            assert "poison_mod" not in f.read_text() and "sign_flip" not in f.read_text(), f
 
 
 # ------------------------------------------------------------------ the norm-clipping rule
 
 G = {"w": np.zeros(2, dtype=F32)}
+
+
+def _aggregate(strategy_cfg, template, replies_spec):
+    """One round of ``strategy_cfg`` over hand-made replies of territories 0.. (SuperNodes 10..)."""
+    n = len(replies_spec)
+    s = _strategy(strategy_cfg, n=n)
+    grid = InProcessGrid(app, {10 + i: {"partition-id": i} for i in range(n)})
+    sent = grid.stamp(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in template.items()}), ConfigRecord(), grid))
+    ids = {int(m.metadata.dst_node_id): m.metadata.message_id for m in sent}
+    arrays, metrics = s.aggregate_train(1, [_reply(ids, i, a, k) for i, (a, k) in enumerate(replies_spec)])
+    return arrays, metrics, s
 HONEST = [np.array([3.0, 4.0], F32), np.array([4.0, 3.0], F32), np.array([0.0, 5.0], F32)]  # norms 5, 5, 5
 
 
