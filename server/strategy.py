@@ -451,6 +451,10 @@ class FedLDTClipAvg(FedLDTStrategy, FedAvg):
     McMahan et al., arXiv:1710.06963).
 
     An update whose norm is ``<= c`` (also a zero update) is left unchanged.
+
+    Attributes:
+        last_clip: the last round's ``{"clip_norm": c, "update_norms": [||u_i||, ...]}`` (replies
+            in territory order; L2 norms in parameter units), for logs and tests.
     """
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
