@@ -165,10 +165,10 @@ def report_markdown(results: dict[str, Any]) -> str:
                 text = f"{fmt_metric(m['all'])} (h3 {fmt_metric(m['h3'])}, h12 {fmt_metric(m['h12'])})"
                 v = ver.get((seed, strategy, attack))
                 if v is not None:
-                    text += f", x{v['mae_ratio_to_clean']:.2f} {'ok' if v['within_tolerance'] else 'FAILS'}"
+                    text += f", {100 * (v['mae_ratio_to_clean'] - 1):+.1f} % {'ok' if v['within_tolerance'] else 'FAILS'}"
                 cells.append(text)
             rows.append(cells)
-        lines += markdown_table(["strategy", *(f"{c}: MAE all (h3, h12), ratio to clean" for c in CONDITIONS)], rows)
+        lines += markdown_table(["strategy", *(f"{c}: MAE all (h3, h12), change from clean" for c in CONDITIONS)], rows)
         lines.append("")
     return "\n".join(lines)
 
