@@ -198,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results.update(git_state(checkout_root()), settings={
         "pilot": PILOT, "attacker": args.attacker, "strategies": strategies, "extra_overrides": list(args.extra),
         "strategy_overrides": {k: STRATEGY_OVERRIDES[k] for k in strategies}, "tolerance": TOLERANCE,
+        "pilot_config": cfg,  # resolved, before the per-run overrides (seed, strategy)
         "description": (f"pilot `{PILOT}` (Los-loop, {num_territories(cfg)} k-means territories, {cfg['model']['name']}, "
                         f"{cfg['train']['rounds']} rounds x {cfg['train']['local_epochs']} local epoch(s), "
                         f"task.train_stride={cfg['task']['train_stride']}), attacker territory index {args.attacker}; "
