@@ -366,6 +366,8 @@ STRATEGY_SCHEMAS: dict[str, tuple[str, str, type[_Strategy]]] = {
     "fedmedian": ("FedMedian", "server.strategy.FedLDTMedian", FedAvgOptions),
     "fedtrimmedavg": ("FedTrimmedAvg", "server.strategy.FedLDTTrimmedAvg", FedTrimmedAvgOptions),
     "krum": ("Krum", "server.strategy.FedLDTKrum", KrumOptions),
+    # FedAvg of updates clipped to the round's median norm (fedldt's own rule over Flower's FedAvg)
+    "fedclipavg": ("FedAvg", "server.strategy.FedLDTClipAvg", FedAvgOptions),
 }
 #: The ``strategy._target_`` allow-list: target -> ``strategy.name``.
 STRATEGY_TARGETS: dict[str, str] = {target: name for name, (_, target, _) in STRATEGY_SCHEMAS.items()}

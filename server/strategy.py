@@ -16,6 +16,8 @@ loop and the aggregation rule stay Flower's. One class per rule (``STRATEGIES``,
 ``fedmedian``             coordinate-wise median, Yin et al., ICML 2018
 ``fedtrimmedavg``         coordinate-wise trimmed mean, Yin et al., ICML 2018
 ``krum``                  Krum, Blanchard et al., NeurIPS 2017
+``fedclipavg``            FedAvg of updates clipped to the round's median norm (norm bounding,
+                          Sun et al., arXiv:1911.07963, 2019, with the median as the bound)
 ========================  =====================================================================
 """
 
@@ -29,7 +31,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
                                      FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum)
 from flwr.serverapp.strategy.fedopt import FedOpt
-from flwr.supercore.differential_privacy import compute_clip_model_update
+from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
 from fedldt.checkpoint import State
 from fedldt.launch.progress import fmt as _fmt
@@ -519,6 +521,60 @@ class FedLDTKrum(FedLDTStrategy, Krum):
     """Krum (Blanchard et al., NeurIPS 2017): the reply closest to its neighbours."""
 
 
+class FedLDTClipAvg(FedLDTStrategy, FedAvg):
+    """FedAvg of norm-clipped updates: each territory's update (its parameters minus the global
+    model of the round) is clipped to the median L2 norm of the round's updates, then the
+    clipped parameters are averaged as FedAvg does (weighted by training windows).
+
+    With ``n`` replies and ``u_i = w_i - w_global``, ``c = median_i ||u_i||`` (over all shared
+    float arrays flattened together; for even ``n`` the mean of the two middle norms) and::
+
+        w_i' = w_global + u_i * min(1, c / ||u_i||)
+        w_new = sum_i n_i w_i' / sum_i n_i
+
+    Norm bounding is the defence of Sun, Kairouz, Suresh and McMahan, "Can you really backdoor
+    federated learning?", arXiv:1911.07963, 2019; the bound here is the round's median norm (the
+    adaptive choice of Andrew et al., "Differentially private learning with adaptive clipping",
+    NeurIPS 2021, at the 0.5 quantile, computed exactly since no privacy is sought). While
+    fewer than half the territories attack, ``c`` is an honest territory's norm, so one attacker
+    moves the average by at most ``n_a c / sum_i n_i`` whatever it sends (a sign-flipped update
+    scaled by 10, noise of the parameters' scale); it still moves it, unlike a median, but keeps
+    the honest majority's average where their updates agree. The clipping itself is Flower's
+    (``flwr.supercore.differential_privacy.compute_clip_model_update``, the FlatClip of
+    McMahan et al., arXiv:1710.06963).
+
+    An update whose norm is ``<= c`` (also a zero update) is left unchanged.
+
+    Attributes:
+        last_clip: the last round's ``{"clip_norm": c, "update_norms": [||u_i||, ...]}`` (replies
+            in territory order; L2 norms in parameter units), for logs and tests.
+    """
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = {k: np.asarray(a.numpy()) for k, a in arrays.items()}  # the model the updates start from
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        keys = [k for k, a in self._global.items() if np.issubdtype(a.dtype, np.floating)]
+        base = [self._global[k].astype(np.float64) for k in keys]
+        params = []
+        for m in replies:
+            rec = next(iter(m.content.array_records.values()))
+            params.append([rec[k].numpy().astype(np.float64) for k in keys])
+        norms = [get_norm([w - g for w, g in zip(p, base)]) for p in params]
+        clip = float(np.median(norms)) if norms else 0.0
+        for m, p, norm in zip(replies, params, norms):
+            if norm <= clip:
+                continue
+            compute_clip_model_update(p, base, clip)  # p := base + clipped (p - base), in place
+            key = next(iter(m.content.array_records))
+            rec = m.content.array_records[key]
+            m.content[key] = ArrayRecord({k: (Array(np.ascontiguousarray(p[keys.index(k)].astype(rec[k].numpy().dtype)))
+                                              if k in keys else rec[k]) for k in rec.keys()})
+        self.last_clip = {"clip_norm": clip, "update_norms": norms}
+        return super()._aggregate_rule(server_round, replies)
+
+
 #: Rules that step the global model with a server optimizer (see ``FedLDTStrategy.buffer_keys``).
 _SERVER_OPTIMIZERS = (FedOpt, FedAvgM)
 
@@ -526,7 +582,7 @@ _SERVER_OPTIMIZERS = (FedOpt, FedAvgM)
 STRATEGIES: dict[str, type] = {
     "fedavg": FedLDTAvg, "fedprox": FedLDTProx, "fedadam": FedLDTAdam, "fedyogi": FedLDTYogi,
     "fedadagrad": FedLDTAdagrad, "fedavgm": FedLDTAvgM, "fedmedian": FedLDTMedian,
-    "fedtrimmedavg": FedLDTTrimmedAvg, "krum": FedLDTKrum,
+    "fedtrimmedavg": FedLDTTrimmedAvg, "krum": FedLDTKrum, "fedclipavg": FedLDTClipAvg,
 }
 def build_strategy(strategy_cfg: Mapping[str, Any], **fedldt_args: Any) -> FedLDTStrategy:
     """Build the strategy named by ``strategy_cfg["name"]`` with its Flower options.

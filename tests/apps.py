@@ -11,30 +11,33 @@ production one. Nothing in the production app changes.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fedldt.config import checkout_root
-from tests.mods import MODS
+from tests.mods import resolve_mods
 
 APP_MODULE = "fedldt_test_app"
 MODS_MODULE = "fedldt_test_mods"
 
 
-def write_test_app(dest: Path, mods: Sequence[str]) -> Path:
-    """Write a test app folder at ``dest`` whose ClientApp adds ``mods`` (names in
-    :data:`tests.mods.MODS`, applied in order inside the egress mod).
+def write_test_app(dest: Path, mods: Sequence[Any]) -> Path:
+    """Write a test app folder at ``dest`` whose ClientApp adds ``mods``, applied in order inside
+    the egress mod: names in :data:`tests.mods.MODS` or ``[name, {argument: value}]`` pairs of
+    :data:`tests.mods.MOD_FACTORIES` (:func:`tests.mods.resolve_mods`; the arguments are JSON
+    values, written into the app as JSON).
 
     Returns:
         ``dest``, to pass as ``app_dir``.
 
     Raises:
-        ValueError: an unknown mod name; FileExistsError: ``dest`` exists.
+        ValueError: an unknown mod or bad arguments (checked by building the mods here);
+        FileExistsError: ``dest`` exists.
     """
-    unknown = [m for m in mods if m not in MODS]
-    if unknown:
-        raise ValueError(f"unknown test mods {unknown}; known: {sorted(MODS)}")
+    spec = json.loads(json.dumps(list(mods), allow_nan=False))  # JSON values only, as the app reads them
+    resolve_mods(spec)  # unknown names and bad arguments fail here, not in the SuperNodes
     root = checkout_root()
     dest = Path(dest)
     dest.mkdir(parents=True)
@@ -43,9 +46,10 @@ def write_test_app(dest: Path, mods: Sequence[str]) -> Path:
     shutil.copy(Path(__file__).with_name("mods.py"), dest / f"{MODS_MODULE}.py")
     (dest / f"{APP_MODULE}.py").write_text(
         '"""TEST APP: the production ClientApp with test-only mods (written by tests/apps.py)."""\n\n'
+        "import json\n\n"
         "from clients.client_app import build_app\n"
-        f"from {MODS_MODULE} import MODS\n\n"
-        f"app = build_app([MODS[name] for name in {list(mods)!r}])\n"
+        f"from {MODS_MODULE} import resolve_mods\n\n"
+        f"app = build_app(resolve_mods(json.loads({json.dumps(spec)!r})))\n"
     )
     text = (root / "pyproject.toml").read_text()
     prod_component = 'clientapp = "clients.client_app:app"'

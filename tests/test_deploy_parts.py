@@ -350,7 +350,7 @@ def test_test_app_ships_the_production_app_with_the_listed_mods(tmp_path):
     text = (app_dir / "pyproject.toml").read_text()
     assert 'clientapp = "fedldt_test_app:app"' in text and 'serverapp = "server.server_app:app"' in text
     assert (app_dir / "clients" / "client_app.py").read_text() == (checkout_root() / "clients" / "client_app.py").read_text()
-    assert "build_app([MODS[name] for name in ['fail_in_round_mod']])" in (app_dir / "fedldt_test_app.py").read_text()
+    assert """build_app(resolve_mods(json.loads('["fail_in_round_mod"]')))""" in (app_dir / "fedldt_test_app.py").read_text()
     import io
     import zipfile
 

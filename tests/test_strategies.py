@@ -200,8 +200,9 @@ def syn_dir(tmp_path_factory) -> Path:
     return write_los_loop_like(tmp_path_factory.mktemp("strategies") / "syn", num_nodes=11, num_steps=300)
 
 
-def _run(syn_dir, overrides, rounds=1, nodes=NODES):
-    """``rounds`` federated rounds through Flower's ``Strategy.start`` and the real ClientApp."""
+def _run(syn_dir, overrides, rounds=1, nodes=NODES, client_app=app):
+    """``rounds`` federated rounds through Flower's ``Strategy.start`` and the real ClientApp
+    (``client_app``: the production one, or one with test-only mods)."""
     small = [] if any(o.startswith("model=") for o in overrides) else ["model.hidden=8"]  # dcrnn
     cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={syn_dir}", f"partition.num_territories={len(nodes)}",
                                          *small, f"train.rounds={rounds}", *overrides]))
@@ -210,7 +211,7 @@ def _run(syn_dir, overrides, rounds=1, nodes=NODES):
     model = build_model({**cfg["model"], **{k: infos[0][k.replace("_", "-")] for k in ("in_channels", "out_channels", "horizon")}},
                         num_nodes=infos[0]["num-nodes"])
     shared, _ = split_state(model, cfg["personalization"]["name"])
-    grid = InProcessGrid(app, nodes)
+    grid = InProcessGrid(client_app, nodes)
     s = _strategy(cfg["strategy"], n=len(nodes))
     init = {k: v.clone() for k, v in shared.items()}
     result = s.start(grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, timeout=60,

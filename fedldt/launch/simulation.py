@@ -289,7 +289,8 @@ def _tee(stream, log_path: Path, on_line: Callable[[str], object] | None = None)
                 on_line(line)
 
 
-def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1) -> dict[str, Any]:
+def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1,
+                   app_dir: Path | None = None) -> dict[str, Any]:
     """Run a pilot on the simulation engine with one SuperNode per territory.
 
     Args:
@@ -298,6 +299,9 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         run_dir: absolute results folder; logs go to ``run_dir/logs``.
         num_supernodes: simulated SuperNodes (= territories).
         client_cpus: CPU cores Ray reserves per client.
+        app_dir: the Flower app folder to submit (:func:`run_flwr_app`); ``None``: this checkout.
+            Only callers in code pass another one (a test app with test-only mods,
+            ``tests/apps.py``; ``scripts/poisoning.py``), never a config value.
 
     Returns:
         The run's ``summary.json`` content.
@@ -327,7 +331,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
             "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)},
             {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus),
              "client-resources-num-gpus": 0, "init-args-num-cpus": max(os.cpu_count() or 1, int(client_cpus))},
-            logs / "server.log",
+            logs / "server.log", app_dir=app_dir,
         )
     finally:
         stop_process(link)
