@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fedldt.checkpoint import load_local_state
+from fedldt.checkpoint import latest_local_round, load_local_state
 from fedldt.config import load_territories, reads_packages
 from fedldt.data.checks import require_usable
 from fedldt.data.package import MANIFEST, load_package
@@ -173,8 +173,10 @@ def _model(cfg: Mapping[str, Any], index: int, task: TerritoryTask, shared: Mapp
 
 def local_state(folder: Path, run_key: str, local_round: int, kept: Mapping[str, torch.Tensor] | None,
                 kept_as: tuple[str, int] | None) -> dict[str, torch.Tensor] | None:
-    """The local entries this territory trains or evaluates with: those after its training of
-    ``local_round`` in run ``run_key`` (``None`` for round 0: initialised from the run seed).
+    """The local entries this territory trains or evaluates with: those after its last training
+    at or before round ``local_round`` in run ``run_key`` (a territory whose training failed or that
+    was away in a round keeps its entries of the round before); ``None`` when it has not trained yet
+    (initialised from the run seed).
 
     Args:
         folder: the territory's own folder (node config ``out-dir``, :func:`clients.audit.territory_out_dir`).
@@ -189,9 +191,11 @@ def local_state(folder: Path, run_key: str, local_round: int, kept: Mapping[str,
     """
     if local_round <= 0:
         return None
-    if kept is not None and kept_as == (run_key, local_round):
+    last = latest_local_round(folder, run_key, local_round)
+    if kept is not None and kept_as is not None and kept_as[0] == run_key and kept_as[1] <= local_round \
+            and (last is None or kept_as[1] >= last):
         return dict(kept)
-    return load_local_state(folder, run_key, local_round)
+    return None if last is None else load_local_state(folder, run_key, last)
 
 
 def personalization_of(cfg: Mapping[str, Any]) -> str:

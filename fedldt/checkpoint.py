@@ -325,6 +325,18 @@ def save_local_state(folder: Path | str, run_key: str, server_round: int, state:
     return path
 
 
+def latest_local_round(folder: Path | str, run_key: str, at_most: int) -> int | None:
+    """The last round, at most ``at_most``, after which this territory saved its local entries in run
+    ``run_key`` (``None``: none yet, e.g. a territory whose training failed in every round so far).
+
+    Raises:
+        ValueError: ``run_key`` is not :data:`RUN_KEY`.
+    """
+    rounds = [int(m.group(1)) for f in local_state_path(folder, run_key, 0).parent.glob("local-round-*.pt")
+              if (m := re.fullmatch(r"local-round-(\d{6})\.pt", f.name)) and int(m.group(1)) <= at_most]
+    return max(rounds, default=None)
+
+
 def load_local_state(folder: Path | str, run_key: str, server_round: int) -> dict[str, torch.Tensor]:
     """A territory's local entries saved after its training of ``server_round``.
 

@@ -179,3 +179,19 @@ def test_config_differences_name_exactly_the_changed_keys_but_rounds_and_resume(
     expected = [] if key in RESUMABLE_KEYS or flat.get(key, ...) == value else [key]
     assert config_differences(nest(flat), nest(changed)) == expected
     assert config_differences(nest(flat), nest(flat)) == []
+
+
+def test_a_territory_that_missed_rounds_keeps_its_last_local_entries(tmp_path):
+    """A territory whose training failed (or that was away) in a round trains the next one with the
+    entries of its last training: round 1 saved, rounds 2-3 missed, round 4 asks for round 3."""
+    from clients.territory import local_state
+
+    key = "0123456789abcdef0123456789abcdef"
+    assert local_state(tmp_path, key, 3, None, None) is None  # never trained: initialised from the seed
+    save_local_state(tmp_path, key, 1, {"head.weight": torch.full((2,), 1.0)})
+    assert torch.equal(local_state(tmp_path, key, 3, None, None)["head.weight"], torch.full((2,), 1.0))  # restarted process
+    kept = {"head.weight": torch.full((2,), 7.0)}
+    assert torch.equal(local_state(tmp_path, key, 3, kept, (key, 1))["head.weight"], torch.full((2,), 7.0))  # in memory
+    save_local_state(tmp_path, key, 2, {"head.weight": torch.full((2,), 2.0)})
+    assert torch.equal(local_state(tmp_path, key, 3, kept, (key, 1))["head.weight"], torch.full((2,), 2.0))  # newer file
+    assert torch.equal(local_state(tmp_path, key, 1, None, None)["head.weight"], torch.full((2,), 1.0))
