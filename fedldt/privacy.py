@@ -132,15 +132,26 @@ class Accountant:
         events = []
         for i, e in enumerate(state["events"]):
             try:
-                ev = Event(str(e["subject"]), float(e["noise_multiplier"]), float(e["sampling_rate"]), int(e["count"]))
+                count = e["count"]
+                if isinstance(count, bool) or not isinstance(count, int):  # int(2.7) would drop releases
+                    raise TypeError(f"count {count!r} is not an integer")
+                ev = Event(str(e["subject"]), _number(e["noise_multiplier"]), _number(e["sampling_rate"]), count)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"accountant state event {i} is malformed ({exc!r}); it needs subject, "
                                  "noise_multiplier, sampling_rate, count") from None
             if not all(math.isfinite(v) for v in (ev.noise_multiplier, ev.sampling_rate)):
                 raise ValueError(f"accountant state event {i} has a non-finite value")
             events.append(ev)
-        self.events, self._backends = [], {}
-        self.compose(events)
+        fresh = Accountant(self.delta)
+        fresh.compose(events)  # raises on an invalid event before this ledger changes
+        self.events, self._backends = fresh.events, fresh._backends
+
+
+def _number(v: Any) -> float:
+    """A JSON number as float; text (``"nan"``) and booleans raise ``TypeError``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{v!r} is not a number")
+    return float(v)
 
 
 def dpsgd_schedule(num_windows: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -229,11 +240,14 @@ class PrivacyLedger:
         if not isinstance(state, Mapping) or not isinstance(state.get("epsilon_by_round"), Mapping):
             raise ValueError("privacy ledger state must be {'accountant': ..., 'epsilon_by_round': {...}} "
                              "(PrivacyLedger.state_dict())")
-        self.accountant.load_state_dict(state.get("accountant"))
         try:
-            self.epsilon_by_round = {int(k): float(v) for k, v in state["epsilon_by_round"].items()}
+            by_round = {int(k): _number(v) for k, v in state["epsilon_by_round"].items()}
         except (TypeError, ValueError) as exc:
             raise ValueError(f"privacy ledger state: malformed epsilon_by_round ({exc!r})") from None
+        if not all(math.isfinite(v) and v >= 0 for v in by_round.values()):  # summary.json is strict JSON
+            raise ValueError("privacy ledger state: epsilon_by_round holds a negative or non-finite epsilon")
+        self.accountant.load_state_dict(state.get("accountant"))
+        self.epsilon_by_round = by_round
 
     def checkpoint_state(self) -> Any:
         """The ledger as a checkpoint component (:class:`fedldt.checkpoint.State`, JSON metadata

@@ -97,6 +97,25 @@ def test_accountant_state_is_json_and_restores_the_same_epsilon():
     assert back.accountant.epsilon() == ledger.accountant.epsilon()  # a refused state changes nothing
 
 
+@pytest.mark.parametrize("state, match", [
+    ({"epsilon_by_round": {"1": "nan"}}, r"malformed epsilon_by_round"),  # float("nan") took it: summary.json failed at the end
+    ({"epsilon_by_round": {"1": -1.0}}, r"negative or non-finite"),
+    ({"events": [{"subject": "federation", "noise_multiplier": 1.0, "sampling_rate": 1.0, "count": 2.7}]}, r"event 0 is malformed"),
+    ({"events": [{"subject": "federation", "noise_multiplier": "1", "sampling_rate": 1.0, "count": 1}]}, r"event 0 is malformed"),
+    ({"events": [{"subject": "a", "noise_multiplier": 1.0, "sampling_rate": 1.0, "count": 1},
+                 {"subject": "b", "noise_multiplier": 1.0, "sampling_rate": 1.0, "count": -1}]}, r"invalid privacy event"),
+])
+def test_a_refused_ledger_state_changes_nothing(state, match):
+    ledger = PrivacyLedger(_territory_privacy(sigma=0.8), TRAIN)
+    ledger.record_round(1, {"t0": 10})
+    good = ledger.state_dict()
+    before = (ledger.accountant.epsilon(), list(ledger.accountant.events), dict(ledger.epsilon_by_round))
+    forged = {"accountant": {**good["accountant"], **{k: v for k, v in state.items() if k == "events"}},
+              "epsilon_by_round": state.get("epsilon_by_round", good["epsilon_by_round"])}
+    with pytest.raises(ValueError, match=match):
+        ledger.load_state_dict(forged)
+    assert (ledger.accountant.epsilon(), list(ledger.accountant.events), dict(ledger.epsilon_by_round)) == before
+
 def test_budget_counts_the_rounds_that_fit():
     ledger = PrivacyLedger(_territory_privacy(sigma=1.0), TRAIN)
     eps = []
