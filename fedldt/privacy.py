@@ -40,6 +40,11 @@ OPACUS_INCOMPATIBLE = {
              "per-sample gradient rule for them (its functorch fallback calls forward without edge_index)",
     "gwnet": "its BatchNorm2d layers mix windows of a batch (Opacus' ModuleValidator refuses BatchNorm)",
 }
+#: Models with BatchNorm running statistics: under territory-level DP they would be shared, so
+#: clipped and noised like weights (noise of std ``noise_multiplier * C / n`` per entry), and a
+#: noisy running variance below 0 makes the model's outputs NaN. ``personalization=fedbn`` keeps
+#: them (and the normalization weights) at home.
+NORMALIZED_MODELS = frozenset({"gwnet"})
 #: Opacus option for the models that fit: their layers see activations ``[node, batch, feature]``.
 OPACUS_BATCH_FIRST = {"dcrnn": False}
 
@@ -277,7 +282,8 @@ def check_privacy_config(cfg: Mapping[str, Any]) -> None:
     Raises:
         PrivacyConfigError: privacy outside ``mode=federated``; territory-level DP with a rule
             other than ``fedavg``/``fedprox`` (noise is calibrated to an unweighted mean; a server
-            optimizer or a median would change the sensitivity); sample-level DP with FedProx
+            optimizer or a median would change the sensitivity); territory-level DP with a model of
+            :data:`NORMALIZED_MODELS` without ``personalization=fedbn``; sample-level DP with FedProx
             ``proximal_mu > 0`` (the proximal gradient would bypass per-window clipping) or a
             model whose layers Opacus cannot handle (:data:`OPACUS_INCOMPATIBLE`).
     """
@@ -293,6 +299,12 @@ def check_privacy_config(cfg: Mapping[str, Any]) -> None:
             f"privacy=territory needs strategy=fedavg or fedprox (got strategy={strategy}): the noise is calibrated "
             "to the unweighted mean of clipped updates; a server optimizer, momentum, median or Krum changes the "
             "sensitivity")
+    personalization = str((cfg.get("personalization") or {}).get("name", "none"))
+    if p["mode"] == "territory" and str(cfg["model"]["name"]) in NORMALIZED_MODELS and personalization != "fedbn":
+        raise PrivacyConfigError(
+            f"privacy=territory with model={cfg['model']['name']} and personalization={personalization}: its BatchNorm "
+            "running statistics would be shared and noised, and a noisy running variance below 0 makes the outputs NaN; "
+            "use personalization=fedbn (normalization stays in each territory) or model=dcrnn or stgcn")
     if p["mode"] == "sample":
         if strategy == "fedprox" and float(cfg["strategy"].get("proximal_mu", 0.0)) > 0:
             raise PrivacyConfigError("privacy=sample with strategy=fedprox proximal_mu > 0: the proximal gradient "

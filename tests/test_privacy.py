@@ -154,6 +154,8 @@ def test_budget_of_many_rounds_is_quick_and_equals_composing_round_by_round():
     (["privacy=territory", "strategy=fedadam"], "strategy=fedavg or fedprox"),
     (["privacy=territory", "strategy=krum"], "strategy=fedavg or fedprox"),
     (["privacy=sample", "model=gwnet"], "BatchNorm"),
+    # shared BatchNorm running variances + Gaussian noise went below 0: NaN outputs
+    (["privacy=territory", "model=gwnet"], r"personalization=none: its BatchNorm running statistics .* personalization=fedbn"),
     (["privacy=sample", "model=stgcn"], "ChebConv"),
     (["privacy=sample", "strategy=fedprox", "strategy.proximal_mu=0.1"], "proximal"),
     (["privacy=territory", "mode=centralized"], "mode=federated"),
@@ -164,6 +166,12 @@ def test_budget_of_many_rounds_is_quick_and_equals_composing_round_by_round():
 def test_privacy_settings_that_cannot_be_honoured_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         resolve_config(compose_config(["pilot=los_loop_3", *overrides]), require_data=False)
+
+
+def test_territory_dp_with_gwnet_keeps_batchnorm_at_home_with_fedbn():
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", "privacy=territory", "model=gwnet", "personalization=fedbn"]),
+                         require_data=False)
+    assert cfg["privacy"]["mode"] == "territory" and cfg["personalization"]["name"] == "fedbn"
 
 
 # ------------------------------------------------------------------ territory-level DP on the server
