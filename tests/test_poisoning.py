@@ -62,6 +62,9 @@ def test_poison_mod_arguments_are_checked():
         poison_mod("flip", 0)
     with pytest.raises(ValueError, match="attacker=-1 must be a territory index"):
         poison_mod("sign_flip", -1)
+    for scale in (float("nan"), float("inf"), "10", True):
+        with pytest.raises(ValueError, match="scale=.* must be a finite number"):
+            poison_mod("sign_flip", 0, scale=scale)
     with pytest.raises(ValueError, match="unknown test mods"):
         resolve_mods([["poison_mod", "sign_flip"]])
 
