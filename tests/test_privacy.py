@@ -162,6 +162,8 @@ def test_budget_of_many_rounds_is_quick_and_equals_composing_round_by_round():
     (["privacy=none", "+privacy.noise_multiplier=1.0"], "takes no"),
     (["privacy=territory", "privacy.delta=null"], "needs"),
     (["privacy=territory", "privacy.noise_multiplier=-1.0"], "noise_multiplier"),
+    # epsilon was inf and the run failed writing summary.json after its last round
+    (["privacy=territory", "privacy.noise_multiplier=1e-300"], r"privacy.noise_multiplier=1e-300 must be a number in \[1e-06, 1000000.0\]"),
 ])
 def test_privacy_settings_that_cannot_be_honoured_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
