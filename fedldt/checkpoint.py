@@ -143,12 +143,17 @@ def _load(path: Path, what: str, fix: str) -> tuple[dict[str, Any], dict[str, to
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise CheckpointError(f"{what} {path}: field 'tensors' must map names to tensors; {fix}")
     try:
-        meta = json.loads(doc.get("meta"))
-    except (TypeError, ValueError):
+        meta = json.loads(doc.get("meta"), parse_constant=_not_json)
+    except (TypeError, ValueError, RecursionError):
         raise CheckpointError(f"{what} {path}: field 'meta' is not valid JSON; {fix}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{what} {path}: field 'meta' must be a JSON object; {fix}")
     return meta, tensors
+
+
+def _not_json(name: str) -> Any:
+    """``parse_constant`` of :func:`json.loads`: NaN and Infinity are not JSON (``_dumps`` never writes them)."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _arrays(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, np.ndarray]:
@@ -254,6 +259,8 @@ def load_checkpoint(run_dir: Path | str, config: Mapping[str, Any]) -> Checkpoin
         elapsed = float(meta["elapsed_s"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {path}: metadata field {e} is missing or malformed; {fix}") from None
+    if not elapsed >= 0.0:  # NaN fails too (json.loads reads no NaN here, but float("nan") of a string does)
+        raise CheckpointError(f"checkpoint {path}: elapsed_s {meta['elapsed_s']!r} must be a number of seconds >= 0; {fix}")
     if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 1:
         raise CheckpointError(f"checkpoint {path}: round {rnd!r} must be an integer >= 1; {fix}")
     if not isinstance(key, str) or not RUN_KEY.fullmatch(key):
@@ -271,10 +278,46 @@ def load_checkpoint(run_dir: Path | str, config: Mapping[str, Any]) -> Checkpoin
     if rnd > rounds:
         raise CheckpointError(f"resume={run_dir}: the checkpoint is after round {rnd}, more than train.rounds={rounds}; "
                               f"set train.rounds to {rnd} or more")
+    if not all(isinstance(m, dict) for m in metas.values()) or not isinstance(rng_meta, dict):
+        raise CheckpointError(f"checkpoint {path}: each component's state and 'rng' must be JSON objects; {fix}")
     components = {str(n): State(_arrays(tensors, f"component/{n}/"), dict(m)) for n, m in metas.items()}
+    for name, st in components.items():
+        for k, a in st.arrays.items():
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                raise CheckpointError(f"checkpoint {path}: array '{k}' of component '{name}' is not finite; the file is "
+                                      f"corrupt; {fix}")
+    rng = State(_arrays(tensors, "rng/"), dict(rng_meta))
+    before = rng_state()
+    try:  # a forged random state fails here, named, not in the middle of the resume
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: the random state is malformed ({type(e).__name__}); the file is "
+                              f"corrupt; {fix}") from None
+    finally:
+        set_rng_state(before)
     return Checkpoint(round=rnd, run_key=key, config=saved_cfg, territories=territories,
-                      arrays=_arrays(tensors, "global/"), components=components,
-                      rng=State(_arrays(tensors, "rng/"), dict(rng_meta)), elapsed_s=elapsed, path=path)
+                      arrays=_arrays(tensors, "global/"), components=components, rng=rng, elapsed_s=elapsed,
+                      path=path)
+
+
+def restore_components(ckpt: Checkpoint, components: Mapping[str, Checkpointable]) -> None:
+    """Load each component's state from ``ckpt`` (``load_checkpoint_state``), then the random states.
+
+    Raises:
+        CheckpointError: a component has no state in the checkpoint, or refuses its state (a
+            ``ValueError``/``KeyError``/``TypeError`` of its own check), the file and component named.
+    """
+    missing = sorted(set(components) - set(ckpt.components))
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no state of {missing}; resume with the settings it was "
+                              "written with")
+    for name, comp in components.items():
+        try:
+            comp.load_checkpoint_state(ckpt.components[name])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt.path}: the state of '{name}' is malformed ({str(e)[:300]}); the "
+                                  "file is corrupt or was written by another fedldt; start a new run without resume=") from None
+    set_rng_state(ckpt.rng)
 
 
 def check_global_arrays(ckpt: Checkpoint, template: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:

@@ -25,7 +25,7 @@ JSON (:meth:`Accountant.state_dict` / :meth:`Accountant.load_state_dict`) for ch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -40,6 +40,11 @@ OPACUS_INCOMPATIBLE = {
              "per-sample gradient rule for them (its functorch fallback calls forward without edge_index)",
     "gwnet": "its BatchNorm2d layers mix windows of a batch (Opacus' ModuleValidator refuses BatchNorm)",
 }
+#: Models with BatchNorm running statistics: under territory-level DP they would be shared, so
+#: clipped and noised like weights (noise of std ``noise_multiplier * C / n`` per entry), and a
+#: noisy running variance below 0 makes the model's outputs NaN. ``personalization=fedbn`` keeps
+#: them (and the normalization weights) at home.
+NORMALIZED_MODELS = frozenset({"gwnet"})
 #: Opacus option for the models that fit: their layers see activations ``[node, batch, feature]``.
 OPACUS_BATCH_FIRST = {"dcrnn": False}
 
@@ -132,15 +137,26 @@ class Accountant:
         events = []
         for i, e in enumerate(state["events"]):
             try:
-                ev = Event(str(e["subject"]), float(e["noise_multiplier"]), float(e["sampling_rate"]), int(e["count"]))
+                count = e["count"]
+                if isinstance(count, bool) or not isinstance(count, int):  # int(2.7) would drop releases
+                    raise TypeError(f"count {count!r} is not an integer")
+                ev = Event(str(e["subject"]), _number(e["noise_multiplier"]), _number(e["sampling_rate"]), count)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"accountant state event {i} is malformed ({exc!r}); it needs subject, "
                                  "noise_multiplier, sampling_rate, count") from None
             if not all(math.isfinite(v) for v in (ev.noise_multiplier, ev.sampling_rate)):
                 raise ValueError(f"accountant state event {i} has a non-finite value")
             events.append(ev)
-        self.events, self._backends = [], {}
-        self.compose(events)
+        fresh = Accountant(self.delta)
+        fresh.compose(events)  # raises on an invalid event before this ledger changes
+        self.events, self._backends = fresh.events, fresh._backends
+
+
+def _number(v: Any) -> float:
+    """A JSON number as float; text (``"nan"``) and booleans raise ``TypeError``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{v!r} is not a number")
+    return float(v)
 
 
 def dpsgd_schedule(num_windows: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -203,10 +219,17 @@ class PrivacyLedger:
         if limit is None:
             return int(rounds)
         events = round_events(self.privacy, self.train, territories)
-        for r in range(int(rounds)):
-            if self.accountant.epsilon_after(events * (r + 1)) > float(limit):
-                return r
-        return int(rounds)
+
+        def fits(r: int) -> bool:  # r rounds more: each event r times (RDP of k identical releases = k times one)
+            return self.accountant.epsilon_after([replace(e, count=e.count * r) for e in events]) <= float(limit)
+
+        # epsilon never decreases with more rounds: the largest fitting r by bisection, about
+        # log2(rounds) accountant calls (a loop over rounds composing r rounds each took minutes)
+        lo, hi = 0, int(rounds)  # fits(lo) (no round: nothing to check), the answer is in lo..hi
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
 
     def state_dict(self) -> dict[str, Any]:
         """JSON state: the accountant's and the per-round epsilons."""
@@ -222,11 +245,14 @@ class PrivacyLedger:
         if not isinstance(state, Mapping) or not isinstance(state.get("epsilon_by_round"), Mapping):
             raise ValueError("privacy ledger state must be {'accountant': ..., 'epsilon_by_round': {...}} "
                              "(PrivacyLedger.state_dict())")
-        self.accountant.load_state_dict(state.get("accountant"))
         try:
-            self.epsilon_by_round = {int(k): float(v) for k, v in state["epsilon_by_round"].items()}
+            by_round = {int(k): _number(v) for k, v in state["epsilon_by_round"].items()}
         except (TypeError, ValueError) as exc:
             raise ValueError(f"privacy ledger state: malformed epsilon_by_round ({exc!r})") from None
+        if not all(math.isfinite(v) and v >= 0 for v in by_round.values()):  # summary.json is strict JSON
+            raise ValueError("privacy ledger state: epsilon_by_round holds a negative or non-finite epsilon")
+        self.accountant.load_state_dict(state.get("accountant"))
+        self.epsilon_by_round = by_round
 
     def checkpoint_state(self) -> Any:
         """The ledger as a checkpoint component (:class:`fedldt.checkpoint.State`, JSON metadata
@@ -256,7 +282,8 @@ def check_privacy_config(cfg: Mapping[str, Any]) -> None:
     Raises:
         PrivacyConfigError: privacy outside ``mode=federated``; territory-level DP with a rule
             other than ``fedavg``/``fedprox`` (noise is calibrated to an unweighted mean; a server
-            optimizer or a median would change the sensitivity); sample-level DP with FedProx
+            optimizer or a median would change the sensitivity); territory-level DP with a model of
+            :data:`NORMALIZED_MODELS` without ``personalization=fedbn``; sample-level DP with FedProx
             ``proximal_mu > 0`` (the proximal gradient would bypass per-window clipping) or a
             model whose layers Opacus cannot handle (:data:`OPACUS_INCOMPATIBLE`).
     """
@@ -272,6 +299,12 @@ def check_privacy_config(cfg: Mapping[str, Any]) -> None:
             f"privacy=territory needs strategy=fedavg or fedprox (got strategy={strategy}): the noise is calibrated "
             "to the unweighted mean of clipped updates; a server optimizer, momentum, median or Krum changes the "
             "sensitivity")
+    personalization = str((cfg.get("personalization") or {}).get("name", "none"))
+    if p["mode"] == "territory" and str(cfg["model"]["name"]) in NORMALIZED_MODELS and personalization != "fedbn":
+        raise PrivacyConfigError(
+            f"privacy=territory with model={cfg['model']['name']} and personalization={personalization}: its BatchNorm "
+            "running statistics would be shared and noised, and a noisy running variance below 0 makes the outputs NaN; "
+            "use personalization=fedbn (normalization stays in each territory) or model=dcrnn or stgcn")
     if p["mode"] == "sample":
         if strategy == "fedprox" and float(cfg["strategy"].get("proximal_mu", 0.0)) > 0:
             raise PrivacyConfigError("privacy=sample with strategy=fedprox proximal_mu > 0: the proximal gradient "

@@ -145,7 +145,8 @@ class PrivacyConfig(_Block):
     modes need ``noise_multiplier``, ``clipping_norm`` and ``delta``."""
 
     mode: Literal["none", "territory", "sample"]
-    noise_multiplier: Optional[Annotated[float, Field(gt=0.0, le=1.0e6)]] = None
+    # >= 1e-6: below about 1e-154 the RDP epsilon is infinite and summary.json (strict JSON) cannot hold it
+    noise_multiplier: Optional[Annotated[float, Field(ge=1.0e-6, le=1.0e6)]] = None
     clipping_norm: Optional[Annotated[float, Field(gt=0.0, le=1.0e12)]] = None
     delta: Optional[Fraction] = None
     max_epsilon: Optional[Annotated[float, Field(gt=0.0, le=1.0e12)]] = None

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, check_global_arrays, load_checkpoint,
-                               save_checkpoint, set_rng_state)
+                               restore_components, save_checkpoint)
 from fedldt.config import num_territories, territory_view
 from fedldt.egress import CONFIG_KEY
 from fedldt.engine import seed_everything
@@ -245,13 +245,7 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     arrays, done, run_key, elapsed0 = ArrayRecord(shared), 0, uuid.uuid4().hex, 0.0
     ckpt = _resume_from(cfg, ids, shared)
     if ckpt is not None:
-        missing = sorted(set(components) - set(ckpt.components))
-        if missing:
-            raise FederationError(f"checkpoint {ckpt.path} holds no state of {missing}; resume with the settings it "
-                                  "was written with")
-        for name, comp in components.items():
-            comp.load_checkpoint_state(ckpt.components[name])
-        set_rng_state(ckpt.rng)
+        restore_components(ckpt, components)
         arrays = ArrayRecord({k: torch.from_numpy(np.array(v)) for k, v in ckpt.arrays.items()})
         done, run_key, elapsed0 = ckpt.round, ckpt.run_key, ckpt.elapsed_s
         print(f"[fedldt] resuming from {ckpt.path}: round {done} done, rounds {done + 1}..{rounds} to go", flush=True)

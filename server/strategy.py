@@ -83,8 +83,10 @@ def check_reply_arrays(template: Mapping[str, tuple[tuple[int, ...], np.dtype]],
         AggregationGuardError: a key is missing or not shared (local parameters such as node
             embeddings, integer buffers and personalized layers must stay on the territory),
             a shape differs (never broadcast: node embeddings of a 5-node and a 1-node
-            territory cannot be averaged) or a dtype differs (float32 stays float32). The
-            message names the territory and the parameter.
+            territory cannot be averaged), a dtype differs (float32 stays float32) or a float
+            parameter is not finite (one NaN would make every rule's aggregate NaN, the
+            median's and the clipped average's included). The message names the territory
+            and the parameter.
     """
     missing = [k for k in template if k not in arrays]
     extra = [k for k in arrays if k not in template]
@@ -103,6 +105,10 @@ def check_reply_arrays(template: Mapping[str, tuple[tuple[int, ...], np.dtype]],
             raise AggregationGuardError(
                 f"territory {territory}: parameter '{key}' is {np.dtype(arr.dtype)}, the global model is {np.dtype(dtype)}; "
                 "a territory must train and send the model in the global dtype (e.g. float64 data must be cast to float32)")
+        if np.issubdtype(np.dtype(dtype), np.floating) and not np.isfinite(arr.numpy()).all():
+            raise AggregationGuardError(
+                f"territory {territory}: parameter '{key}' is not finite (NaN or infinite); its training diverged or the "
+                "territory is faulty: lower the learning rates, check its data, or leave it out of the federation")
 
 
 def _in_template_order(msg: Message, template: Mapping[str, Any]) -> None:

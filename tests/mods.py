@@ -91,12 +91,15 @@ def poison_mod(attack: str, attacker: int, scale: float = -10.0, seed: int = 0) 
     (simulation), as :func:`clients.territory.territory_index` reads it.
 
     Raises:
-        ValueError: an unknown ``attack`` or a negative ``attacker``.
+        ValueError: an unknown ``attack``, a negative ``attacker`` or a ``scale`` that is not a finite number.
     """
     if attack not in ATTACKS:
         raise ValueError(f"poison_mod: attack={attack!r} must be one of {ATTACKS}")
     if int(attacker) < 0:
         raise ValueError(f"poison_mod: attacker={attacker} must be a territory index >= 0")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise ValueError(f"poison_mod: scale={scale!r} must be a finite number (a NaN update is refused by the server, "
+                         "not a poisoning attack)")
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)

@@ -87,6 +87,36 @@ def test_node_link_faults_name_the_node_and_the_fix(tmp_path):
         load_package(tmp_path / "g")
 
 
+
+def test_node_link_hostile_documents_are_refused_with_the_fix(tmp_path):
+    """Documents networkx or Python's json would take silently (merged duplicates, NaN/Infinity,
+    1e999) or crash on (deep nesting, 10**400, a start the clock skips, a grid past 2262)."""
+    def refused(name: str, raw: str, match: str, **manifest) -> None:
+        root = node_link(tmp_path / name, NODES, LINKS, **manifest)
+        (root / "network.json").write_text(raw)
+        with pytest.raises(TerritoryPackageError, match=match):
+            load_package(root)
+
+    doc = lambda nodes, links=LINKS: json.dumps({"nodes": nodes, "links": links})  # noqa: E731
+    # a second node "007" would replace the first one's series (networkx merges nodes by id)
+    refused("dup", doc([NODES[0], {**NODES[0], "y": [9, 9, 9, 9]}, NODES[1], NODES[2]]),
+            r"network.json: node ids '007' are listed more than once")
+    refused("dup_text", doc([*NODES, {**NODES[1], "id": "8"}]), r"node ids '8' are listed more than once")
+    # a second link 007 -> 8 would replace the first one's weight
+    refused("dup_link", doc(NODES, [*LINKS, {"source": "007", "target": 8, "weight": 9000.0}]),
+            r"link 3 of 'links' joins '007' to '8' again; fix: one link per")
+    refused("nan", doc(NODES).replace('"y": [4, 4, 4, 4]', '"y": [4, NaN, 4, 4]'), r"not a UTF-8 JSON file \(NaN is not a JSON number")
+    refused("inf", doc([{**NODES[0], "y": [1, 1e999, 2, 3]}, *NODES[1:]]).replace("Infinity", "1e999"),
+            r"node '007': 'y' holds 1 value\(s\) that are not numbers, e.g. 'inf'")
+    refused("big", doc([{**NODES[0], "y": [10**400, 1, 2, 3]}, *NODES[1:]]), r"node '007': 'y' holds 1 value\(s\) that are not numbers")
+    refused("coord", doc([{**NODES[0], "e": 10**400}, *NODES[1:]]), r"node attribute 'e' holds values that are not numbers")
+    refused("deep", "[" * 100_000 + "]" * 100_000, r"not a UTF-8 JSON file")
+    refused("gap", doc(NODES), r"field 'observations.start' '2020-03-29 02:30' does not exist in Europe/Madrid",
+            observations={"start": "2020-03-29 02:30"})
+    refused("long", doc([{**n, "y": [1] * 200_000} for n in NODES]), r"200000 steps of 1h from 2250-01-01 00:00 run past the year 2262",
+            observations={"start": "2250-01-01 00:00"})
+
+
 # ---------------------------------------------------------------------------- montevideo_bus_4
 @pytest.fixture(scope="module")
 def montevideo(data_root):

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from clients.client_app import app
 from tests.inprocess import InProcessGrid
+from server.strategy import AggregationGuardError
 from tests.test_strategies import F32, _reply, _run, _strategy, syn_dir  # noqa: F401  (syn_dir: a fixture)
 
 # ------------------------------------------------------------------ the attacks, known answers
@@ -61,6 +62,9 @@ def test_poison_mod_arguments_are_checked():
         poison_mod("flip", 0)
     with pytest.raises(ValueError, match="attacker=-1 must be a territory index"):
         poison_mod("sign_flip", -1)
+    for scale in (float("nan"), float("inf"), "10", True):
+        with pytest.raises(ValueError, match="scale=.* must be a finite number"):
+            poison_mod("sign_flip", 0, scale=scale)
     with pytest.raises(ValueError, match="unknown test mods"):
         resolve_mods([["poison_mod", "sign_flip"]])
 
@@ -153,6 +157,25 @@ def test_clipped_average_without_an_outlier_is_fedavg():
     plain, _, _ = _aggregate({"name": "fedavg"}, G, spec)
     assert clipped["w"].numpy().tolist() == plain["w"].numpy().tolist() == [2.75, 3.75]  # [11, 15] / 4
 
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("rule", ["fedclipavg", "fedmedian", "fedavg"])
+def test_a_non_finite_update_is_refused_naming_the_territory(rule, bad):
+    """One territory sending NaN/inf made the aggregate NaN and the round failed with "the aggregated
+    parameter 'w' is not finite", naming no territory; now its reply is refused by name."""
+    spec = [({"w": h}, 10) for h in HONEST] + [({"w": np.array([bad, 1.0], F32)}, 10)]
+    with pytest.raises(AggregationGuardError, match=r"territory t3: parameter 'w' is not finite"):
+        _aggregate({"name": rule}, G, spec)
+
+
+def test_clipped_average_of_zero_updates_and_of_one_territory():
+    """All updates zero: the median norm is 0 and nothing is clipped (no 0/0); one territory: its own
+    norm is the median, so it is kept whole."""
+    zero, _, s = _aggregate({"name": "fedclipavg"}, G, [({"w": np.zeros(2, F32)}, 10)] * 3)
+    assert zero["w"].numpy().tolist() == [0.0, 0.0] and s.last_clip == {"clip_norm": 0.0, "update_norms": [0.0] * 3}
+    one, _, s = _aggregate({"name": "fedclipavg"}, G, [({"w": np.array([30.0, 40.0], F32)}, 10)])
+    assert one["w"].numpy().tolist() == [30.0, 40.0] and s.last_clip == {"clip_norm": 50.0, "update_norms": [50.0]}
 
 def test_clipped_average_runs_a_real_round(syn_dir):  # noqa: F811
     _, init, out, _, s = _run(syn_dir, ["strategy=fedclipavg", "seed=2"])

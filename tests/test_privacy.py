@@ -97,6 +97,25 @@ def test_accountant_state_is_json_and_restores_the_same_epsilon():
     assert back.accountant.epsilon() == ledger.accountant.epsilon()  # a refused state changes nothing
 
 
+@pytest.mark.parametrize("state, match", [
+    ({"epsilon_by_round": {"1": "nan"}}, r"malformed epsilon_by_round"),  # float("nan") took it: summary.json failed at the end
+    ({"epsilon_by_round": {"1": -1.0}}, r"negative or non-finite"),
+    ({"events": [{"subject": "federation", "noise_multiplier": 1.0, "sampling_rate": 1.0, "count": 2.7}]}, r"event 0 is malformed"),
+    ({"events": [{"subject": "federation", "noise_multiplier": "1", "sampling_rate": 1.0, "count": 1}]}, r"event 0 is malformed"),
+    ({"events": [{"subject": "a", "noise_multiplier": 1.0, "sampling_rate": 1.0, "count": 1},
+                 {"subject": "b", "noise_multiplier": 1.0, "sampling_rate": 1.0, "count": -1}]}, r"invalid privacy event"),
+])
+def test_a_refused_ledger_state_changes_nothing(state, match):
+    ledger = PrivacyLedger(_territory_privacy(sigma=0.8), TRAIN)
+    ledger.record_round(1, {"t0": 10})
+    good = ledger.state_dict()
+    before = (ledger.accountant.epsilon(), list(ledger.accountant.events), dict(ledger.epsilon_by_round))
+    forged = {"accountant": {**good["accountant"], **{k: v for k, v in state.items() if k == "events"}},
+              "epsilon_by_round": state.get("epsilon_by_round", good["epsilon_by_round"])}
+    with pytest.raises(ValueError, match=match):
+        ledger.load_state_dict(forged)
+    assert (ledger.accountant.epsilon(), list(ledger.accountant.events), dict(ledger.epsilon_by_round)) == before
+
 def test_budget_counts_the_rounds_that_fit():
     ledger = PrivacyLedger(_territory_privacy(sigma=1.0), TRAIN)
     eps = []
@@ -113,21 +132,48 @@ def test_budget_counts_the_rounds_that_fit():
     assert ledger.rounds_within_budget(5, {"t0": 1}) == 5
 
 
+def test_budget_of_many_rounds_is_quick_and_equals_composing_round_by_round():
+    """The budget check runs before round 1: with sample-level DP and 100 000 rounds it took hours
+    (each of the rounds composed again from scratch); bisection takes ~17 accountant calls."""
+    privacy = {"mode": "sample", "noise_multiplier": 2.0, "clipping_norm": 1.0, "delta": 1e-5}
+    windows = {"a": 1000, "b": 300}
+    probe = PrivacyLedger(privacy, TRAIN)
+    eps = [probe.record_round(r, windows) for r in range(1, 8)]
+    ledger = PrivacyLedger({**privacy, "max_epsilon": (eps[4] + eps[5]) / 2}, TRAIN)
+    assert ledger.rounds_within_budget(7, windows) == 5
+    ledger.record_round(1, windows)  # after a resume: the ledger's rounds count too
+    assert ledger.rounds_within_budget(7, windows) == 4
+    ledger.privacy["max_epsilon"] = 1.0e12
+    start = time.perf_counter()
+    assert ledger.rounds_within_budget(100_000, windows) == 100_000
+    assert time.perf_counter() - start < 10.0
+
+
 # ------------------------------------------------------------------ config
 @pytest.mark.parametrize("overrides, match", [
     (["privacy=territory", "strategy=fedadam"], "strategy=fedavg or fedprox"),
     (["privacy=territory", "strategy=krum"], "strategy=fedavg or fedprox"),
     (["privacy=sample", "model=gwnet"], "BatchNorm"),
+    # shared BatchNorm running variances + Gaussian noise went below 0: NaN outputs
+    (["privacy=territory", "model=gwnet"], r"personalization=none: its BatchNorm running statistics .* personalization=fedbn"),
     (["privacy=sample", "model=stgcn"], "ChebConv"),
     (["privacy=sample", "strategy=fedprox", "strategy.proximal_mu=0.1"], "proximal"),
     (["privacy=territory", "mode=centralized"], "mode=federated"),
     (["privacy=none", "+privacy.noise_multiplier=1.0"], "takes no"),
     (["privacy=territory", "privacy.delta=null"], "needs"),
     (["privacy=territory", "privacy.noise_multiplier=-1.0"], "noise_multiplier"),
+    # epsilon was inf and the run failed writing summary.json after its last round
+    (["privacy=territory", "privacy.noise_multiplier=1e-300"], r"privacy.noise_multiplier=1e-300 must be a number in \[1e-06, 1000000.0\]"),
 ])
 def test_privacy_settings_that_cannot_be_honoured_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         resolve_config(compose_config(["pilot=los_loop_3", *overrides]), require_data=False)
+
+
+def test_territory_dp_with_gwnet_keeps_batchnorm_at_home_with_fedbn():
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", "privacy=territory", "model=gwnet", "personalization=fedbn"]),
+                         require_data=False)
+    assert cfg["privacy"]["mode"] == "territory" and cfg["personalization"]["name"] == "fedbn"
 
 
 # ------------------------------------------------------------------ territory-level DP on the server

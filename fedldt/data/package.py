@@ -603,6 +603,16 @@ def _graph(root: Path, spec: TerritorySpec, ids: np.ndarray, coords: np.ndarray 
 MAX_NODE_LINK_BYTES = 2 * 1024**3
 
 
+def _finite_number(x: Any) -> bool:
+    """A JSON number (not a boolean) that is a finite float64 (``1e999`` and ``10**400`` are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return bool(np.isfinite(float(x)))
+    except OverflowError:
+        return False
+
+
 def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.DataFrame], Path]:
     """The three tables of a networkx node-link JSON file (``observations.layout: node_link``).
 
@@ -627,11 +637,14 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
     if path.stat().st_size > MAX_NODE_LINK_BYTES:
         raise TerritoryPackageError(f"{path}: larger than {MAX_NODE_LINK_BYTES} bytes; fix: split the network, or use "
                                     "the long layout in Parquet")
+    def constant(name: str) -> float:  # NaN, Infinity: not JSON (RFC 8259), Python's json reads them
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as e:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"), parse_constant=constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep
         raise TerritoryPackageError(f"{path}: not a UTF-8 JSON file ({str(e)[:200]}); fix: write networkx "
-                                    "node_link_data as JSON") from None
+                                    "node_link_data as JSON (null where a value is missing)") from None
     links = "links" if isinstance(data, dict) and "links" in data else "edges"
     shape = f"fix: a JSON object with 'nodes' (each with '{nl.id}') and '{links}' (each with 'source' and 'target')"
     nodes = data.get("nodes") if isinstance(data, dict) else None
@@ -642,12 +655,23 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
         if not isinstance(v, dict) or not isinstance(v.get(nl.id), plain) or isinstance(v.get(nl.id), bool):
             raise TerritoryPackageError(f"{path}: node {i + 1} of 'nodes' has no text or integer '{nl.id}'; {shape} (or name "
                                         f"the id attribute in {root / MANIFEST} field 'observations.node_link.id')")
-    known = {str(v[nl.id]) for v in nodes}
+    listed = [str(v[nl.id]) for v in nodes]
+    known = set(listed)
+    if len(known) != len(listed):  # networkx would merge them silently, the last one's series kept
+        twice = sorted({i for i in listed if listed.count(i) > 1})
+        raise TerritoryPackageError(f"{path}: node ids {_listing(twice)} are listed more than once (as text); fix: give "
+                                    "each node its own id")
+    pairs: set[tuple[str, str]] = set()
     for i, e in enumerate(data.get(links, [])):
         ends = [e.get(k) if isinstance(e, dict) else None for k in ("source", "target")]
         if not all(isinstance(x, plain) and not isinstance(x, bool) and str(x) in known for x in ends):
             raise TerritoryPackageError(f"{path}: link {i + 1} of '{links}' does not join two listed nodes (source "
                                         f"{str(ends[0])[:40]!r}, target {str(ends[1])[:40]!r}); {shape}")
+        pair = (str(ends[0]), str(ends[1]))
+        if pair in pairs:  # networkx would keep the last one's weight silently
+            raise TerritoryPackageError(f"{path}: link {i + 1} of '{links}' joins {pair[0][:40]!r} to {pair[1][:40]!r} "
+                                        "again; fix: one link per (source, target) pair")
+        pairs.add(pair)
     try:
         graph = nx.node_link_graph(data, directed=True, multigraph=False, edges=links, name=nl.id)
     except Exception as e:  # networkx raises KeyError/TypeError/NetworkXError on a malformed document
@@ -656,10 +680,7 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
                                     "and 'target')") from None
     if graph.is_multigraph():
         raise TerritoryPackageError(f"{path}: a multigraph (two links may join the same sensors); fix: one link per pair")
-    ids = [str(v) for v in graph.nodes]
-    if len(set(ids)) != len(ids):
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        raise TerritoryPackageError(f"{path}: node ids {_listing(twice)} are the same as text; fix: give each node its own id")
+    ids = [str(v) for v in graph.nodes]  # distinct: checked on the listed nodes above
     if not ids:
         raise TerritoryPackageError(f"{path}: no nodes; fix: add the sensors")
     where = f"{root / MANIFEST}: field 'observations.node_link"
@@ -674,10 +695,11 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
         if len(y) != length:
             raise TerritoryPackageError(f"{path}: node {str(v)!r} has {len(y)} values in '{nl.series}', the first node "
                                         f"{length}; fix: one value per step for every node (null where missing)")
-        bad = [x for x in y if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)))]
+        bad = [x for x in y if x is not None and not _finite_number(x)]
         if bad:
             raise TerritoryPackageError(f"{path}: node {str(v)!r}: '{nl.series}' holds {len(bad)} value(s) that are not "
-                                        f"numbers, e.g. {_listing(bad)}; fix: numbers, or null where missing")
+                                        f"numbers, e.g. {_listing([str(b)[:40] for b in bad])}; fix: finite numbers, or "
+                                        "null where missing")
         series.append(np.array([np.nan if x is None else float(x) for x in y], dtype=np.float64))
     if not length:
         raise TerritoryPackageError(f"{path}: the series '{nl.series}' are empty; fix: add the observations")
@@ -685,7 +707,7 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
     xy = ["longitude", "latitude"] if geo else ["x", "y"]
     coords = {c: [attrs.get(a) for _, attrs in graph.nodes(data=True)] for c, a in zip(xy, (nl.x, nl.y))}
     for c, a in zip(xy, (nl.x, nl.y)):
-        if any(x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))) for x in coords[c]):
+        if any(x is not None and not _finite_number(x) for x in coords[c]):
             raise TerritoryPackageError(f"{path}: node attribute '{a}' holds values that are not numbers; fix: numbers "
                                         f"(in {spec.sensors.crs}), or name the right attribute in {where}.{'x' if c in ('x', 'longitude') else 'y'}'")
     sensors = pd.DataFrame({"sensor_id": ids, **{c: pd.array(v, dtype="Float64").astype("float64") for c, v in coords.items()}})
@@ -694,9 +716,18 @@ def _node_link_tables(root: Path, spec: TerritorySpec) -> tuple[dict[str, pd.Dat
     if start.tzinfo is not None:  # an offset given: the grid's first step in UTC (or local wall clock)
         start = start.tz_convert(spec.timezone).tz_localize(None) if calendar else start.tz_convert("UTC").tz_localize(None)
     elif not calendar:
-        local = pd.DatetimeIndex([start]).tz_localize(spec.timezone, ambiguous=True, nonexistent="raise")
+        try:
+            local = pd.DatetimeIndex([start]).tz_localize(spec.timezone, ambiguous=True, nonexistent="raise")
+        except ValueError:  # pandas/pytz NonExistentTimeError: the clock jumps over it
+            raise TerritoryPackageError(f"{root / MANIFEST}: field 'observations.start' {o.start!r} does not exist in "
+                                        f"{spec.timezone} (the clock jumps over it); fix: the first step as a time that "
+                                        "exists, or with its UTC offset") from None
         start = local.tz_convert("UTC").tz_localize(None)[0]
-    grid = _grid(int(start.as_unit("ns").value), length, spec, calendar)
+    try:
+        grid = _grid(int(start.as_unit("ns").value), length, spec, calendar)
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):
+        raise TerritoryPackageError(f"{path}: {length} steps of {spec.interval} from {o.start} run past the year 2262 "
+                                    f"(pandas' time range); fix: fewer values per series, or check '{nl.series}'") from None
     channel = spec.channels[0].name
     observations = pd.DataFrame({"time": pd.DatetimeIndex(np.tile(grid.asi8, len(ids))).tz_localize("UTC"),
                                  "sensor": np.repeat(np.array(ids, dtype=object), length), channel: np.concatenate(series)})
