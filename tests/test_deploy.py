@@ -526,12 +526,24 @@ def test_hard_kill_is_sigkill_and_takes_the_helpers_and_the_node_comes_back(fede
     assert federation.supernodes()[t.node_id] == "online"
 
 
-def test_a_killed_superlink_is_resumed_from_its_checkpoint(federation, tmp_path):
+@pytest.fixture
+def fresh_federation(tmp_path_factory):
+    """A federation of its own (the same 3 synthetic territories as :func:`federation`): the tests before
+    kill and restart territories of the shared one, and the SuperLink kill needs nodes that are all up."""
+    base = tmp_path_factory.mktemp("federation-resume")
+    packages = write_territory_packages(base / "territory-data", num_territories=3, num_nodes=12, seed=2)
+    fed = LocalFederation(base / "fed", 3, data_paths=packages)
+    with fed:
+        yield fed
+
+
+def test_a_killed_superlink_is_resumed_from_its_checkpoint(fresh_federation, tmp_path):
     """The SuperLink (and the ServerApp with it) is killed with SIGKILL once round 2's checkpoint
     is written; started again, ``resume=<run folder>`` finishes the 4 rounds. The territories
     reload their own local entries (from their folders), and the result equals, bit for bit, a
     straight 4-round run of the same config (fedldt's server and ClientApp on an in-process grid)."""
-    run_dir = federation.run_dir / "run-resume"
+    fed = fresh_federation
+    run_dir = fed.run_dir / "run-resume"
     killed: list[int] = []
 
     def kill_after_round_2():
@@ -542,25 +554,25 @@ def test_a_killed_superlink_is_resumed_from_its_checkpoint(federation, tmp_path)
             except Exception:  # not written yet
                 rnd = 0
             if rnd >= 2:
-                federation.kill_superlink()
+                fed.kill_superlink()
                 killed.append(rnd)
             time.sleep(0.2)
 
     watcher = threading.Thread(target=kill_after_round_2, daemon=True)
     watcher.start()
     with pytest.raises(RunFailed):
-        federation.run(_overrides(**{"train.rounds": 4}), run_dir, timeout_s=900)
+        fed.run(_overrides(**{"train.rounds": 4}), run_dir, timeout_s=900)
     watcher.join(timeout=60)
     assert killed and killed[0] in (2, 3) and not (run_dir / "summary.json").exists()
-    federation.restart_superlink()
-    summary = federation.run(_overrides(**{"train.rounds": 4, "resume": run_dir}), run_dir, timeout_s=900)
+    fed.restart_superlink()
+    summary = fed.run(_overrides(**{"train.rounds": 4, "resume": run_dir}), run_dir, timeout_s=900)
     assert summary["resumed_after_round"] == killed[0] and [r["round"] for r in summary["history"]] == [1, 2, 3, 4]
     hist = pd.read_csv(run_dir / "history.csv")
     assert list(hist["round"]) == [r for r in (1, 2, 3, 4) for _ in range(3)]  # once each per territory
 
     cfg = resolve_config(compose_config(_overrides(**{"train.rounds": 4})), require_data=False)
     nodes = {10 + t.index: {"territory": t.index, "data-path": t.node_config["data-path"],
-                            "out-dir": str(tmp_path / f"t{t.index}")} for t in federation.territories}
+                            "out-dir": str(tmp_path / f"t{t.index}")} for t in fed.territories}
     straight = run_federated(InProcessGrid(app, nodes), cfg, tmp_path / "straight")
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
