@@ -538,39 +538,39 @@ def fresh_federation(tmp_path_factory):
 
 
 def test_a_killed_superlink_is_resumed_from_its_checkpoint(fresh_federation, tmp_path):
-    """The SuperLink (and the ServerApp with it) is killed with SIGKILL once round 2's checkpoint
-    is written; started again, ``resume=<run folder>`` finishes the 4 rounds. The territories
+    """The SuperLink (and the ServerApp with it) is killed with SIGKILL once round 1's checkpoint
+    is written; started again, ``resume=<run folder>`` finishes the 3 rounds. The territories
     reload their own local entries (from their folders), and the result equals, bit for bit, a
-    straight 4-round run of the same config (fedldt's server and ClientApp on an in-process grid)."""
+    straight 3-round run of the same config (fedldt's server and ClientApp on an in-process grid)."""
     fed = fresh_federation
     run_dir = fed.run_dir / "run-resume"
     killed: list[int] = []
 
-    def kill_after_round_2():
+    def kill_after_round_1():
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not killed:
             try:
                 rnd = json.loads(torch.load(run_dir / CHECKPOINT, weights_only=True)["meta"])["round"]
             except Exception:  # not written yet
                 rnd = 0
-            if rnd >= 2:
+            if rnd >= 1:
                 fed.kill_superlink()
                 killed.append(rnd)
             time.sleep(0.2)
 
-    watcher = threading.Thread(target=kill_after_round_2, daemon=True)
+    watcher = threading.Thread(target=kill_after_round_1, daemon=True)
     watcher.start()
     with pytest.raises(RunFailed):
-        fed.run(_overrides(**{"train.rounds": 4}), run_dir, timeout_s=900)
+        fed.run(_overrides(**{"train.rounds": 3}), run_dir, timeout_s=900)
     watcher.join(timeout=60)
-    assert killed and killed[0] in (2, 3) and not (run_dir / "summary.json").exists()
+    assert killed and killed[0] in (1, 2) and not (run_dir / "summary.json").exists()
     fed.restart_superlink()
-    summary = fed.run(_overrides(**{"train.rounds": 4, "resume": run_dir}), run_dir, timeout_s=900)
-    assert summary["resumed_after_round"] == killed[0] and [r["round"] for r in summary["history"]] == [1, 2, 3, 4]
+    summary = fed.run(_overrides(**{"train.rounds": 3, "resume": run_dir}), run_dir, timeout_s=900)
+    assert summary["resumed_after_round"] == killed[0] and [r["round"] for r in summary["history"]] == [1, 2, 3]
     hist = pd.read_csv(run_dir / "history.csv")
-    assert list(hist["round"]) == [r for r in (1, 2, 3, 4) for _ in range(3)]  # once each per territory
+    assert list(hist["round"]) == [r for r in (1, 2, 3) for _ in range(3)]  # once each per territory
 
-    cfg = resolve_config(compose_config(_overrides(**{"train.rounds": 4})), require_data=False)
+    cfg = resolve_config(compose_config(_overrides(**{"train.rounds": 3})), require_data=False)
     nodes = {10 + t.index: {"territory": t.index, "data-path": t.node_config["data-path"],
                             "out-dir": str(tmp_path / f"t{t.index}")} for t in fed.territories}
     straight = run_federated(InProcessGrid(app, nodes), cfg, tmp_path / "straight")
