@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from clients import territory
 from clients.client_app import app
@@ -24,6 +24,7 @@ from server.rounds import run_federated
 from server.strategy import TerritoryDP, build_strategy, with_privacy
 from tests.conftest import small_config, write_los_loop_like
 from tests.inprocess import InProcessGrid
+from tests.test_strategies import _reply
 
 NODES = {10: {"partition-id": 0}, 11: {"partition-id": 1}}
 TRAIN = {"batch_size": 32, "local_epochs": 1}
@@ -177,13 +178,6 @@ def test_territory_dp_with_gwnet_keeps_batchnorm_at_home_with_fedbn():
 
 
 # ------------------------------------------------------------------ territory-level DP on the server
-def _reply(ids, idx: int, arrays: dict[str, np.ndarray], n_examples) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n_examples, "train_loss": 0.5, "territory": idx})})
-    md = Metadata(run_id=1, message_id=f"reply-{idx}", src_node_id=10 + idx, dst_node_id=0,
-                  reply_to_message_id=ids[10 + idx], group_id="1", created_at=time.time(), ttl=3600.0,
-                  message_type=MessageType.TRAIN)
-    return Message(content, metadata=md)
 
 
 def _dp_round(privacy, updates, weights, seed=0, server_round=1, strategy="fedavg"):

@@ -90,6 +90,21 @@ class Territory:
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
 
+
+def _sigkill(proc: subprocess.Popen, helpers: list[psutil.Process]) -> None:
+    """SIGKILL ``proc``'s process group and ``helpers`` (processes it started that may have left the
+    group), as a crash would; then reap ``proc`` (at most 10 s)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in helpers:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait(timeout=10.0)
+
 class LocalFederation:
     """SuperLink + Fleet-only gateway + one SuperNode per territory on 127.0.0.1, with TLS and
     SuperNode authentication.
@@ -243,16 +258,7 @@ class LocalFederation:
                 helpers = psutil.Process(proc.pid).children(recursive=True)
             except psutil.Error:
                 helpers = []
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            for p in helpers:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
-            proc.wait(timeout=10.0)
+            _sigkill(proc, helpers)
 
     def restart_superlink(self) -> None:
         """Start the SuperLink again (after :meth:`kill_superlink`) on the same port with the same
@@ -364,17 +370,7 @@ class LocalFederation:
         if not hard:
             stop_process(t.proc, grace=10.0)
             return
-        helpers = processes_with_home(t.home)
-        try:
-            os.killpg(t.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in helpers:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        t.proc.wait(timeout=10.0)
+        _sigkill(t.proc, processes_with_home(t.home))
 
     def wait_online(self, node_ids: Sequence[int | None], timeout: float) -> None:
         """Wait until the SuperLink lists every node in ``node_ids`` as online.
