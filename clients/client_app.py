@@ -34,8 +34,9 @@ from flwr.clientapp import ClientApp
 
 from clients import territory
 from clients.audit import egress_audit_mod, territory_out_dir
-from fedldt.checkpoint import save_local_state
-from fedldt.egress import CONFIG_KEY
+from fedldt.checkpoint import load_personal_model, save_local_state, save_personal_model
+from fedldt.egress import CONFIG_KEY, FINETUNE_MESSAGE
+from fedldt.personal import HISTORY, PERSONAL_PREFIX, USE_MODEL
 
 LOCAL_KEY = "fedldt-local"  # context.state array record of this territory's local entries
 LOCAL_TAG = "fedldt-local-tag"  # context.state config record: the run key and round of those entries
@@ -72,17 +73,53 @@ def train(msg: Message, context: Context) -> Message:
     )
     context.state.array_records[LOCAL_KEY] = ArrayRecord(local)
     if "run-key" in conf:
-        save_local_state(territory_out_dir(context.node_config), str(conf["run-key"]), server_round, local)
+        folder = territory_out_dir(context.node_config)
+        save_local_state(folder, str(conf["run-key"]), server_round, local)
         context.state.config_records[LOCAL_TAG] = ConfigRecord({"run-key": str(conf["run-key"]), "round": server_round})
+        personal = {k[len(PERSONAL_PREFIX):]: v for k, v in local.items() if k.startswith(PERSONAL_PREFIX)}
+        if personal:  # Ditto's personal model of this round, where `fedldt export --territory-dir` finds it
+            save_personal_model(folder, str(conf["run-key"]), personal,
+                                {"personalization": "ditto", "round": server_round, "kept": "personal"})
     return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _run_key(msg: Message, what: str) -> str:
+    conf = msg.content["config"]
+    if "run-key" not in conf:
+        raise ValueError(f"a {what} message needs the server's run key (config 'run-key') to name this territory's folder")
+    return str(conf["run-key"])
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
+    use = str(conf.get(USE_MODEL, "auto"))
+    kept = None
+    if use == "kept":  # the fine-tuned-or-global model this territory kept (train.finetune)
+        _, kept = load_personal_model(territory_out_dir(context.node_config), _run_key(msg, "kept-model evaluate"))
     metrics = territory.evaluate(
         _cfg(msg, context), territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
         split=str(conf["split"]), local_state=_local(msg, context, int(conf.get("local-round", conf["server-round"]))),
+        use="personal" if use == "kept" else use, personal_state=kept,
+        history=str(conf[HISTORY]) if HISTORY in conf else None,
     )
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def finetune(msg: Message, context: Context) -> Message:
+    """``train.finetune``: fine-tune the final global model, keep the better of it and the
+    fine-tuned one in this territory's folder (``<out-dir>/checkpoints/<run key>/personal.pt``),
+    reply with metrics only (no arrays: :data:`fedldt.egress.FINETUNE_METRICS`)."""
+    conf = msg.content["config"]
+    run_key = _run_key(msg, "finetune")
+    history = str(conf[HISTORY]) if HISTORY in conf else None
+    index = territory.territory_index(context.node_config)
+    state, metrics = territory.finetune(
+        _cfg(msg, context), index, msg.content["arrays"].to_torch_state_dict(),
+        local_state=_local(msg, context, int(conf.get("local-round", 0))), history=history,
+    )
+    save_personal_model(territory_out_dir(context.node_config), run_key, state,
+                        {"personalization": "finetune", "kept": ("global", "finetuned")[int(metrics["kept"])],
+                         "history": history, "territory": index})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -94,6 +131,7 @@ def build_app(extra_mods: Sequence[Callable[..., Message]] = ()) -> ClientApp:
     client_app = ClientApp(mods=[egress_audit_mod, *extra_mods])
     client_app.query()(query)
     client_app.train()(train)
+    client_app.train(FINETUNE_MESSAGE.split(".", 1)[1])(finetune)
     client_app.evaluate()(evaluate)
     return client_app
 

@@ -22,6 +22,7 @@ from fedldt.data.package import MANIFEST, load_package
 from fedldt.data.territory import TerritoryDataset
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
+from fedldt.personal import FINETUNE_DEFAULTS, KEPT, PERSONAL_PREFIX, finetune as finetune_model
 from fedldt.privacy import dpsgd_options
 from fedldt.results import evaluation_sums, sums_to_record, territory_info
 
@@ -225,23 +226,70 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
     noise seeded by the run seed, this territory and ``server_round`` (:func:`fedldt.privacy.dpsgd_options`).
     """
     task = get_task(cfg, index)
-    model = _model(cfg, index, task, state_dict, local_state)
+    entries, personal = split_personal(local_state)
+    model = _model(cfg, index, task, state_dict, entries)
     tr = cfg["train"]
     shared_names = set(state_dict)
+    if personalization_of(cfg) == "ditto":  # v starts from the first global model received (with the local entries)
+        personal = personal if personal is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss = task.fit(
         model, epochs=tr["local_epochs"], lr=tr["lr"], seed=derive_seed(cfg["seed"], index, server_round),
         weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"], proximal_mu=proximal_mu,
         proximal_names=shared_names, optimizer=tr["optimizer"]["_target_"], dp=dpsgd_options(cfg),
     )
     shared, local = split_state(model, personalization_of(cfg))
+    local = dict(local)
+    if personalization_of(cfg) == "ditto":
+        local.update({PERSONAL_PREFIX + k: v for k, v in ditto_update(cfg, index, task, personal, state_dict,
+                                                                       server_round).items()})
     metrics = {"num-examples": task.num_windows("train"), "train_loss": float(loss), "territory": index}
-    return dict(shared), dict(local), metrics
+    return dict(shared), local, metrics
+
+
+def split_personal(local: Mapping[str, torch.Tensor] | None
+                   ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """``(local entries, Ditto personal model)`` of a territory's local state: the personal model
+    is stored under :data:`fedldt.personal.PERSONAL_PREFIX` keys beside the entries (so it is
+    checkpointed per round with them); ``None`` where absent."""
+    if local is None:
+        return None, None
+    entries = {k: v for k, v in local.items() if not k.startswith(PERSONAL_PREFIX)}
+    personal = {k[len(PERSONAL_PREFIX):]: v for k, v in local.items() if k.startswith(PERSONAL_PREFIX)}
+    return (entries or None) if personal else dict(local), personal or None
+
+
+def ditto_update(cfg: Mapping[str, Any], index: int, task: TerritoryTask, personal: Mapping[str, torch.Tensor],
+                 global_shared: Mapping[str, torch.Tensor], server_round: int) -> dict[str, torch.Tensor]:
+    """One round of Ditto's personal training (Li et al., ICML 2021, Algorithm 1): ``personal``
+    (the territory's model v, every state-dict entry) trained ``personalization.epochs`` epochs on
+    the territory's training windows with loss ``F_k(v) + lam/2 ||v - w||^2``, ``w`` =
+    ``global_shared``, the global model received this round (the term covers the shared
+    parameters; v's local entries move freely). Learning rate ``personalization.lr`` (null =
+    ``train.lr``), the run's optimizer. Returns v's new state dict (kept at home, never sent)."""
+    p, tr = cfg["personalization"], cfg["train"]
+    model = build_model({**cfg["model"], **task.model_dims()}, num_nodes=task.dataset.num_nodes)
+    model.load_state_dict(dict(personal))
+    task.fit(model, epochs=int(p["epochs"]), lr=float(p.get("lr") or tr["lr"]),
+             seed=derive_seed(cfg["seed"], index, server_round, 1), weight_decay=tr["weight_decay"],
+             grad_clip=tr["grad_clip"], proximal_mu=float(p["lam"]), proximal_names=set(global_shared),
+             proximal_reference=global_shared, optimizer=tr["optimizer"]["_target_"])
+    return dict(model.state_dict())
 
 
 def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], split: str,
-             local_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+             local_state: Mapping[str, torch.Tensor] | None = None, use: str = "auto",
+             personal_state: Mapping[str, torch.Tensor] | None = None, history: str | None = None) -> dict[str, Any]:
     """Masked error sums of the given weights (with this territory's ``local_state``, see
     :func:`train`) and of the reference forecasts on ``split`` ('val' or 'test').
+
+    Args:
+        use: ``global``: the global weights with the local entries; ``personal``: the territory's
+            personal model (Ditto's v from ``local_state``, or ``personal_state``, the kept model
+            of :func:`finetune`); ``auto``: the personal model where there is one, else global.
+        personal_state: a complete personal state dict (read by the ClientApp from the territory's
+            folder, :func:`fedldt.checkpoint.load_personal_model`).
+        history: the held-out territory's fine-tuning history (its task as fine-tuned, see
+            :func:`with_train_history`).
 
     Returns:
         Metrics ``num-examples``, ``territory``, ``model.<sum>``, ``persistence.<sum>`` and
@@ -249,11 +297,67 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
         (see :class:`fedldt.metrics.MetricSums`).
 
     Raises:
-        ValueError: unknown split.
+        ValueError: unknown split or ``use``; ``use="personal"`` without a personal model.
     """
     if split not in ("val", "test"):
         raise ValueError(f"evaluate split must be 'val' or 'test', got {split!r}")
+    entries, personal = split_personal(local_state)
+    if personal_state is not None:
+        personal = dict(personal_state)
+    if use not in ("auto", "global", "personal"):
+        raise ValueError(f"evaluate use must be 'auto', 'global' or 'personal', got {use!r}")
+    if use == "personal" and personal is None:
+        raise ValueError("asked to evaluate the personal model, but this territory has none for this run")
+    if history is not None:
+        cfg = with_train_history(cfg, index, history)
     task = get_task(cfg, index)
-    model = _model(cfg, index, task, state_dict, local_state)
+    if personal is not None and use != "global":
+        model = build_model({**cfg["model"], **task.model_dims()}, num_nodes=task.dataset.num_nodes)
+        model.load_state_dict(personal)
+    else:
+        model = _model(cfg, index, task, state_dict, entries)
     return {"num-examples": task.num_windows(split), "territory": index,
             **sums_to_record(evaluation_sums(task, model, split))}
+
+
+def with_train_history(cfg: Mapping[str, Any], index: int, history: str) -> dict[str, Any]:
+    """A copy of ``cfg`` in which this territory keeps only the last ``history`` (a pandas
+    duration, e.g. ``"3D"``) of its training part: ``task.train_history = {<its name>: history}``
+    (applied by :func:`fedldt.engine.task_from_config`; validation and test unchanged)."""
+    out = json.loads(json.dumps(cfg))
+    name = get_task(cfg, index).dataset.name
+    out["task"]["train_history"] = {**(out["task"].get("train_history") or {}), name: str(history)}
+    return out
+
+
+def finetune(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor],
+             local_state: Mapping[str, torch.Tensor] | None, history: str | None = None,
+             ) -> tuple[dict[str, torch.Tensor], dict[str, int | float]]:
+    """Fine-tune the final global model (with this territory's local entries) and keep the better
+    (:func:`fedldt.personal.finetune`), for ``personalization=finetune`` or the held-out territory
+    (``history``: ``federation.holdout_finetune``, it then trains on the last ``history`` of its
+    training part only, see :func:`with_train_history`).
+
+    Options: ``personalization.epochs``/``lr``/``patience`` when ``personalization=finetune``,
+    else :data:`fedldt.personal.FINETUNE_DEFAULTS`; optimizer, weight decay and gradient clipping
+    of ``train``; seed from the run seed and the territory.
+
+    Returns:
+        ``(state, metrics)``: the kept model's complete state dict (to store at home, never sent)
+        and the reply metrics ``territory``, ``kept`` (index in :data:`fedldt.personal.KEPT`),
+        ``epochs_run`` and, when computable, ``val_mae_global`` and ``val_mae_finetuned``.
+    """
+    p = cfg["personalization"] if personalization_of(cfg) == "finetune" else FINETUNE_DEFAULTS
+    entries, _ = split_personal(local_state)
+    if history is not None:
+        cfg = with_train_history(cfg, index, history)
+    task = get_task(cfg, index)
+    model = _model(cfg, index, task, state_dict, entries)
+    tr = cfg["train"]
+    state, info = finetune_model(task, model, int(p["epochs"]), float(p["lr"]), int(p["patience"]),
+                                 derive_seed(int(cfg["seed"]), index, 2**31 - 1), optimizer=tr["optimizer"]["_target_"],
+                                 weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"])
+    metrics: dict[str, int | float] = {"territory": index, "kept": KEPT.index(info["kept"]),
+                                       "epochs_run": int(info["epochs_run"])}
+    metrics.update({k: float(info[k]) for k in ("val_mae_global", "val_mae_finetuned") if info[k] is not None})
+    return state, metrics

@@ -412,3 +412,56 @@ def resume_folder(config: Mapping[str, Any]) -> str | None:
     folder = Path(str(config["resume"])).expanduser().resolve()
     load_checkpoint(folder, {**config, "resume": str(folder)})
     return str(folder)
+
+
+# ------------------------------------------------------------------ territory's personal model
+#: File name of a territory's personal model of one run (``personalization=finetune|ditto``, or
+#: the held-out territory's fine-tuned model): ``<folder>/checkpoints/<run key>/personal.pt``.
+PERSONAL_MODEL = "personal.pt"
+
+
+def personal_model_path(folder: Path | str, run_key: str) -> Path:
+    """``<folder>/checkpoints/<run_key>/personal.pt`` (the territory's own folder, node config ``out-dir``).
+
+    Raises:
+        ValueError: ``run_key`` is not :data:`RUN_KEY`.
+    """
+    return local_state_path(folder, run_key, 0).parent / PERSONAL_MODEL
+
+
+def save_personal_model(folder: Path | str, run_key: str, state: Mapping[str, torch.Tensor],
+                        meta: Mapping[str, Any]) -> Path:
+    """Write a territory's complete personal model (every state-dict entry, shared and local)
+    atomically, tensors only, file mode 0600 (a temporary file of ``tempfile.mkstemp``, renamed).
+
+    Args:
+        state: the model's state dict.
+        meta: JSON-able facts about it (e.g. ``personalization``, ``kept``, ``round``); the run key
+            is added.
+
+    Raises:
+        ValueError: ``run_key`` is not :data:`RUN_KEY`.
+    """
+    path = personal_model_path(folder, run_key)
+    _atomic_save({"format": FORMAT, "version": VERSION, "meta": _dumps({**meta, "run_key": run_key}),
+                  "tensors": {k: v.detach().cpu().clone() for k, v in state.items()}}, path)
+    return path
+
+
+def load_personal_model(folder: Path | str, run_key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A territory's personal model of run ``run_key`` (``torch.load(weights_only=True)``).
+
+    Returns:
+        ``(meta, state)``: what :func:`save_personal_model` wrote.
+
+    Raises:
+        CheckpointError: missing, corrupt or written for another run (file named; the keys and
+            shapes are checked when the model loads them).
+    """
+    path = personal_model_path(folder, run_key)
+    fix = ("the territory writes it when it personalizes its model (personalization=finetune|ditto, or "
+           "federation.holdout_finetune); use the out-dir its SuperNode had in that run")
+    meta, tensors = _load(path, "personal model", fix)
+    if meta.get("run_key") != run_key:
+        raise CheckpointError(f"personal model {path} belongs to run {meta.get('run_key')!r}, not {run_key}; {fix}")
+    return meta, dict(tensors)

@@ -53,6 +53,9 @@ NUMPY_STYPE = "numpy.ndarray"
 #: dtypes a shared parameter may leave in (the global model is float32; float64 would double
 #: the bytes and never matches the global model).
 ARRAY_DTYPES = ("float32",)
+#: Message type of the server's fine-tuning request (``train`` with action ``finetune``); its reply
+#: carries metrics only (:data:`FINETUNE_METRICS`).
+FINETUNE_MESSAGE = "train.finetune"
 #: Longest ``territory-id`` string a query reply may carry.
 MAX_ID_LENGTH = 128
 
@@ -103,11 +106,14 @@ class Allowed:
             ``str`` (an identifier of at most :data:`MAX_ID_LENGTH` printable characters).
         per_step: a list with one value per horizon step (else a scalar).
         why: why it leaves the territory (documented in ``docs/egress.md``).
+        optional: the key may be absent (a value that cannot be computed, e.g. a validation MAE
+            without valid target; a record holds no null).
     """
 
     kind: type
     per_step: bool
     why: str
+    optional: bool = False
 
 
 _SUM_WHY = {
@@ -138,6 +144,19 @@ EVALUATE_METRICS: dict[str, Allowed] = {
     **{f"{p}.{k}": Allowed(int if k.startswith("num_") else float, True, f"{_SUM_WHY[k]} ({_FORECASTS[p]})")
        for p in ("model", *REFERENCES) for k in SUM_KEYS},
 }
+#: Reply metrics (record ``metrics``) of the ``train.finetune`` message: the territory fine-tuned
+#: the global model (personalization=finetune, or the held-out territory's fine-tuning) and kept the
+#: better one at home (:func:`fedldt.personal.finetune`). No arrays leave.
+FINETUNE_METRICS: dict[str, Allowed] = {
+    "territory": _TERRITORY,
+    "kept": Allowed(int, False, "which model the territory keeps: 0 = the global model, 1 = its fine-tuned model "
+                                "(fedldt.personal.KEPT)"),
+    "val_mae_global": Allowed(float, False, "validation MAE of the global model on the territory (data units; "
+                                            "absent without a valid validation target)", optional=True),
+    "val_mae_finetuned": Allowed(float, False, "validation MAE of the best fine-tuning epoch (absent when no epoch "
+                                               "gave a finite one)", optional=True),
+    "epochs_run": Allowed(int, False, "fine-tuning epochs run before early stopping"),
+}
 #: Query reply (record ``info``): the sizes the server needs to build the global model.
 QUERY_INFO: dict[str, Allowed] = {
     "territory": _TERRITORY,
@@ -153,16 +172,19 @@ QUERY_INFO: dict[str, Allowed] = {
 }
 
 #: Record name -> record kind (``array``, ``metric`` or ``config``) a reply carries, per message type.
+#: A message type with an action (``train.finetune``) has its own entry; others use their category.
 REPLY_RECORDS: dict[str, dict[str, str]] = {
     "query": {"info": "config"},
     "train": {"arrays": "array", "metrics": "metric"},
     "evaluate": {"metrics": "metric"},
+    FINETUNE_MESSAGE: {"metrics": "metric"},
 }
 #: Allow-list of each record a reply carries.
 ALLOW_LISTS: dict[tuple[str, str], dict[str, Allowed]] = {
     ("query", "info"): QUERY_INFO,
     ("train", "metrics"): TRAIN_METRICS,
     ("evaluate", "metrics"): EVALUATE_METRICS,
+    (FINETUNE_MESSAGE, "metrics"): FINETUNE_METRICS,
 }
 
 
@@ -209,8 +231,11 @@ class Reply:
 
 
 def message_category(message_type: str) -> str:
-    """``train``, ``evaluate`` or ``query`` (the part of the message type before any ``.action``)."""
-    return str(message_type).split(".", 1)[0]
+    """The allow-list a reply to ``message_type`` is checked against: the whole type when it has
+    its own (:data:`FINETUNE_MESSAGE`), else ``train``, ``evaluate`` or ``query`` (the part before
+    any ``.action``)."""
+    message_type = str(message_type)
+    return message_type if message_type in REPLY_RECORDS else message_type.split(".", 1)[0]
 
 
 def request_arrays_spec(request: Request) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -330,10 +355,13 @@ def check_values(record: Mapping[str, Any], allowed: Mapping[str, Allowed], hori
         EgressRefused: ``METRIC_KEY``, ``METRIC_VALUE`` or ``METRIC_LENGTH``.
     """
     keys = set(record.keys())
-    extra, missing = sorted(keys - set(allowed)), sorted(set(allowed) - keys)
+    extra = sorted(keys - set(allowed))
+    missing = sorted(k for k, spec in allowed.items() if k not in keys and not spec.optional)
     if extra or missing:
         raise EgressRefused(Code.METRIC_KEY, f"{where}: keys not in the allow-list {extra}, missing {missing}")
     for key, spec in allowed.items():
+        if key not in record:
+            continue
         value = record[key]
         if spec.per_step:
             if not isinstance(value, list):

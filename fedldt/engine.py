@@ -208,6 +208,7 @@ class TerritoryTask:
         proximal_names: Collection[str] | None = None,
         optimizer: str = "torch.optim.Adam",
         dp: Mapping[str, Any] | None = None,
+        proximal_reference: Mapping[str, torch.Tensor] | None = None,
     ) -> float:
         """Train ``model`` in place on the training windows with masked MAE (scaled units).
 
@@ -221,6 +222,9 @@ class TerritoryTask:
                 ``w_global`` is the model's weights when ``fit`` is called.
             proximal_names: parameter names the proximal term covers (default: all; a
                 territory passes its shared ones, so local parameters may move freely).
+            proximal_reference: parameter name -> tensor ``w_global`` of the proximal term
+                (default: the model's weights when ``fit`` is called, FedProx). Ditto's personal
+                model passes the global model received this round (:func:`train_epochs`).
             optimizer: ``train.optimizer._target_``, a key of :data:`OPTIMIZERS`.
             dp: ``{"noise_multiplier", "clipping_norm", "batch_first"}``: sample-level DP-SGD
                 with Opacus instead (:func:`train_epochs_dpsgd`; ``grad_clip`` and the proximal
@@ -235,7 +239,7 @@ class TerritoryTask:
             return train_epochs_dpsgd(model, opt, self, epochs, seed, float(dp["noise_multiplier"]),
                                       float(dp["clipping_norm"]), batch_first=bool(dp["batch_first"]))
         return train_epochs(model, opt, [(self, seed)], epochs, seed, grad_clip=grad_clip, proximal_mu=proximal_mu,
-                            proximal_names=proximal_names)
+                            proximal_names=proximal_names, proximal_reference=proximal_reference)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
@@ -264,7 +268,8 @@ class TerritoryTask:
 #: ``train.optimizer._target_`` -> optimizer class: the only optimizers built from a config (the
 #: config is data; nothing named in it is imported).
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"torch.optim.Adam": torch.optim.Adam,
-                                                      "torch.optim.AdamW": torch.optim.AdamW}
+                                                      "torch.optim.AdamW": torch.optim.AdamW,
+                                                      "torch.optim.SGD": torch.optim.SGD}
 
 
 def build_optimizer(params: Iterable[nn.Parameter], target: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -292,18 +297,27 @@ def train_epochs(
     grad_clip: float | None = 5.0,
     proximal_mu: float = 0.0,
     proximal_names: Collection[str] | None = None,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """Train ``model`` in place on the training windows of one or more territories.
 
     Each batch comes from one territory (with its own graph); with several territories the
     batches of an epoch are interleaved in a seeded random order (centralized training on the
     union of windows). Loss: masked MAE on scaled targets, plus the FedProx term
-    ``mu/2 * ||w - w_start||^2`` (Li et al., MLSys 2020) when ``proximal_mu > 0``.
+    ``mu/2 * ||w - w_ref||^2`` when ``proximal_mu > 0``: ``w_ref`` is the model's weights at the
+    start (FedProx, Li et al., MLSys 2020) or ``proximal_reference`` (Ditto's personal objective
+    ``F_k(v) + lam/2 ||v - w_global||^2``, Li et al., ICML 2021, with ``w_global`` the global
+    model received this round, not ``v``'s start value).
 
     Args:
         tasks: ``(task, shuffle_seed)`` pairs; epoch ``e`` shuffles with ``shuffle_seed + e``.
         seed: seeds dropout and the interleaving.
         proximal_names: parameters under the proximal term (default: all).
+        proximal_reference: name -> reference tensor (same shape) for every parameter under the
+            proximal term; ``None``: the model's weights at the start.
+
+    Raises:
+        ValueError: ``proximal_reference`` lacks a parameter under the term or has another shape.
 
     Returns:
         The last epoch's training loss: the batch losses' windows-weighted mean
@@ -312,7 +326,16 @@ def train_epochs(
     seed_everything(seed)
     model.train()
     prox_params = [p for name, p in model.named_parameters() if proximal_names is None or name in proximal_names]
-    start_params = [p.detach().clone() for p in prox_params] if proximal_mu > 0 else None
+    start_params = None
+    if proximal_mu > 0 and proximal_reference is None:
+        start_params = [p.detach().clone() for p in prox_params]
+    elif proximal_mu > 0:
+        names = [name for name, _ in model.named_parameters() if proximal_names is None or name in proximal_names]
+        bad = [n for n, p in zip(names, prox_params)
+               if n not in proximal_reference or tuple(proximal_reference[n].shape) != tuple(p.shape)]
+        if bad:
+            raise ValueError(f"proximal_reference lacks or mis-shapes parameters {bad}")
+        start_params = [proximal_reference[n].detach().to(p.dtype).clone() for n, p in zip(names, prox_params)]
     last_loss = float("nan")
     for epoch in range(int(epochs)):
         losses: list[tuple[float, int]] = []  # (batch loss, windows in the batch)

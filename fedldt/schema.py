@@ -37,6 +37,7 @@ import typing
 from typing import Annotated, Any, Literal, Mapping, Optional
 
 import annotated_types as at
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
@@ -131,12 +132,52 @@ class FederationConfig(_Block):
     client_cpus: Annotated[float, Field(gt=0.0, le=1024.0)]
     timeout_s: Annotated[float, Field(gt=0.0, le=7 * 24 * 3600.0)]
     min_train_territories: Optional[_int(1, 10_000)]
+    #: a territory that takes no part in training, evaluated zero-shot (its name, e.g. "t2")
+    holdout: Optional[Annotated[str, Field(min_length=1, max_length=128)]] = None
+    #: with holdout: also fine-tune on the last that-long part of its training part ("3D")
+    holdout_finetune: Optional[Annotated[str, Field(min_length=1, max_length=32)]] = None
+
+    @model_validator(mode="after")
+    def _holdout(self) -> "FederationConfig":
+        if self.holdout_finetune is not None:
+            if self.holdout is None:
+                raise ValueError("federation.holdout_finetune needs federation.holdout (the territory to fine-tune)")
+            try:
+                span = pd.Timedelta(self.holdout_finetune)
+            except ValueError:
+                raise ValueError(f"federation.holdout_finetune={self.holdout_finetune!r} is not a pandas timedelta "
+                                 "string (e.g. '3D', '12h')") from None
+            if not span > pd.Timedelta(0):
+                raise ValueError(f"federation.holdout_finetune={self.holdout_finetune!r} must be a positive duration")
+        return self
 
 
 class PersonalizationConfig(_Block):
     """``personalization``: which layers stay on each territory (``conf/personalization/*.yaml``)."""
 
-    name: Literal["none", "fedper", "fedbn"]
+    name: Literal["none", "fedper", "fedbn", "finetune", "ditto"]
+    #: finetune: at most this many fine-tuning epochs; ditto: personal epochs per round
+    epochs: Optional[_int(1, 100_000)] = None
+    #: finetune: fine-tuning learning rate; ditto: personal learning rate (null = train.lr)
+    lr: Optional[Annotated[float, Field(gt=0.0, le=10.0)]] = None
+    #: finetune: epochs without a better validation MAE before stopping
+    patience: Optional[_int(1, 100_000)] = None
+    #: ditto: lambda of the proximal term towards the global model (Li et al., ICML 2021)
+    lam: Optional[Annotated[float, Field(ge=0.0, le=1.0e6)]] = None
+
+    @model_validator(mode="after")
+    def _options(self) -> "PersonalizationConfig":
+        takes = {"none": set(), "fedper": set(), "fedbn": set(), "finetune": {"epochs", "lr", "patience"},
+                 "ditto": {"epochs", "lr", "lam"}}[self.name]
+        given = {k for k in ("epochs", "lr", "patience", "lam") if getattr(self, k) is not None}
+        if given - takes:
+            raise ValueError(f"personalization={self.name} takes no {sorted(given - takes)} "
+                             f"(conf/personalization/{self.name}.yaml)")
+        needed = {"finetune": {"epochs", "lr", "patience"}, "ditto": {"epochs", "lam"}}.get(self.name, set())
+        if needed - given:
+            raise ValueError(f"personalization={self.name} needs {sorted(needed - given)} "
+                             f"(conf/personalization/{self.name}.yaml)")
+        return self
 
 
 class PrivacyConfig(_Block):
@@ -208,6 +249,21 @@ class RunConfig(_Block):
     sweep: Optional[SweepConfig] = None
     #: a run folder to continue (its checkpoint.pt, fedldt.checkpoint); null = a new run
     resume: Optional[Annotated[str, Field(min_length=1)]] = None
+
+    @model_validator(mode="after")
+    def _personal_combinations(self) -> "RunConfig":
+        name = self.personalization.name
+        privacy = self.privacy.mode if self.privacy is not None else "none"
+        if name in ("finetune", "ditto") and privacy != "none":
+            raise ValueError(f"personalization={name} with privacy={privacy}: the personal model is trained on the "
+                             "territory's data without differential privacy and its validation and test errors leave "
+                             "the territory, which the run's epsilon would not cover; use privacy=none, or "
+                             "personalization=none|fedper|fedbn")
+        if self.federation.holdout is not None and name in ("fedper", "fedbn"):
+            raise ValueError(f"federation.holdout with personalization={name}: the held-out territory never trains, "
+                             f"so its personal layers ({'output head' if name == 'fedper' else 'normalization layers'}) "
+                             "would be untrained random values; use personalization=none, finetune or ditto")
+        return self
 
 
 #: Top-level keys the territories never need (``scripts/compare.py``, ``scripts/sweep.py``, and

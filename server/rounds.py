@@ -20,12 +20,13 @@ from flwr.serverapp import Grid
 from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, check_global_arrays, load_checkpoint,
                                restore_components, save_checkpoint)
 from fedldt.config import num_territories, territory_view
-from fedldt.egress import CONFIG_KEY
+from fedldt.egress import CONFIG_KEY, FINETUNE_MESSAGE
 from fedldt.engine import seed_everything
-from fedldt.metrics import MetricSums
+from fedldt.metrics import MetricSums, mae, pool, report
 from fedldt.models import build_model, split_state
+from fedldt.personal import HISTORY, KEPT, USE_MODEL
 from fedldt.privacy import round_events
-from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
+from fedldt.results import REFERENCES, build_summary, sums_from_record, territory_row, write_run_outputs
 from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory, with_privacy
 
 #: Config key of every train/evaluate message: the run key (:data:`fedldt.checkpoint.RUN_KEY`),
@@ -89,11 +90,15 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
 
 
 def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cfg: dict[str, Any], split: str,
-                   server_round: int, timeout: float, **extra: Any) -> dict[int, dict[str, MetricSums]]:
+                   server_round: int, timeout: float, territories: list[int] | None = None,
+                   **extra: Any) -> dict[int, dict[str, MetricSums]]:
     """Evaluate ``arrays`` on every territory's ``split``; returns per-territory model/persistence sums.
 
     Args:
-        **extra: more config entries for the territories (e.g. :data:`RUN_KEY`, :data:`LOCAL_ROUND`).
+        territories: the territory indexes that must answer (default: all of the pilot's); the
+            strategy asks the nodes of ``grid``.
+        **extra: more config entries for the territories (e.g. :data:`RUN_KEY`, :data:`LOCAL_ROUND`,
+            :data:`USE_MODEL`).
 
     Raises:
         FederationError: a territory failed or did not answer.
@@ -107,10 +112,86 @@ def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cf
     for r in replies:
         rec = next(iter(r.content.metric_records.values()))
         out[reply_territory(r)] = sums_from_record(rec)
-    expected = num_territories(cfg)
-    if sorted(out) != list(range(expected)):
-        raise FederationError(f"final {split} evaluation: territories {sorted(out)} answered, expected 0..{expected - 1}")
+    expected = list(range(num_territories(cfg))) if territories is None else sorted(territories)
+    if sorted(out) != expected:
+        raise FederationError(f"final {split} evaluation: territories {sorted(out)} answered, expected {expected}")
     return dict(sorted(out.items()))
+
+
+class TrainingGrid:
+    """The grid as the round loop sees it: only the nodes of the training territories (a
+    held-out territory's SuperNode is connected but gets no train or per-round evaluate message).
+    Everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self.grid, self.nodes = grid, set(int(n) for n in nodes)
+
+    def get_node_ids(self):
+        return [n for n in self.grid.get_node_ids() if int(n) in self.nodes]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
+def holdout_index(cfg: dict[str, Any], ids: Mapping[int, str]) -> int | None:
+    """The index of ``federation.holdout`` among the discovered territories (``None``: no holdout).
+
+    Raises:
+        FederationError: no territory has that name (the names are listed), or it is the only one.
+    """
+    name = cfg.get("federation", {}).get("holdout")
+    if name is None:
+        return None
+    match = [i for i, tid in ids.items() if tid == str(name)]
+    if not match:
+        raise FederationError(f"federation.holdout={name!r} is not a territory of this run; its territories are "
+                              f"{sorted(ids.values())}")
+    if len(ids) < 2:
+        raise FederationError(f"federation.holdout={name!r} leaves no territory to train")
+    return match[0]
+
+
+def send_to(grid: Grid, node: int, message_type: str, arrays: ArrayRecord, config: ConfigRecord, timeout: float,
+            what: str) -> Message:
+    """One message to one SuperNode and its reply.
+
+    Raises:
+        FederationError: no reply, or an error reply (its coded reason named).
+    """
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=int(node), message_type=message_type)
+    replies = list(grid.send_and_receive([msg], timeout=timeout))
+    if not replies:
+        raise FederationError(f"{what}: no reply within federation.timeout_s")
+    if replies[0].has_error():
+        raise FederationError(f"{what} failed: {replies[0].error.reason}")
+    return replies[0]
+
+
+def finetune_territories(grid: Grid, nodes: Mapping[int, int], arrays: ArrayRecord, cfg: dict[str, Any],
+                         timeout: float, **extra: Any) -> dict[int, dict[str, Any]]:
+    """Ask each territory (index -> node) to fine-tune ``arrays`` and keep the better model at home
+    (``train.finetune``, :func:`clients.client_app.finetune`); returns index -> reply metrics.
+
+    Raises:
+        FederationError: a territory failed or did not answer.
+    """
+    msgs = [Message(RecordDict({"arrays": arrays, "config": config_record(cfg, **extra)}), dst_node_id=int(n),
+                    message_type=FINETUNE_MESSAGE) for n in nodes.values()]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    failed = failure_reasons(replies)
+    if failed:
+        raise FederationError(f"fine-tuning failed on {len(failed)} node(s): {failed}")
+    out = {reply_territory(r): dict(next(iter(r.content.metric_records.values()))) for r in replies}
+    if sorted(out) != sorted(nodes):
+        raise FederationError(f"fine-tuning: territories {sorted(out)} answered, expected {sorted(nodes)}")
+    return dict(sorted(out.items()))
+
+
+def finetune_result(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json ``personalization_result`` entry of a fine-tuning reply."""
+    value = metrics.get
+    return {"kept": KEPT[int(metrics["kept"])], "val_mae_global": value("val_mae_global"),
+            "val_mae_finetuned": value("val_mae_finetuned"), "epochs_run": int(metrics["epochs_run"])}
 
 
 def min_train_territories(cfg: dict[str, Any]) -> int:
@@ -128,6 +209,41 @@ def min_train_territories(cfg: dict[str, Any]) -> int:
         raise ValueError(f"federation.min_train_territories={value!r} must be an integer in 1..{k} "
                          f"(partition.num_territories), or null for all")
     return value
+
+
+def evaluate_holdout(grid: Grid, cfg: dict[str, Any], node: int, index: int, name: str, arrays: ArrayRecord,
+                     server_round: int, timeout: float, keyed: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json ``holdout`` block: the held-out territory (``index`` on SuperNode ``node``)
+    evaluated zero-shot on its test windows with the final global model ``arrays`` (its local
+    entries, e.g. Graph WaveNet node embeddings, are those of the run seed: it never trained),
+    then, with ``federation.holdout_finetune``, fine-tuned on the last that-long part of its
+    training part (``train.finetune``) and tested again with the model it kept.
+
+    Raises:
+        FederationError: the territory failed or did not answer.
+    """
+    steps = list(cfg["task"]["report_steps"])
+    history = cfg["federation"].get("holdout_finetune")
+
+    def test(use: str, **more: Any) -> dict[str, MetricSums]:
+        conf = config_record(cfg, split="test", **{**keyed, LOCAL_ROUND: 0, USE_MODEL: use, **more})
+        conf["server-round"] = server_round
+        reply = send_to(grid, node, MessageType.EVALUATE, arrays, conf, timeout, f"held-out territory {name} test")
+        return sums_from_record(next(iter(reply.content.metric_records.values())))
+
+    zero = test("global")
+    out = {"territory": name, "zero_shot": report(zero["model"], steps), "finetuned": None,
+           "finetune_history": None if history is None else str(history),
+           "references": {ref: report(zero[ref], steps) for ref in REFERENCES}}
+    if history is not None:
+        conf = config_record(cfg, **{**keyed, LOCAL_ROUND: 0, HISTORY: str(history)})
+        conf["server-round"] = server_round
+        reply = send_to(grid, node, FINETUNE_MESSAGE, arrays, conf, timeout, f"held-out territory {name} fine-tuning")
+        kept = finetune_result(next(iter(reply.content.metric_records.values())))
+        print(f"[fedldt] held-out territory {name} fine-tuned on its last {history}: kept the {kept['kept']} model "
+              f"(validation MAE global {kept['val_mae_global']}, fine-tuned {kept['val_mae_finetuned']})", flush=True)
+        out["finetuned"] = report(test("kept", **{HISTORY: str(history)})["model"], steps)
+    return out
 
 
 def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int, timeout: float,
@@ -218,6 +334,12 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     infos = discover_territories(grid, cfg, timeout)
     ids = {i: str(info["territory-id"]) for i, info in infos.items()}
     print(f"[fedldt] {len(infos)} territories: " + ", ".join(f"{ids[i]} ({infos[i]['num-nodes']} nodes)" for i in infos), flush=True)
+    held = holdout_index(cfg, ids)
+    trained = {i: info for i, info in infos.items() if i != held}  # the territories that train
+    train_grid = TrainingGrid(grid, [int(info["node_id"]) for info in trained.values()]) if held is not None else grid
+    if held is not None:
+        min_train = min(min_train, len(trained))
+        print(f"[fedldt] territory {ids[held]} is held out: no training, evaluated zero-shot at the end", flush=True)
     first = next(iter(infos.values()))
     model_cfg = {**cfg["model"], "in_channels": int(first["in-channels"]), "out_channels": int(first["out-channels"]),
                  "horizon": int(first["horizon"])}
@@ -231,8 +353,9 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     # Rounds start as soon as min_train territories are connected and use every connected one:
     # a territory that is offline for a round rejoins in a later one.
     strategy = build_strategy(
-        cfg["strategy"], territory_ids=ids, report_steps=list(cfg["task"]["report_steps"]), num_rounds=rounds,
-        node_territories={int(info["node_id"]): i for i, info in infos.items()}, min_train_territories=min_train,
+        cfg["strategy"], territory_ids={i: ids[i] for i in trained}, report_steps=list(cfg["task"]["report_steps"]),
+        num_rounds=rounds, node_territories={int(info["node_id"]): i for i, info in trained.items()},
+        min_train_territories=min_train,
         buffer_keys=[k for k, _ in model.named_buffers() if k in shared],
         min_train_nodes=min_train, min_evaluate_nodes=min_train, min_available_nodes=min_train,
     )
@@ -251,7 +374,7 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
         print(f"[fedldt] resuming from {ckpt.path}: round {done} done, rounds {done + 1}..{rounds} to go", flush=True)
     last = rounds  # the last round to run: fewer when the privacy budget ends the run
     if ledger is not None:
-        windows = {ids[i]: int(info["num-train"]) for i, info in infos.items()}
+        windows = {ids[i]: int(info["num-train"]) for i, info in trained.items()}
         last = done + ledger.rounds_within_budget(rounds - done, windows)
         if last == 0:
             first_eps = ledger.accountant.epsilon_after(round_events(ledger.privacy, cfg["train"], windows))
@@ -269,15 +392,42 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
                         elapsed_s=elapsed0 + time.time() - t_start)
 
     keyed = {RUN_KEY: run_key}
-    arrays = run_rounds(strategy, grid, arrays, done + 1, last, timeout,
+    arrays = run_rounds(strategy, train_grid, arrays, done + 1, last, timeout,
                         train_config=lambda r: config_record(cfg, **keyed),
                         evaluate_config=lambda r: config_record(cfg, split="val", **keyed, **{LOCAL_ROUND: r}),
                         on_round_end=checkpoint)
     if strategy.failures:
         print(f"[fedldt] WARNING: {len(strategy.failures)} failed replies: {strategy.failures}", flush=True)
-    test = evaluate_split(grid, strategy, arrays, cfg, "test", last + 1, timeout, **keyed, **{LOCAL_ROUND: last})
-    summary = build_summary(cfg, "federated", [territory_row(info) for info in infos.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
+    final_keyed = {**keyed, LOCAL_ROUND: last}
+    done_round, extras = last + 1, {}
+    if personalization == "finetune":
+        tuned = finetune_territories(train_grid, {i: int(info["node_id"]) for i, info in trained.items()}, arrays, cfg,
+                                     timeout, **final_keyed)
+        extras["personalization_result"] = {ids[i]: finetune_result(m) for i, m in tuned.items()}
+        print("[fedldt] fine-tuning kept: " + ", ".join(f"{ids[i]}={r['kept']}" for i, r in
+                                                        zip(tuned, extras["personalization_result"].values())), flush=True)
+    personal = personalization in ("finetune", "ditto")
+    use = {"finetune": "kept", "ditto": "personal"}.get(personalization, "global")
+    test = evaluate_split(train_grid, strategy, arrays, cfg, "test", done_round, timeout, territories=list(trained),
+                          **final_keyed, **{USE_MODEL: use})
+    if personal:
+        global_test = evaluate_split(train_grid, strategy, arrays, cfg, "test", done_round, timeout,
+                                     territories=list(trained), **final_keyed, **{USE_MODEL: "global"})
+        steps = list(cfg["task"]["report_steps"])
+        extras["global_test"] = report(pool(t["model"] for t in global_test.values()), steps)
+        extras["global_test_per_territory"] = {ids[i]: report(t["model"], steps) for i, t in global_test.items()}
+    if personalization == "ditto":
+        val = {u: evaluate_split(train_grid, strategy, arrays, cfg, "val", done_round, timeout, territories=list(trained),
+                                 **final_keyed, **{USE_MODEL: u}) for u in ("global", "personal")}
+        extras["personalization_result"] = {ids[i]: {"val_mae_global": mae(val["global"][i]["model"]),
+                                                     "val_mae_personal": mae(val["personal"][i]["model"])}
+                                            for i in trained}
+    if held is not None:
+        extras["holdout"] = evaluate_holdout(grid, cfg, int(infos[held]["node_id"]), held, ids[held], arrays,
+                                             done_round, timeout, keyed)
+    summary = build_summary(cfg, "federated", [territory_row(info) for info in trained.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
                             strategy.failures, model_cfg, elapsed0 + time.time() - t_start)
+    summary.update(extras)
     if ckpt is not None:
         summary["resumed_after_round"] = ckpt.round
     history = strategy.history

@@ -80,8 +80,10 @@ def build_model(model_cfg: Mapping[str, Any], num_nodes: int | None = None) -> n
 #: Personalization modes (``personalization.name`` in the config).
 #: ``none``: only node-dependent parameters and integer buffers stay local;
 #: ``fedper``: also the output head (FedPer, Arivazhagan et al., arXiv:1912.00818, 2019);
-#: ``fedbn``: also every normalization layer (FedBN, Li et al., ICLR 2021).
-PERSONALIZATIONS = ("none", "fedper", "fedbn")
+#: ``fedbn``: also every normalization layer (FedBN, Li et al., ICLR 2021);
+#: ``finetune``, ``ditto``: what is shared is as ``none``; each territory also keeps a complete
+#: personal model (:mod:`fedldt.personal`, ``clients/territory.py``).
+PERSONALIZATIONS = ("none", "fedper", "fedbn", "finetune", "ditto")
 
 #: Normalization layers that FedBN keeps local (BatchNorm*/InstanceNorm* share ``_NormBase``).
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
