@@ -610,7 +610,7 @@ def check_block(schema: type[BaseModel], block: Any, group: str, where: str, lab
         extra = [e for e in errors if e["type"] == "extra_forbidden"]
         if not group:  # the top level: name the file of the block that holds the key
             first = (extra or errors)[0]["loc"]
-            top = str(first[0]) if len(first) > 1 or not extra else ""
+            top = str(first[0]) if first and (len(first) > 1 or not extra) else ""  # () = a top-level cross check
             where = _TOP_LEVEL_FILES.get(top, "conf/config.yaml") + f", {where}"
         if extra:
             parent = extra[0]["loc"][:-1]
