@@ -22,7 +22,8 @@ from fedldt.data.package import MANIFEST, load_package
 from fedldt.data.territory import TerritoryDataset
 from fedldt.engine import TerritoryTask, derive_seed, task_from_config
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
-from fedldt.personal import FINETUNE_DEFAULTS, KEPT, PERSONAL_PREFIX, finetune as finetune_model
+from fedldt.personal import KEPT, PERSONAL_PREFIX, finetune_from_config
+from fedldt.personal import with_train_history as personal_history
 from fedldt.privacy import dpsgd_options
 from fedldt.results import evaluation_sums, sums_to_record, territory_info
 
@@ -321,13 +322,8 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
 
 
 def with_train_history(cfg: Mapping[str, Any], index: int, history: str) -> dict[str, Any]:
-    """A copy of ``cfg`` in which this territory keeps only the last ``history`` (a pandas
-    duration, e.g. ``"3D"``) of its training part: ``task.train_history = {<its name>: history}``
-    (applied by :func:`fedldt.engine.task_from_config`; validation and test unchanged)."""
-    out = json.loads(json.dumps(cfg))
-    name = get_task(cfg, index).dataset.name
-    out["task"]["train_history"] = {**(out["task"].get("train_history") or {}), name: str(history)}
-    return out
+    """:func:`fedldt.personal.with_train_history` for this territory (named by its own data)."""
+    return personal_history(cfg, get_task(cfg, index).dataset.name, history)
 
 
 def finetune(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor],
@@ -338,25 +334,18 @@ def finetune(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
     (``history``: ``federation.holdout_finetune``, it then trains on the last ``history`` of its
     training part only, see :func:`with_train_history`).
 
-    Options: ``personalization.epochs``/``lr``/``patience`` when ``personalization=finetune``,
-    else :data:`fedldt.personal.FINETUNE_DEFAULTS`; optimizer, weight decay and gradient clipping
-    of ``train``; seed from the run seed and the territory.
+    Options: see :func:`fedldt.personal.finetune_from_config`.
 
     Returns:
         ``(state, metrics)``: the kept model's complete state dict (to store at home, never sent)
         and the reply metrics ``territory``, ``kept`` (index in :data:`fedldt.personal.KEPT`),
         ``epochs_run`` and, when computable, ``val_mae_global`` and ``val_mae_finetuned``.
     """
-    p = cfg["personalization"] if personalization_of(cfg) == "finetune" else FINETUNE_DEFAULTS
     entries, _ = split_personal(local_state)
     if history is not None:
         cfg = with_train_history(cfg, index, history)
     task = get_task(cfg, index)
-    model = _model(cfg, index, task, state_dict, entries)
-    tr = cfg["train"]
-    state, info = finetune_model(task, model, int(p["epochs"]), float(p["lr"]), int(p["patience"]),
-                                 derive_seed(int(cfg["seed"]), index, 2**31 - 1), optimizer=tr["optimizer"]["_target_"],
-                                 weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"])
+    state, info = finetune_from_config(task, _model(cfg, index, task, state_dict, entries), cfg, index)
     metrics: dict[str, int | float] = {"territory": index, "kept": KEPT.index(info["kept"]),
                                        "epochs_run": int(info["epochs_run"])}
     metrics.update({k: float(info[k]) for k in ("val_mae_global", "val_mae_finetuned") if info[k] is not None})

@@ -5,6 +5,14 @@
   territory and its graph), evaluated per territory and pooled. The privacy-free reference.
 * ``local``: each territory trains its own model on its own data only.
 
+With ``federation.holdout`` the held-out territory takes no part in training in either mode (the
+pooled test covers the others) and ``summary.json`` gets the ``holdout`` block
+(:func:`fedldt.personal.holdout_block`): ``centralized`` evaluates it zero-shot with the
+centralized model (and, with ``federation.holdout_finetune``, after fine-tuning a copy on the last
+that-long part of its training part); ``local`` has no model for it (a territory without training
+has none): its ``zero_shot`` and ``finetuned`` are ``null``, only its reference forecasts are
+reported.
+
 Both train for ``train.rounds * train.local_epochs`` epochs with one optimizer (``train.optimizer``), start
 from the same initial weights as the federated run (``seed``), evaluate on the validation
 windows every ``train.local_epochs`` epochs (one "round") and write the same results folder
@@ -13,6 +21,7 @@ and ``summary.json`` schema as the federated run.
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +34,7 @@ from fedldt.engine import TerritoryTask, build_optimizer, derive_seed, seed_ever
 from fedldt.launch.progress import RunProgress, round_line
 from fedldt.metrics import pool, report
 from fedldt.models import build_model
+from fedldt.personal import finetune_from_config, holdout_block, with_train_history
 from fedldt.results import (build_summary, evaluation_sums, history_row, round_row, territory_info, territory_row,
                             write_run_outputs)
 
@@ -43,6 +53,48 @@ def initial_model(cfg: dict[str, Any], task: TerritoryTask, per_territory: bool 
     seed_everything(int(cfg["seed"]))
     model_cfg = {**cfg["model"], **task.model_dims()}
     return build_model(model_cfg, num_nodes=task.dataset.num_nodes if per_territory else None), model_cfg
+
+
+def split_holdout(cfg: dict[str, Any], tasks: list[TerritoryTask]
+                  ) -> tuple[list[tuple[int, TerritoryTask]], tuple[int, TerritoryTask] | None]:
+    """``(training territories as (index, task), the held-out one or None)`` by ``federation.holdout``.
+
+    Raises:
+        ValueError: no territory has that name (the names listed), or it is the only territory.
+    """
+    name = cfg.get("federation", {}).get("holdout")
+    indexed = list(enumerate(tasks))
+    if name is None:
+        return indexed, None
+    held = [(i, t) for i, t in indexed if t.dataset.name == str(name)]
+    if not held:
+        raise ValueError(f"federation.holdout={name!r} is not a territory of pilot '{cfg['name']}'; its territories are "
+                         f"{[t.dataset.name for t in tasks]}")
+    if len(tasks) < 2:
+        raise ValueError(f"federation.holdout={name!r} leaves no territory to train")
+    return [(i, t) for i, t in indexed if t.dataset.name != str(name)], held[0]
+
+
+def evaluate_holdout(cfg: dict[str, Any], held: tuple[int, TerritoryTask], model: torch.nn.Module | None) -> dict[str, Any]:
+    """The ``holdout`` block of a centralized (``model``) or local (``None``: no model) run:
+    zero-shot test sums of ``model`` on the held-out territory and, with
+    ``federation.holdout_finetune``, those of a fine-tuned copy kept by
+    :func:`fedldt.personal.finetune` on the last that-long part of its training part (its task
+    rebuilt with that history, as the federated territory does)."""
+    idx, task = held
+    steps = list(cfg["task"]["report_steps"])
+    history = cfg["federation"].get("holdout_finetune")
+    if model is None:
+        refs = evaluation_sums(task, initial_model(cfg, task, per_territory=True)[0], "test")
+        return holdout_block(task.dataset.name, refs, None, history, steps, trained=False)
+    zero, finetuned = evaluation_sums(task, model, "test"), None
+    if history is not None:
+        short_cfg = with_train_history(cfg, task.dataset.name, history)
+        short = task_from_config(task.dataset, short_cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
+        tuned = copy.deepcopy(model)
+        finetune_from_config(short, tuned, cfg, idx)
+        finetuned = short.evaluate(tuned, "test")
+    return holdout_block(task.dataset.name, zero, finetuned, history, steps)
 
 
 def _train_rounds(cfg: dict[str, Any], model: torch.nn.Module, tasks: list[tuple[int, TerritoryTask]],
@@ -91,14 +143,17 @@ def run_centralized(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTas
     """
     t0 = time.time()
     tasks = tasks if tasks is not None else build_tasks(cfg)
-    model, model_cfg = initial_model(cfg, tasks[0])
+    trained, held = split_holdout(cfg, tasks)
+    model, model_cfg = initial_model(cfg, trained[0][1])
     history: list[dict[str, Any]] = []
     val: dict[int, dict[str, Any]] = {}
-    _train_rounds(cfg, model, list(enumerate(tasks)), history, val, "centralized")
-    test = {t.dataset.name: evaluation_sums(t, model, "test") for t in tasks}
-    summary = build_summary(cfg, "centralized", [territory_row(territory_info(t)) for t in tasks], test,
+    _train_rounds(cfg, model, trained, history, val, "centralized")
+    test = {t.dataset.name: evaluation_sums(t, model, "test") for _, t in trained}
+    summary = build_summary(cfg, "centralized", [territory_row(territory_info(t)) for _, t in trained], test,
                             _pooled_rounds(cfg, val), [],
                             model_cfg, time.time() - t0)
+    if held is not None:
+        summary["holdout"] = evaluate_holdout(cfg, held, model)
     write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dict": model.state_dict(), "model_config": model_cfg})
     return summary
 
@@ -117,15 +172,18 @@ def run_local(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | N
     val: dict[int, dict[str, Any]] = {}
     test, states = {}, {}
     model_cfg: dict[str, Any] = {}
-    for idx, task in enumerate(tasks):
+    trained, held = split_holdout(cfg, tasks)
+    for idx, task in trained:
         model, model_cfg = initial_model(cfg, task, per_territory=True)
         _train_rounds(cfg, model, [(idx, task)], history, val, f"local {task.dataset.name}")
         test[task.dataset.name] = evaluation_sums(task, model, "test")
         states[task.dataset.name] = model.state_dict()
     history.sort(key=lambda r: (r["round"], [t.dataset.name for t in tasks].index(r["territory"])))
-    summary = build_summary(cfg, "local", [territory_row(territory_info(t)) for t in tasks], test,
+    summary = build_summary(cfg, "local", [territory_row(territory_info(t)) for _, t in trained], test,
                             _pooled_rounds(cfg, val), [],
                             model_cfg, time.time() - t0)
+    if held is not None:
+        summary["holdout"] = evaluate_holdout(cfg, held, None)
     write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dicts": states, "model_config": model_cfg})
     return summary
 

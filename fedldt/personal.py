@@ -15,14 +15,15 @@ model of the round (``clients/territory.py``).
 from __future__ import annotations
 
 import copy
+import json
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedldt.engine import TerritoryTask, build_optimizer, derive_seed, train_epochs
-from fedldt.metrics import mae
+from fedldt.metrics import MetricSums, mae, report
 
 #: ``kept`` values of :func:`finetune` and their integer codes in a territory's reply (the egress
 #: allows numbers and identifiers only: ``fedldt.egress.FINETUNE_METRICS``).
@@ -105,3 +106,50 @@ def finetune(task: TerritoryTask, model: nn.Module, epochs: int, lr: float, pati
     state = best_state if kept == "finetuned" else start
     model.load_state_dict(state)
     return state, {"kept": kept, "val_mae_global": val_global, "val_mae_finetuned": best, "epochs_run": run}
+
+
+def holdout_block(name: str, zero_shot: Mapping[str, MetricSums], finetuned: MetricSums | None,
+                  history: str | None, steps: Sequence[int], trained: bool = True) -> dict[str, Any]:
+    """``summary.json``'s ``holdout`` block (every mode writes the same).
+
+    Args:
+        name: the held-out territory (``federation.holdout``).
+        zero_shot: its test sums (:func:`fedldt.results.evaluation_sums`): ``model`` = the final
+            global (or centralized) model, never trained on it, and the reference forecasts.
+        finetuned: test sums of the model it kept after fine-tuning (``None``: not asked).
+        history: ``federation.holdout_finetune``.
+        trained: ``False`` where no model can be applied to it (local mode: a territory without
+            data of its own in training has no model): ``zero_shot`` is then ``null``.
+
+    Returns:
+        ``{"territory", "zero_shot", "finetuned", "finetune_history", "references": {<ref>: block}}``
+        (blocks of :func:`fedldt.metrics.report`).
+    """
+    from fedldt.results import REFERENCES
+
+    return {"territory": str(name), "zero_shot": report(zero_shot["model"], steps) if trained else None,
+            "finetuned": None if finetuned is None else report(finetuned, steps),
+            "finetune_history": None if history is None else str(history),
+            "references": {ref: report(zero_shot[ref], steps) for ref in REFERENCES}}
+
+
+def with_train_history(cfg: Mapping[str, Any], name: str, history: str) -> dict[str, Any]:
+    """A copy of the run config in which territory ``name`` keeps only the last ``history`` (a
+    pandas duration, e.g. ``"3D"``) of its training part: ``task.train_history[name] = history``,
+    applied by :func:`fedldt.engine.task_from_config` (validation and test unchanged)."""
+    out = json.loads(json.dumps(cfg))
+    out["task"]["train_history"] = {**(out["task"].get("train_history") or {}), str(name): str(history)}
+    return out
+
+
+def finetune_from_config(task: TerritoryTask, model: nn.Module, cfg: Mapping[str, Any],
+                         index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`finetune` with the run's options: ``personalization.epochs``/``lr``/``patience`` when
+    ``personalization=finetune``, else :data:`FINETUNE_DEFAULTS` (the held-out territory's
+    fine-tuning); optimizer, weight decay and gradient clipping of ``train``; seed from the run
+    seed and the territory ``index``."""
+    p = cfg["personalization"] if cfg.get("personalization", {}).get("name") == "finetune" else FINETUNE_DEFAULTS
+    tr = cfg["train"]
+    return finetune(task, model, int(p["epochs"]), float(p["lr"]), int(p["patience"]),
+                    derive_seed(int(cfg["seed"]), index, 2**31 - 1), optimizer=tr["optimizer"]["_target_"],
+                    weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"])

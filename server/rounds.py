@@ -24,9 +24,9 @@ from fedldt.egress import CONFIG_KEY, FINETUNE_MESSAGE
 from fedldt.engine import seed_everything
 from fedldt.metrics import MetricSums, mae, pool, report
 from fedldt.models import build_model, split_state
-from fedldt.personal import HISTORY, KEPT, USE_MODEL
+from fedldt.personal import HISTORY, KEPT, USE_MODEL, holdout_block
 from fedldt.privacy import round_events
-from fedldt.results import REFERENCES, build_summary, sums_from_record, territory_row, write_run_outputs
+from fedldt.results import build_summary, sums_from_record, territory_row, write_run_outputs
 from server.strategy import FedLDTStrategy, FederationError, build_strategy, failure_reasons, reply_territory, with_privacy
 
 #: Config key of every train/evaluate message: the run key (:data:`fedldt.checkpoint.RUN_KEY`),
@@ -231,10 +231,7 @@ def evaluate_holdout(grid: Grid, cfg: dict[str, Any], node: int, index: int, nam
         reply = send_to(grid, node, MessageType.EVALUATE, arrays, conf, timeout, f"held-out territory {name} test")
         return sums_from_record(next(iter(reply.content.metric_records.values())))
 
-    zero = test("global")
-    out = {"territory": name, "zero_shot": report(zero["model"], steps), "finetuned": None,
-           "finetune_history": None if history is None else str(history),
-           "references": {ref: report(zero[ref], steps) for ref in REFERENCES}}
+    zero, finetuned = test("global"), None
     if history is not None:
         conf = config_record(cfg, **{**keyed, LOCAL_ROUND: 0, HISTORY: str(history)})
         conf["server-round"] = server_round
@@ -242,8 +239,8 @@ def evaluate_holdout(grid: Grid, cfg: dict[str, Any], node: int, index: int, nam
         kept = finetune_result(next(iter(reply.content.metric_records.values())))
         print(f"[fedldt] held-out territory {name} fine-tuned on its last {history}: kept the {kept['kept']} model "
               f"(validation MAE global {kept['val_mae_global']}, fine-tuned {kept['val_mae_finetuned']})", flush=True)
-        out["finetuned"] = report(test("kept", **{HISTORY: str(history)})["model"], steps)
-    return out
+        finetuned = test("kept", **{HISTORY: str(history)})["model"]
+    return holdout_block(name, zero, finetuned, history, steps)
 
 
 def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int, timeout: float,

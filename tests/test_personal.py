@@ -223,3 +223,25 @@ def test_ditto_in_process_keeps_the_personal_model_home(tmp_path):
         assert r["val_mae_personal"] != r["val_mae_global"]
     assert summary["test"]["mae"]["all"] != summary["global_test"]["mae"]["all"]
     assert "holdout" not in summary
+
+
+def test_centralized_and_local_leave_the_holdout_out_of_training(tmp_path):
+    from fedldt.baselines import build_tasks, run_centralized, run_local
+
+    folder = write_los_loop_like(tmp_path / "syn", num_steps=600)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=3",
+                                         "train.rounds=1", "task.train_stride=4", "model.hidden=8",
+                                         "federation.holdout=t2", "federation.holdout_finetune=1D"]))
+    tasks = build_tasks(cfg)
+    central = run_centralized(cfg, tmp_path / "central", tasks)
+    assert [t["id"] for t in central["territories"]] == ["t0", "t1"] and set(central["test_per_territory"]) == {"t0", "t1"}
+    hold = central["holdout"]
+    assert hold["territory"] == "t2" and hold["finetune_history"] == "1D"
+    assert math.isfinite(hold["zero_shot"]["mae"]["all"]) and math.isfinite(hold["finetuned"]["mae"]["all"])
+    assert hold["references"]["persistence"]["mae"]["all"] == pytest.approx(mae(tasks[2].persistence("test")))
+    local = run_local(cfg, tmp_path / "local", tasks)
+    assert set(local["test_per_territory"]) == {"t0", "t1"}
+    assert local["holdout"]["zero_shot"] is None and local["holdout"]["finetuned"] is None
+    assert local["holdout"]["references"] == hold["references"]
+    with pytest.raises(ValueError, match="not a territory"):
+        run_local({**cfg, "federation": {**cfg["federation"], "holdout": "nowhere"}}, tmp_path / "x", tasks)
