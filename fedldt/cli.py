@@ -1,6 +1,6 @@
 """The ``fedldt`` command: deliver a trained model to a pilot.
 
-    fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--no-onnx] [--force]
+    fedldt export RUN_DIR --territory ID --out DIR [--timezone TZ] [--dataset-path P] [--territory-dir D] [--no-onnx] [--force]
                   [--sign-key KEY]
     fedldt predict PACKAGE_DIR --input FILE [--output FILE] [--format csv|json|ngsi-ld] [--allow-missing] [--force]
                    [--verify-key KEY.pub] [--invalid error|mask]
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="IANA time zone of the data's timestamps (e.g. America/Los_Angeles); default: not recorded")
     e.add_argument("--dataset-path", type=Path, default=None,
                    help="this territory's copy of the dataset, if not at the run's dataset.path")
+    e.add_argument("--territory-dir", type=Path, default=None,
+                   help="personalization=finetune|ditto runs: this territory's own folder (its SuperNode's out-dir), "
+                        "where it kept its personal model; the package carries that model")
     e.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     e.add_argument("--force", action="store_true",
                    help="replace an existing package at --out (only a valid, unchanged fedldt package)")
@@ -146,7 +149,7 @@ def _export(args: argparse.Namespace) -> int:
 
     pkg = export_package(args.run_dir, args.territory, args.out, dataset_path=args.dataset_path,
                          timezone=args.timezone, onnx=not args.no_onnx, overwrite=args.force,
-                         sign_key=args.sign_key)
+                         sign_key=args.sign_key, territory_dir=args.territory_dir)
     onnx = pkg.manifest["onnx"]
     print(f"package of territory {pkg.territory} ({len(pkg.node_ids)} sensors) written to {args.out}")
     print(f"graph hash {pkg.manifest['graph_hash']}")

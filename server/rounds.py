@@ -437,9 +437,10 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     final = arrays.to_torch_state_dict()
     if set(final) != set(shared):
         raise FederationError(f"the final global model has keys {sorted(set(final) ^ set(shared))} that differ from the shared part")
-    # model.pt holds the global (shared) weights; "local_keys" are the entries each territory kept.
+    # model.pt holds the global (shared) weights; "local_keys" are the entries each territory kept;
+    # "run_key" names each territory's folder of this run (its personal model: fedldt export --territory-dir).
     write_run_outputs(run_dir, cfg, summary, history,
                       {"state_dict": final, "model_config": model_cfg, "personalization": personalization,
-                       "local_keys": list(local)})
+                       "local_keys": list(local), "run_key": run_key})
     print(f"[fedldt] results written to {run_dir}", flush=True)
     return summary

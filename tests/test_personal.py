@@ -209,6 +209,15 @@ def test_finetune_with_holdout_in_process(tmp_path):
     meta, state = load_personal_model(tmp_path / "out-0", run_key)
     assert meta["kept"] == result["t0"]["kept"] and set(state) >= shared
     assert (tmp_path / "out-0" / "checkpoints" / run_key / "personal.pt").stat().st_mode & 0o777 == 0o600
+    # export takes the personal model from the territory's own folder, never from the server
+    from fedldt.delivery.export import ExportError, export_package
+
+    with pytest.raises(ExportError, match="--territory-dir"):
+        export_package(tmp_path / "run", "t0", tmp_path / "pkg", onnx=False)
+    with pytest.raises(ExportError, match="personal model"):
+        export_package(tmp_path / "run", "t0", tmp_path / "pkg", onnx=False, territory_dir=tmp_path / "out-2" / "x")
+    pkg = export_package(tmp_path / "run", "t0", tmp_path / "pkg", onnx=False, territory_dir=tmp_path / "out-0")
+    assert pkg.territory == "t0"
 
 
 def test_ditto_in_process_keeps_the_personal_model_home(tmp_path):

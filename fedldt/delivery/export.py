@@ -28,6 +28,7 @@ import torch
 import yaml
 
 import fedldt
+from fedldt.checkpoint import CheckpointError, load_personal_model
 from fedldt.config import DATASET_LOADERS, PARTITIONS, TARGETS, load_territories
 from fedldt.data.windows import collate, time_features
 from fedldt.delivery import card as cards
@@ -182,6 +183,7 @@ def export_package(
     overwrite: bool = False,
     parity_windows: int = 64,
     sign_key: str | Path | None = None,
+    territory_dir: str | Path | None = None,
 ) -> ForecastPackage:
     """Write the model package of ``territory`` from a finished run.
 
@@ -199,6 +201,12 @@ def export_package(
         parity_windows: test windows on which ONNX Runtime is compared with PyTorch.
         sign_key: Ed25519 private key file (PEM, mode 0600, from ``fedldt keygen``): also write
             ``package.sig``, a signature of the manifest digest.
+        territory_dir: the territory's own folder (its SuperNode's node config ``out-dir``) for a
+            run with ``personalization=finetune|ditto``: the package carries the complete model
+            the territory kept there (``checkpoints/<run key>/personal.pt``,
+            :func:`fedldt.checkpoint.load_personal_model`; the run key is ``model.pt``'s
+            ``run_key``), never anything from the server; its test MAE must reproduce the run's
+            ``test_per_territory`` (the personal model's).
 
     Returns:
         The written package, loaded back (every file checked).
@@ -258,19 +266,27 @@ def export_package(
     if wrong:
         raise ExportError(f"{run_dir / 'model.pt'}: model sizes (model, data) differ: {wrong}")
     model = build_model(model_cfg, num_nodes=ds.num_nodes)
-    # Territory-kept entries: integer buffers (BatchNorm counters, unused at inference) are fine;
-    # parameters kept at home (node embeddings, a FedPer head, FedBN layers) are not in model.pt.
-    state = model.state_dict()
-    kept = [k for k in ckpt.get("local_keys", []) if k not in state or torch.is_floating_point(state[k])]
-    if kept:
-        raise ExportError(f"{run_dir / 'model.pt'} holds the global (shared) weights only: each territory kept "
-                          f"{kept} at home (personalization={ckpt.get('personalization', 'none')} or node-dependent "
-                          "parameters), so the complete model exists only on the territories; export a run with "
-                          "personalization=none and a model without node-dependent parameters")
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    if sorted(missing) != sorted(ckpt.get("local_keys", [])) or unexpected:
-        raise ExportError(f"{run_dir / 'model.pt'} does not fit model '{model_cfg.get('name')}': missing {missing}, "
-                          f"unexpected {unexpected}")
+    if territory_dir is not None:
+        _load_personal(model, run_dir, ckpt, Path(territory_dir).expanduser())
+    elif ckpt.get("personalization") in PERSONAL:
+        raise ExportError(f"run {run_dir} is personalized (personalization={ckpt['personalization']}): each territory "
+                          "kept its own model in its own folder; export it on the territory with --territory-dir "
+                          "<its SuperNode's out-dir>")
+    else:
+        # Territory-kept entries: integer buffers (BatchNorm counters, unused at inference) are fine;
+        # parameters kept at home (node embeddings, a FedPer head, FedBN layers) are not in model.pt.
+        state = model.state_dict()
+        kept = [k for k in ckpt.get("local_keys", []) if k not in state or torch.is_floating_point(state[k])]
+        if kept:
+            raise ExportError(f"{run_dir / 'model.pt'} holds the global (shared) weights only: each territory kept "
+                              f"{kept} at home (personalization={ckpt.get('personalization', 'none')} or node-dependent "
+                              "parameters), so the complete model exists only on the territories; export a run with "
+                              "personalization=none and a model without node-dependent parameters, or a "
+                              "personalization=finetune|ditto run with --territory-dir")
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+        if sorted(missing) != sorted(ckpt.get("local_keys", [])) or unexpected:
+            raise ExportError(f"{run_dir / 'model.pt'} does not fit model '{model_cfg.get('name')}': missing {missing}, "
+                              f"unexpected {unexpected}")
     model.eval()
 
     # ---- the reported test metric must be reproduced with the global weights
@@ -294,6 +310,35 @@ def export_package(
         if tmp.exists():
             shutil.rmtree(tmp)
     return ForecastPackage.load(out)
+
+
+#: Personalizations whose complete per-territory model stays in the territory's own folder.
+PERSONAL = ("finetune", "ditto")
+
+
+def _load_personal(model: torch.nn.Module, run_dir: Path, ckpt: dict[str, Any], folder: Path) -> None:
+    """Load into ``model`` the personal model the territory kept in ``folder`` for this run.
+
+    Raises:
+        ExportError: the run is not personalized or names no run key; the file is missing, corrupt,
+            of another run, or does not fit the model (keys and shapes).
+    """
+    if ckpt.get("personalization") not in PERSONAL:
+        raise ExportError(f"--territory-dir is for personalization={'|'.join(PERSONAL)} runs; run {run_dir} has "
+                          f"personalization={ckpt.get('personalization')!r}: export it without --territory-dir")
+    run_key = ckpt.get("run_key")
+    if not isinstance(run_key, str):
+        raise ExportError(f"{run_dir / 'model.pt'} names no run key (written by an older fedldt): the territory's "
+                          "personal model cannot be matched to this run")
+    try:
+        _, state = load_personal_model(folder, run_key)
+    except (CheckpointError, ValueError) as e:
+        raise ExportError(f"--territory-dir {folder}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"--territory-dir {folder}: the personal model does not fit model "
+                          f"'{ckpt['model_config'].get('name')}' ({str(e).splitlines()[0]})") from None
 
 
 def _move_in_place(tmp: Path, out: Path, run_dir: Path, overwrite: bool) -> None:
