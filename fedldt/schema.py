@@ -133,9 +133,9 @@ class FederationConfig(_Block):
     timeout_s: Annotated[float, Field(gt=0.0, le=7 * 24 * 3600.0)]
     min_train_territories: Optional[_int(1, 10_000)]
     #: a territory that takes no part in training, evaluated zero-shot (its name, e.g. "t2")
-    holdout: Optional[Annotated[str, Field(min_length=1, max_length=128)]] = None
+    holdout: Optional[Annotated[str, Field(min_length=1, max_length=128)]]
     #: with holdout: also fine-tune on the last that-long part of its training part ("3D")
-    holdout_finetune: Optional[Annotated[str, Field(min_length=1, max_length=32)]] = None
+    holdout_finetune: Optional[Annotated[str, Field(min_length=1, max_length=32)]]
 
     @model_validator(mode="after")
     def _holdout(self) -> "FederationConfig":

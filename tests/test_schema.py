@@ -139,7 +139,7 @@ def test_strategy_yaml_options_are_in_the_schema_and_targets_match_the_server_cl
     ("+train.epochs=3", r"train has no option\(s\) \['epochs'\]; accepted: \[.*'local_epochs'.*\] \(conf/train/"),
     ("+train.optimizer.momentum=0.9", r"train.optimizer has no option\(s\) \['momentum'\]; accepted: \['_target_'\]"),
     ("+federation.cpus=2", r"federation has no option\(s\) \['cpus'\]"),
-    ("+personalization.layers=2", r"personalization has no option\(s\) \['layers'\]; accepted: \['name'\] "
+    ("+personalization.layers=2", r"personalization has no option\(s\) \['layers'\]; accepted: \['epochs', 'lam', 'lr', 'name', 'patience'\] "
                                   r"\(conf/personalization/"),
     ("+model.hiden=8", r"model 'dcrnn' has no option\(s\) \['hiden'\]; accepted: \[.*'hidden'.*\] \(conf/model/dcrnn.yaml"),
     ("+strategy.mu=1", r"strategy 'fedavg' \(FedAvg\) has no option\(s\) \['mu'\]; accepted: \['_target_', 'name'\]"),
@@ -204,8 +204,8 @@ def test_charged_pilot_partition_must_equal_its_cities(data_root):
     ("strategy._target_=builtins.exec", r"strategy._target_='builtins.exec' is not a registered fedldt strategy; allowed: "
                                         r"\['server.strategy.FedLDTAdagrad'"),
     ("strategy._target_=server.strategy.FedLDTKrum", r"is the class of strategy 'krum', not of strategy.name='fedavg'"),
-    ("train.optimizer._target_=torch.optim.SGD", r"train.optimizer._target_='torch.optim.SGD' is not a registered "
-                                                 r"optimizer; allowed: \['torch.optim.Adam', 'torch.optim.AdamW'\]"),
+    ("train.optimizer._target_=torch.optim.RMSprop", r"train.optimizer._target_='torch.optim.RMSprop' is not a registered "
+                                                 r"optimizer; allowed: \['torch.optim.Adam', 'torch.optim.AdamW', 'torch.optim.SGD'\]"),
 ])
 def test_target_outside_the_allow_list_is_refused(override, message, data_root):
     with pytest.raises(ValueError, match=message):
