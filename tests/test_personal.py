@@ -254,3 +254,29 @@ def test_centralized_and_local_leave_the_holdout_out_of_training(tmp_path):
     assert local["holdout"]["references"] == hold["references"]
     with pytest.raises(ValueError, match="not a territory"):
         run_local({**cfg, "federation": {**cfg["federation"], "holdout": "nowhere"}}, tmp_path / "x", tasks)
+
+
+@pytest.mark.slow
+def test_finetune_and_holdout_through_flower(synthetic_dir, tmp_path):
+    """The one Flower simulation of issue 14's personalization: 3 SuperNodes, t2 held out, one
+    round, then train.finetune on t0/t1 and t2. t2's egress log shows no train reply and its
+    fine-tuning reply carries metrics only."""
+    import json
+    import time
+
+    from clients.audit import egress_log_path
+    from fedldt.launch.simulation import run_simulation
+
+    start = time.time()
+    s = run_simulation(["pilot=los_loop_3", f"dataset.path={synthetic_dir}", "partition.num_territories=3",
+                        "train.rounds=1", "model.hidden=8", "task.train_stride=8", "personalization=finetune",
+                        "personalization.epochs=2", "federation.holdout=t2", "federation.holdout_finetune=6h"],
+                       tmp_path / "run", num_supernodes=3)
+    assert not s["failures"] and set(s["test_per_territory"]) == {"t0", "t1"}
+    assert set(s["personalization_result"]) == set(s["global_test_per_territory"]) == {"t0", "t1"}
+    assert s["holdout"]["territory"] == "t2" and s["holdout"]["finetuned"] is not None
+    held = [json.loads(x) for x in egress_log_path({"partition-id": 2}).read_text().splitlines()]
+    held = [e for e in held if e["time"] >= start]
+    assert [e["message_type"] for e in held].count("train") == 0
+    tuned = [e for e in held if e["message_type"] == "train.finetune"]
+    assert len(tuned) == 1 and [r["kind"] for r in tuned[0]["records"]] == ["metric"]
