@@ -310,7 +310,7 @@ def test_fedbn_keeps_every_normalization_layer_local(key, norm_keys):
 def test_fedbn_without_normalization_layers_and_unknown_mode_are_errors():
     with pytest.raises(ValueError, match="model 'dcrnn' has no normalization layers"):
         local_state_names(_build("dcrnn", 4), "fedbn")
-    with pytest.raises(ValueError, match=r"personalization.name='fedsgd' must be one of \['none', 'fedper', 'fedbn'\]"):
+    with pytest.raises(ValueError, match=r"personalization.name='fedsgd' must be one of \['none', 'fedper', 'fedbn', 'finetune', 'ditto'\]"):
         split_state(_build("dcrnn", 4), "fedsgd")
 
 
