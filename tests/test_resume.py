@@ -47,7 +47,8 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("extra", [("strategy=fedadam", "personalization=fedper"), ("strategy=fedavgm",
-                                                                                    "strategy.server_momentum=0.9")])
+                                                                                    "strategy.server_momentum=0.9"),
+                                   ("personalization=ditto",)])
 def test_two_rounds_resumed_to_four_equal_four_straight_rounds(syn, tmp_path, extra):
     """FedAdam's moments and step count / FedAvgM's momentum, the metric history, the RNG states
     and (FedPer) each territory's own output head all continue exactly."""
@@ -60,6 +61,9 @@ def test_two_rounds_resumed_to_four_equal_four_straight_rounds(syn, tmp_path, ex
     a, b = _final(tmp_path / "straight"), _final(run)
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
     assert resumed["test"] == straight["test"] and resumed["test_per_territory"] == straight["test_per_territory"]
+    if "personalization=ditto" in extra:  # each territory's personal model continued from its own checkpoint
+        assert resumed["personalization_result"] == straight["personalization_result"]
+        assert resumed["global_test"] == straight["global_test"] and resumed["test"] != resumed["global_test"]
     assert resumed["history"] == straight["history"] and resumed["rounds"] == 4 and resumed["resumed_after_round"] == 2
     hist = pd.read_csv(run / "history.csv")
     assert list(hist["round"]) == [1, 1, 2, 2, 3, 3, 4, 4]  # rounds 1 to 4, once each per territory
