@@ -37,6 +37,7 @@ import typing
 from typing import Annotated, Any, Literal, Mapping, Optional
 
 import annotated_types as at
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
@@ -80,9 +81,15 @@ class TaskConfig(_Block):
     covariates: bool
     ha_period: Literal["day", "week"]
     train_stride: _int(1, 10_000)
+    #: territory name -> keep only the last that-long part of its training part (a pandas timedelta
+    #: string: ``1D``, ``12h``, ``3D``); null = all of it (:func:`train_history_timedelta`)
+    train_history: dict[str, Optional[str]]
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":
+        for name, text in self.train_history.items():
+            if text is not None:
+                train_history_timedelta(name, text)
         if abs(sum(self.split) - 1.0) > 1e-6:
             raise ValueError(f"task.split={self.split} must be three fractions in (0, 1), for train, val and test, "
                              f"summing to 1 (they sum to {sum(self.split):g})")
@@ -90,6 +97,32 @@ class TaskConfig(_Block):
         if bad:
             raise ValueError(f"task.report_steps {bad} must lie in [1, task.horizon={self.horizon}]")
         return self
+
+
+def train_history_timedelta(name: str, text: str) -> pd.Timedelta:
+    """``task.train_history.<name>`` as a positive pandas Timedelta.
+
+    Args:
+        name: the territory's name (the key, for the message).
+        text: a pandas timedelta string with a unit (``"1D"``, ``"12h"``, ``"90min"``, ``"2W"``).
+
+    Raises:
+        ConfigError: not a timedelta, no unit, zero or negative; the key and the fix named.
+    """
+    key, fix = f"task.train_history.{name}", "give a positive duration with a unit, e.g. 1D, 12h, 3D (or null for all)"
+    try:
+        float(text)  # "1" would be one nanosecond
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{key}={text!r} has no unit: {fix}")
+    try:
+        delta = pd.Timedelta(text)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{key}={text!r} is not a duration pandas reads: {fix}") from None
+    if pd.isna(delta) or delta <= pd.Timedelta(0):
+        raise ConfigError(f"{key}={text!r} is not a positive duration: {fix}")
+    return delta
 
 
 class TrainConfig(_Block):
