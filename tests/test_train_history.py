@@ -154,3 +154,29 @@ def test_any_history_keeps_the_last_n_steps(hours, window, horizon, stride):
     for split in ("val", "test"):
         assert np.array_equal(short.windows[split].starts, full.windows[split].starts)
         assert np.array_equal(short.persistence(split).abs_err_sum, full.persistence(split).abs_err_sum)
+
+
+def test_deployment_territories_apply_it_and_the_server_checks_the_names(tmp_path):
+    # Each territory holds only its own package (it knows only its own name): it applies its own
+    # entry; the server checks the names against the names its territories report.
+    from clients.client_app import app
+    from fedldt.config import compose_config, resolve_config
+    from server.rounds import discover_territories
+    from tests.conftest import write_territory_packages
+    from tests.inprocess import InProcessGrid
+
+    folders = write_territory_packages(tmp_path / "territories", num_territories=2, seed=3)
+
+    def discover(history):
+        cfg = resolve_config(compose_config(["pilot=los_loop_3", "dataset=packages", "dataset.path=/nonexistent",
+                                             "partition.num_territories=2", "model.hidden=8",
+                                             f"+task.train_history.{history}"]), require_data=False)
+        grid = InProcessGrid(app, {10 + i: {"territory": i, "data-path": str(f), "out-dir": str(tmp_path / f"o{i}")}
+                                   for i, f in enumerate(folders)})
+        return discover_territories(grid, cfg, timeout=30)
+
+    infos = discover("t1=12h")  # 5-minute data: 144 steps kept of 210
+    assert (infos[0]["num-train"], infos[1]["num-train"]) == (210 - 24 + 1, 144 - 24 + 1)
+    with pytest.raises(ConfigError, match=r"task.train_history names no territory \['t9'\]: the territories are "
+                                          r"\['t0', 't1'\]"):
+        discover("t9=12h")
