@@ -22,8 +22,9 @@ def _dataset(values, mask=None, freq="h", start="2021-01-04"):
     values = values.reshape(values.shape[0], -1, 1)
     t, n = values.shape[:2]
     src = torch.arange(n)
+    mask = np.ones_like(values) if mask is None else np.asarray(mask, np.float32).reshape(values.shape)
     return TerritoryDataset(
-        name="syn", values=values, mask=np.ones_like(values) if mask is None else np.asarray(mask, np.float32).reshape(values.shape),
+        name="syn", values=values, mask=mask,
         timestamps=pd.date_range(start, periods=t, freq=freq), node_ids=[f"s{i}" for i in range(n)],
         edge_index=torch.stack([src, (src + 1) % n]), edge_weight=torch.ones(n))
 
