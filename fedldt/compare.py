@@ -335,7 +335,7 @@ def comparison_json(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]],
 
     Raises:
         ValueError: the seeds ran other methods, or the methods of a seed used other territories or
-            test windows (:func:`_check_same_windows`).
+            test windows (:func:`_check_same_windows`), or ``contribution`` without a ``federated`` method.
     """
     seeds = list(per_seed)
     methods = list(per_seed[seeds[0]])
@@ -358,6 +358,9 @@ def comparison_json(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]],
     holdout = {m: aggregate_holdout([per_seed[s][m]["holdout"] for s in seeds])
                for m in methods if all(per_seed[s][m].get("holdout") for s in seeds)}
     if contribution:
+        if "federated" not in methods:
+            raise ValueError("contribution: the leave-one-out runs need the federated run with every territory "
+                             "(method 'federated')")
         first = contribution[seeds[0]]
         holdout.update({f"without {k}": aggregate_holdout([contribution[s][k]["holdout"] for s in seeds])
                         for k in first if all(contribution[s][k].get("holdout") for s in seeds)})
@@ -503,6 +506,15 @@ def comparison_markdown(cmp: dict[str, Any], per_seed: Mapping[int, Mapping[str,
     return "\n".join(lines)
 
 
+def _save(fig: Any, legend_ax: Any, path: Path, legend_size: int | None = None) -> Path:
+    """Legend on ``legend_ax``, tight layout, ``path`` written (PNG, 110 dpi), figure closed."""
+    legend_ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_territory_mae(cmp: Mapping[str, Any], out: Path) -> Path:
     """Test MAE by method and horizon step (report steps and ``all``), one panel per territory:
     trained methods with error bars of one standard deviation over seeds, references dashed."""
@@ -528,12 +540,7 @@ def plot_territory_mae(cmp: Mapping[str, Any], out: Path) -> Path:
         ax.set_xlabel("horizon step")
         ax.set_ylabel("test MAE")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / ARTIFACTS[4]
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], out / ARTIFACTS[4], legend_size=7)
 
 
 def plot_validation(run_dirs: dict[str, Path], out: Path) -> Path:
@@ -549,12 +556,7 @@ def plot_validation(run_dirs: dict[str, Path], out: Path) -> Path:
         ax.set_xlabel("round")
         ax.set_ylabel("validation MAE")
         ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    path = out / ARTIFACTS[2]
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], out / ARTIFACTS[2])
 
 
 @torch.no_grad()
@@ -594,12 +596,7 @@ def plot_forecasts(cfg: dict[str, Any], run_dirs: dict[str, Path], out: Path, se
             ax.set_title(f"{task.dataset.name} sensor {task.dataset.node_ids[node]} (+{step} steps)", fontsize=9)
             ax.tick_params(axis="x", labelrotation=30, labelsize=7)
             ax.set_ylabel(task.dataset.units[0])
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / ARTIFACTS[3]
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0][0], out / ARTIFACTS[3], legend_size=7)
 
 
 #: Methods whose run folder's ``model.pt`` is the model their test metrics come from.
@@ -626,6 +623,7 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
     Raises:
         FileExistsError: ``publish_dir`` or a run folder holds files fedldt did not write (before
             any training).
+        ValueError: ``compare.contribution`` with ``federation.holdout`` set (before any training).
         fedldt.config.ConfigError: a run's config is invalid (before any training).
         fedldt.launch.simulation.RunFailed: a federated run failed.
     """
@@ -635,6 +633,9 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
     seeds, methods = compare_seeds(cfg), compare_methods(cfg)
     runs = runs_for(methods)
     contribution = bool((cfg.get("compare") or {}).get("contribution"))
+    if contribution and (cfg.get("federation") or {}).get("holdout"):
+        raise ValueError(f"compare.contribution=true needs every territory in the federated run, but federation.holdout="
+                         f"{cfg['federation']['holdout']}; drop federation.holdout or compare.contribution")
     base = base_overrides(overrides)
     for m in runs:  # every run's config, before the first run, not in the middle of the comparison
         if m in PERSONALIZATION:

@@ -7,6 +7,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedldt.compare import (
     ARTIFACTS,
@@ -197,3 +199,39 @@ def test_two_seeds_of_centralized_and_local_run_into_seed_folders(synthetic_dir,
     assert cmp["local"]["test_per_territory_std"][t]["mae"]["all"] == pytest.approx(abs(v0 - v1) / math.sqrt(2))
     assert json.loads((tmp_path / "out" / "comparison.json").read_text(), parse_constant=pytest.fail) == cmp
     assert sorted(p.name for p in (tmp_path / "pub").iterdir() if not p.name.startswith(".")) == sorted(ARTIFACTS)
+
+
+def test_contribution_needs_every_territory_in_the_full_run(synthetic_dir, small_cfg, tmp_path):
+    cfg = small_cfg(synthetic_dir, "compare.contribution=true", "compare.methods=[local]")
+    cfg = {**cfg, "federation": {**cfg["federation"], "holdout": "t0"}}
+    with pytest.raises(ValueError, match="compare.contribution=true needs every territory.*federation.holdout=t0"):
+        run_comparison(cfg, [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any run
+    per_seed = {0: {"local": summary(0, {"a": 1.0})}}
+    with pytest.raises(ValueError, match="method 'federated'"):
+        comparison_json(per_seed, {0: {"a": summary(0, {"b": 1.0})}})
+
+
+def test_methods_and_seeds_of_the_config():
+    from fedldt.compare import compare_methods, compare_seeds
+
+    assert compare_seeds({"seed": 7, "compare": {"seeds": None}}) == [7]
+    assert compare_seeds({"seed": 7, "compare": {"seeds": [2, 0]}}) == [2, 0]
+    assert compare_methods({"compare": {"methods": ["local"], "contribution": True}}) == ["local", "federated"]
+    assert compare_methods({"compare": {"methods": ["finetune", "federated"]}}) == ["finetune", "federated"]
+    with pytest.raises(ValueError, match=r"\['fedsgd'\] unknown"):
+        compare_methods({"compare": {"methods": ["fedsgd"]}})
+
+
+finite = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+
+
+@given(st.lists(st.tuples(finite, finite), min_size=1, max_size=6))
+def test_paired_verdict_flips_when_method_and_local_swap(pairs):
+    m, loc = [p[0] for p in pairs], [p[1] for p in pairs]
+    a, b = paired_gain(m, loc), paired_gain(loc, m)
+    flip = {"gains": "loses", "loses": "gains", "no clear difference": "no clear difference", "n/a": "n/a"}
+    assert a["mean_diff"] == -b["mean_diff"]
+    if len(pairs) > 1:  # (one seed: the 1 % rule is relative to local, not symmetric)
+        assert b["verdict"] == flip[a["verdict"]]
+        assert a["std_diff"] == pytest.approx(b["std_diff"]) and a["std_diff"] >= 0
