@@ -217,7 +217,8 @@ def paired_gain(method_mae: Sequence[float | None], local_mae: Sequence[float | 
     rel = mean / local if local else None
     if n == 1:
         sd = None
-        verdict = NOT_AVAILABLE if rel is None else GAINS if rel < -GAIN_THRESHOLD else LOSES if rel > GAIN_THRESHOLD else NO_CLEAR
+        verdict = (NOT_AVAILABLE if rel is None else GAINS if rel < -GAIN_THRESHOLD
+                   else LOSES if rel > GAIN_THRESHOLD else NO_CLEAR)
     else:
         sd = float(np.std(d, ddof=1))
         verdict = GAINS if mean < -sd else LOSES if mean > sd else NO_CLEAR
@@ -304,7 +305,8 @@ def contribution_matrix(with_all: Mapping[int, Mapping[str, Any]],
     """
     seeds = list(with_all)
     if set(seeds) != set(without):
-        raise ValueError(f"contribution: seeds {sorted(with_all)} of the full runs vs {sorted(without)} of the leave-one-out runs")
+        raise ValueError(f"contribution: seeds {sorted(with_all)} of the full runs vs {sorted(without)} "
+                         "of the leave-one-out runs")
     out: dict[str, dict[str, Any]] = {}
     for k in without[seeds[0]]:
         out[k] = {}
@@ -381,7 +383,10 @@ def pm(mean: float | None, std: float | None = None, percent: bool = False) -> s
 
 def _cell(cmp: Mapping[str, Any], name: str, metric: str, step: str, territory: str | None = None) -> str:
     e = cmp[name]
-    mean, std = (e["test"], e["test_std"]) if territory is None else (e["test_per_territory"][territory], e["test_per_territory_std"][territory])
+    if territory is None:
+        mean, std = e["test"], e["test_std"]
+    else:
+        mean, std = e["test_per_territory"][territory], e["test_per_territory_std"][territory]
     sd = None if name in REFERENCES else std[metric][step]  # deterministic: the same in every seed
     return pm(mean[metric][step], sd, percent=metric in ("mape", "wape"))
 
@@ -417,7 +422,8 @@ def territory_section(cmp: Mapping[str, Any], territory: str, methods: Sequence[
         g = cmp["gains"].get(m, {}).get(territory)
         rows.append([m, "—" if g is None else _gain_cell(g), _useful_cell(cmp["useful"][m][territory])])
     lines += ["", f"Best reference: {best['reference'] or NOT_AVAILABLE} (MAE {fmt_metric(best['mae'])}).", ""]
-    lines += markdown_table(["method", "MAE change vs local (paired)", f"beats {best['reference'] or 'the best reference'}"], rows)
+    beats = f"beats {best['reference'] or 'the best reference'}"
+    lines += markdown_table(["method", "MAE change vs local (paired)", beats], rows)
     lines += ["", f"Plot: panel `{territory}` of [{plot}]({plot}).", ""]
     return lines
 
@@ -446,8 +452,9 @@ def contribution_section(matrix: Mapping[str, Mapping[str, Mapping[str, Any]]]) 
     lines = ["## Who helps whom (leave one territory out)", "",
              "Row k, column j: test MAE of j (all steps) in the federation without k minus in the federation with "
              "every territory, mean ± std over seeds. Positive: k's taking part lowers j's error (k helps j).", ""]
-    lines += markdown_table(["left out", *cols], [[k] + ["—" if j not in row else pm(row[j]["mean"], row[j]["std"]) for j in cols]
-                                                 for k, row in matrix.items()])
+    lines += markdown_table(["left out", *cols],
+                            [[k] + ["—" if j not in row else pm(row[j]["mean"], row[j]["std"]) for j in cols]
+                             for k, row in matrix.items()])
     return lines + [""]
 
 
@@ -466,15 +473,18 @@ def comparison_markdown(cmp: dict[str, Any], per_seed: Mapping[int, Mapping[str,
     lines = [f"# Comparison of training methods: `{pilot}`", ""]
     lines.append(f"Seed{'s' if several else ''} {', '.join(map(str, seeds))}; {first['rounds']} rounds x "
                  f"{first['local_epochs']} local epochs (centralized and local: the same number of epochs). Territories: "
-                 + ", ".join(f"{t['id']} ({t['num_nodes']} nodes, {t['num_test_windows']} test windows)" for t in first["territories"]) + ".")
+                 + ", ".join(f"{t['id']} ({t['num_nodes']} nodes, {t['num_test_windows']} test windows)"
+                             for t in first["territories"]) + ".")
     lines.append("Metrics are masked and pooled exactly over all territories' test windows, in data units; "
-                 "MAPE and WAPE are percentages." + (" Cells: mean ± sample standard deviation over the seeds." if several else ""))
+                 "MAPE and WAPE are percentages."
+                 + (" Cells: mean ± sample standard deviation over the seeds." if several else ""))
     lines += ["", "## Pooled test metrics", ""]
     lines += markdown_table(["method"] + [f"{m.upper()} {s}" for m in ("mae", "rmse", "mape") for s in steps],
                             [[n] + [_cell(cmp, n, m, s) for m in ("mae", "rmse", "mape") for s in steps] for n in names])
     lines += ["", "## Per-territory test MAE (all horizon steps) and WAPE", ""]
     lines += markdown_table(["method"] + [f"MAE {t}" for t in terr] + [f"WAPE {t}" for t in terr],
-                            [[n] + [_cell(cmp, n, "mae", "all", t) for t in terr] + [_cell(cmp, n, "wape", "all", t) for t in terr]
+                            [[n] + [_cell(cmp, n, "mae", "all", t) for t in terr]
+                             + [_cell(cmp, n, "wape", "all", t) for t in terr]
                              for n in names])
     if cmp["gains"]:
         lines += ["", "## Does each territory gain from federation?", ""]
