@@ -200,10 +200,30 @@ class PathsConfig(_Block):
     data_root: str
 
 
+#: The methods ``scripts/compare.py`` can run (``compare.methods``): federated = personalization
+#: none, finetune/ditto/fedper = that personalization, centralized/local = those modes.
+COMPARE_METHODS = ("federated", "finetune", "ditto", "fedper", "centralized", "local")
+
+
 class CompareConfig(_Block):
-    """``compare`` (scripts/compare.py only; never sent to territories)."""
+    """``compare`` (scripts/compare.py only; never sent to territories): ``seeds`` (null = the
+    config's ``seed``), ``methods`` (:data:`COMPARE_METHODS`, each at most once), ``contribution``
+    (a leave-one-territory-out federated run per territory and seed) and ``publish_dir``."""
 
     publish_dir: Optional[str]
+    seeds: Optional[Annotated[list[_int(0, MAX_SEED)], Field(min_length=1, max_length=100)]] = None
+    methods: Annotated[list[Literal[COMPARE_METHODS]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["federated", "centralized", "local"])
+    contribution: bool = False
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "CompareConfig":
+        for key in ("seeds", "methods"):
+            values = getattr(self, key) or []
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"compare.{key} lists {twice} more than once; list each once")
+        return self
 
 
 class SweepEntry(_Block):
