@@ -195,12 +195,15 @@ def paired_gain(method_mae: Sequence[float | None], local_mae: Sequence[float | 
     """Gain of a method against local training on one territory, paired over seeds.
 
     d_s = MAE_method,s - MAE_local,s (test MAE over all horizon steps, seed s). Several seeds:
-    ``gains`` if mean(d) < -sd(d), ``loses`` if mean(d) > sd(d), else ``no clear difference``
-    (sd: sample standard deviation, ddof=1). One seed: there is no spread, so the relative
+    ``gains`` if mean(d) < -spread, ``loses`` if mean(d) > spread, else ``no clear difference``,
+    where spread is the seed-to-seed spread: the largest of sd(d), sd(MAE_method) and sd(MAE_local)
+    (sample standard deviations, ddof=1; the paired sd alone can be tiny when both move together,
+    and a gain smaller than either method's own seed noise is not read as one). One seed: there
+    is no spread, so the relative
     change mean(d)/mean(local) must pass :data:`GAIN_THRESHOLD` (1 %).
 
     Returns:
-        ``{"mean_diff", "std_diff", "relative_change", "verdict", "basis"}``; ``n/a`` (values
+        ``{"mean_diff", "std_diff", "spread", "relative_change", "verdict", "basis"}``; ``n/a`` (values
         ``None``) where a seed has no valid target.
 
     Raises:
@@ -211,18 +214,21 @@ def paired_gain(method_mae: Sequence[float | None], local_mae: Sequence[float | 
         raise ValueError(f"paired_gain needs one MAE per seed for both: {n} and {len(local_mae)}")
     basis = "one seed" if n == 1 else f"paired over {n} seeds"
     if any(v is None for v in (*method_mae, *local_mae)):
-        return {"mean_diff": None, "std_diff": None, "relative_change": None, "verdict": NOT_AVAILABLE, "basis": basis}
+        return {"mean_diff": None, "std_diff": None, "spread": None, "relative_change": None, "verdict": NOT_AVAILABLE,
+                "basis": basis}
     d = np.asarray(method_mae, dtype=float) - np.asarray(local_mae, dtype=float)
     mean, local = float(d.mean()), float(np.mean(local_mae))
     rel = mean / local if local else None
     if n == 1:
-        sd = None
+        sd = spread = None
         verdict = (NOT_AVAILABLE if rel is None else GAINS if rel < -GAIN_THRESHOLD
                    else LOSES if rel > GAIN_THRESHOLD else NO_CLEAR)
     else:
         sd = float(np.std(d, ddof=1))
-        verdict = GAINS if mean < -sd else LOSES if mean > sd else NO_CLEAR
-    return {"mean_diff": mean, "std_diff": sd, "relative_change": rel, "verdict": verdict, "basis": basis}
+        spread = max(sd, float(np.std(method_mae, ddof=1)), float(np.std(local_mae, ddof=1)))
+        verdict = GAINS if mean < -spread else LOSES if mean > spread else NO_CLEAR
+    return {"mean_diff": mean, "std_diff": sd, "spread": spread, "relative_change": rel,
+            "verdict": verdict, "basis": basis}
 
 
 def gains_vs_local(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]], territories: Sequence[str]) -> dict[str, Any]:
@@ -399,7 +405,7 @@ def _entries(cmp: Mapping[str, Any]) -> list[str]:
 def _gain_cell(g: Mapping[str, Any]) -> str:
     if g["verdict"] == NOT_AVAILABLE:
         return NOT_AVAILABLE
-    diff = f"{g['mean_diff']:+.3f}" + ("" if g["std_diff"] is None else f" ± {g['std_diff']:.3f}")
+    diff = f"{g['mean_diff']:+.3f}" + ("" if g["spread"] is None else f" (spread {g['spread']:.3f})")
     rel = "" if g["relative_change"] is None else f" ({100 * g['relative_change']:+.1f}%)"
     return f"{diff}{rel}: {g['verdict']}"
 
@@ -491,10 +497,12 @@ def comparison_markdown(cmp: dict[str, Any], per_seed: Mapping[int, Mapping[str,
         lines += markdown_table(["method"] + [f"{t}: MAE change vs local" for t in terr],
                                 [[m] + [_gain_cell(cmp["gains"][m][t]) for t in terr] for m in cmp["gains"]])
         rule = (f"paired over the {len(seeds)} seeds: d = MAE(method) - MAE(local) per seed; a territory gains (loses) "
-                "when the mean of d is below -sd(d) (above sd(d)), else there is no clear difference"
+                "when the mean of d is below (above) minus (plus) the seed-to-seed spread, the largest of sd(d), "
+                "sd(MAE method) and sd(MAE local), else there is no clear difference"
                 if several else f"one seed: a territory gains (loses) when the method's test MAE is more than "
                 f"{100 * GAIN_THRESHOLD:.0f} % below (above) its local-only MAE; smaller differences are not read as a gain")
-        lines += ["", f"Change = test MAE (all steps) minus the local-only MAE (relative change in brackets); {rule}."]
+        lines += ["", f"Change = test MAE (all steps) minus the local-only MAE, mean over seeds (with the seed-to-seed "
+                  f"spread, then the relative change); {rule}."]
     lines += ["", "## Is each method useful? (against the best reference)", ""]
     lines += markdown_table(["territory", "best reference", *methods],
                             [[t, f"{b['reference'] or NOT_AVAILABLE} ({fmt_metric(b['mae'])})"]

@@ -80,8 +80,13 @@ def test_paired_verdict_gains_loses_no_clear_difference_and_one_seed():
     assert paired_gain([3.0, 2.9, 3.1], [2.0, 2.0, 2.0])["verdict"] == "loses"
     g = paired_gain([1.7, 2.1, 1.9], [2.0, 2.0, 2.0])  # d = -0.3, 0.1, -0.1: mean -0.1 within sd 0.2
     assert g["verdict"] == "no clear difference" and g["std_diff"] == pytest.approx(0.2)
+    # both move together over seeds: d = -0.1 every seed (sd(d) = 0) but each method's MAE spreads by
+    # sd 1.0 over seeds, so a 0.1 gain is inside the seed-to-seed spread
+    g = paired_gain([1.9, 2.9, 3.9], [2.0, 3.0, 4.0])
+    assert g["std_diff"] == pytest.approx(0.0, abs=1e-12) and g["spread"] == pytest.approx(1.0)
+    assert g["verdict"] == "no clear difference"
     one = paired_gain([0.98], [1.0])
-    assert one == {"mean_diff": pytest.approx(-0.02), "std_diff": None, "relative_change": pytest.approx(-0.02),
+    assert one == {"mean_diff": pytest.approx(-0.02), "std_diff": None, "spread": None, "relative_change": pytest.approx(-0.02),
                    "verdict": "gains", "basis": "one seed"}
     assert paired_gain([0.995], [1.0])["verdict"] == "no clear difference"
     assert paired_gain([1.02], [1.0])["verdict"] == "loses"
@@ -92,8 +97,9 @@ def test_paired_verdict_gains_loses_no_clear_difference_and_one_seed():
 
 def test_gains_in_comparison_json_are_paired_per_territory():
     cmp = comparison_json(three_seeds())
-    a = cmp["gains"]["federated"]["a"]  # d = -0.9, -1.1, -1.0
-    assert a["verdict"] == "gains" and a["mean_diff"] == pytest.approx(-1.0) and a["std_diff"] == pytest.approx(0.1)
+    a = cmp["gains"]["federated"]["a"]  # d = -0.9, -1.1, -1.0, but local's own MAE spreads by sd sqrt(7/3) over seeds
+    assert a["mean_diff"] == pytest.approx(-1.0) and a["std_diff"] == pytest.approx(0.1)
+    assert a["spread"] == pytest.approx(math.sqrt(7 / 3)) and a["verdict"] == "no clear difference"
     assert cmp["gains"]["federated"]["b"]["verdict"] == "n/a"
     assert "local" not in cmp["gains"]
 
@@ -176,7 +182,7 @@ def test_markdown_has_a_section_per_territory_and_the_plot(tmp_path):
     assert "## What federation gives a" in md and "## What federation gives b" in md
     assert "| local | 1.000 ± 1.000 | 1.000 ± 1.000 | 2.333 ± 1.528 |" not in md  # per territory, not pooled
     assert "| local | 2.333 ± 1.528 | 2.333 ± 1.528 | 2.333 ± 1.528 |" in md  # territory a, every step
-    assert "-1.000 ± 0.100 (-42.9%): gains" in md and "Best reference: historical_average (MAE 3.000)" in md
+    assert "-1.000 (spread 1.528) (-42.9%): no clear difference" in md and "Best reference: historical_average (MAE 3.000)" in md
     assert "does each territory gain" in md.lower() and f"({ARTIFACTS[4]})" in md and "Plot: panel `b`" in md
     path = plot_territory_mae(cmp, tmp_path)
     assert path.name == "mae_by_territory.png" and path.read_bytes()[:4] == b"\x89PNG"
