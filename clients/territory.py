@@ -293,9 +293,8 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
             :func:`with_train_history`).
 
     Returns:
-        Metrics ``num-examples``, ``territory``, ``model.<sum>``, ``persistence.<sum>`` and
-        ``historical_average.<sum>`` lists
-        (see :class:`fedldt.metrics.MetricSums`).
+        Metrics ``num-examples``, ``territory``, ``model.<sum>`` and ``<reference>.<sum>`` lists
+        for each of :data:`fedldt.results.REFERENCES` (see :class:`fedldt.metrics.MetricSums`).
 
     Raises:
         ValueError: unknown split or ``use``; ``use="personal"`` without a personal model.

@@ -27,7 +27,7 @@ from fedldt.data import (as_given, load_charged_cities, load_los_loop, load_pack
                          partition_kmeans)
 from fedldt.data.territory import TerritoryDataset
 from fedldt.data.windows import split_bounds
-from fedldt.engine import OPTIMIZERS
+from fedldt.engine import OPTIMIZERS, check_train_history_names, kept_train_bounds, train_history_steps
 from fedldt.models import MODEL_TARGETS
 from fedldt.privacy import PrivacyConfigError, check_privacy_config
 from fedldt.schema import (DATASET_SCHEMAS, PARTITION_SCHEMAS, SCRIPT_ONLY, STRATEGY_SCHEMAS, STRATEGY_TARGETS,
@@ -282,7 +282,9 @@ def check_against_data(cfg: Mapping[str, Any]) -> None:
 
     * ``partition.num_territories`` is at most the dataset's sensors (k-means) or equals its
       territories (``as_given``);
-    * ``task.window + task.horizon`` fits in the shortest of the train/val/test parts.
+    * ``task.window + task.horizon`` fits in the shortest of the train/val/test parts;
+    * ``task.train_history`` names only territories of the partition, each a whole number of
+      the data's steps that keeps at least one window and at most the training part.
 
     Raises:
         ConfigError: the key, its value and the allowed range named.
@@ -307,6 +309,12 @@ def check_against_data(cfg: Mapping[str, Any]) -> None:
             f"task.window + task.horizon = {t['window']} + {t['horizon']} must be at most {room}, the {part} part's "
             f"steps ({steps} steps split {t['split']}): allowed task.horizon in [1, {max(room - t['window'], 0)}] "
             f"with task.window={t['window']}")
+    history = t.get("train_history") or {}
+    if history:
+        for ds in load_territories(dict(cfg)):
+            if history.get(ds.name) is not None:
+                kept_train_bounds(ds, split_bounds(ds.num_steps, tuple(t["split"]))["train"],
+                                  train_history_steps(ds, history[ds.name]), int(t["window"]), int(t["horizon"]))
 
 
 @lru_cache(maxsize=2)
@@ -429,8 +437,12 @@ def load_territories(cfg: dict[str, Any]) -> list[TerritoryDataset]:
 
     Raises:
         ValueError: see :func:`registered_call`; or the loader's/partition's own errors.
+        ConfigError: ``task.train_history`` names a territory that is not among them
+            (:func:`fedldt.engine.check_train_history_names`).
     """
-    return list(_load_territories_cached(json.dumps({k: cfg[k] for k in ("dataset", "partition")}, sort_keys=True)))
+    territories = list(_load_territories_cached(json.dumps({k: cfg[k] for k in ("dataset", "partition")}, sort_keys=True)))
+    check_train_history_names(cfg.get("task") or {}, [t.name for t in territories])
+    return territories
 
 
 @lru_cache(maxsize=4)

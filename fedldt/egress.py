@@ -126,7 +126,9 @@ _SUM_WHY = {
     "num_valid_ape": "number of valid non-zero targets per step: the MAPE denominator",
 }
 _FORECASTS = {"model": "the federated model", "persistence": "the last-observed-value reference",
-              "historical_average": "the time-of-day/week average reference"}
+              "historical_average": "the time-of-day/week average reference",
+              "seasonal_naive_day": "the same-time-one-day-earlier reference",
+              "seasonal_naive_week": "the same-time-one-week-earlier reference"}
 _TERRITORY = Allowed(int, False, "the territory's index (the server knows it from discovery; names the reply)")
 
 #: Train reply metrics (record ``metrics``).

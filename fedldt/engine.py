@@ -27,6 +27,7 @@ from fedldt.data.windows import (
     window_starts,
 )
 from fedldt.metrics import MetricSums, masked_error_sums, windows_weighted_mean
+from fedldt.schema import ConfigError, train_history_timedelta
 
 
 def seed_everything(seed: int) -> None:
@@ -68,9 +69,16 @@ class TerritoryTask:
             of the config, see :func:`fedldt.data.ranges.parse_valid_ranges`); every forecast of
             :meth:`predict` is clipped to them (:func:`fedldt.data.ranges.clip_forecast`: a
             channel declared ``min: 0`` is never forecast below 0). ``None``: not clipped.
+        train_history_steps: keep only the last ``train_history_steps`` steps of the training
+            part (``task.train_history``, :func:`train_history_steps`): ``bounds["train"]``
+            starts there, so the scaler, the historical-average table, the training windows and
+            the seasonal-naive lag values use nothing before it; validation and test are
+            unchanged. ``None``: all of it.
 
     Raises:
         ValueError: a split is too short for one window (see :func:`window_starts`).
+        ConfigError: ``train_history_steps`` is shorter than one window (``window + horizon``)
+            or longer than the training part (``task.train_history.<name>`` named).
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class TerritoryTask:
         ha_period: str = "day",
         train_stride: int = 1,
         valid_range: Mapping[str, Any] | None = None,
+        train_history_steps: int | None = None,
     ) -> None:
         self.dataset = dataset
         #: [2, channel] lowest and highest forecast per channel (see :func:`clip_forecast`)
@@ -95,6 +104,9 @@ class TerritoryTask:
         self.window, self.horizon = int(window), int(horizon)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.bounds = split_bounds(dataset.num_steps, tuple(split))
+        if train_history_steps is not None:
+            self.bounds["train"] = kept_train_bounds(dataset, self.bounds["train"], int(train_history_steps),
+                                                     self.window, self.horizon)
         t0, t1 = self.bounds["train"]
         self.scaler = MaskedStandardScaler(per_node=scaler_per_node).fit(
             dataset.values[t0:t1], dataset.mask[t0:t1]
@@ -264,6 +276,68 @@ class TerritoryTask:
             total = total + masked_error_sums(y_hat, batch.y, batch.mask)
         return total
 
+    # ------------------------------------------------------------------ seasonal naive
+    def seasonal_lag_steps(self, lag: str | pd.Timedelta) -> int | None:
+        """The seasonal-naive lag in steps of ``dataset.freq``, or ``None`` where it is not defined.
+
+        Args:
+            lag: a pandas timedelta (or its string, e.g. ``"1D"``, ``"7D"``).
+
+        Returns:
+            ``lag / freq`` as an int; ``None`` when ``freq`` does not divide ``lag`` (e.g. 7-minute
+            steps and one day) or the lag is shorter than the horizon in steps (the value one lag
+            before a target would lie after the forecast origin, i.e. in the future).
+        """
+        lag, freq = pd.Timedelta(lag), self.dataset.freq
+        if lag <= pd.Timedelta(0) or lag % freq != pd.Timedelta(0):
+            return None
+        steps = int(lag // freq)
+        return steps if steps >= self.horizon else None
+
+    def seasonal_naive(self, split: str, lag: str | pd.Timedelta) -> MetricSums:
+        """Error sums of the seasonal naive forecast: target step ``s`` is forecast by the value at
+        ``s - L``, ``L`` = ``lag`` in steps (:meth:`seasonal_lag_steps`), the "same time one day/week
+        earlier" of Hyndman & Athanasopoulos, *Forecasting: Principles and Practice* (3rd ed.,
+        section 5.2).
+
+        Where the value at ``s - L`` is masked, or ``s - L`` lies before the usable history (the
+        start of the training part, ``bounds["train"][0]``, which ``task.train_history`` moves),
+        the forecast falls back to the window's last valid input value per node and channel
+        (persistence; where no input of the window is valid, persistence's own last input value),
+        so the forecast is defined on every window. ``L >= horizon``, so ``s - L`` always lies at or
+        before the window's last input step: nothing after the forecast origin is used.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            lag: the season, a pandas timedelta (or its string, ``"1D"``, ``"7D"``).
+
+        Returns:
+            Sums of shape ``[horizon]`` in data units; all zero (every metric ``None``) when the lag
+            is not defined for this data and horizon (:meth:`seasonal_lag_steps` is ``None``).
+        """
+        total = MetricSums.zeros(self.horizon)
+        lag_steps = self.seasonal_lag_steps(lag)
+        if lag_steps is None:
+            return total
+        values = torch.from_numpy(self.dataset.values)  # [T, N, C]
+        mask = torch.from_numpy(self.dataset.mask)
+        valid = mask > 0
+        first = self.bounds["train"][0]
+        w, h = self.window, self.horizon
+        for starts in torch.from_numpy(self.windows[split].starts).split(self.eval_batch_size):
+            inputs = starts[:, None] + torch.arange(w)[None, :]  # [B, W]
+            targets = starts[:, None] + w + torch.arange(h)[None, :]  # [B, H]
+            lagged = targets - lag_steps  # [B, H], <= the last input step since L >= H
+            # last valid input per node and channel: its position in the window (-1: none valid)
+            pos = torch.where(valid[inputs], torch.arange(w).view(1, w, 1, 1), -1).amax(dim=1)  # [B, N, C]
+            last_valid = values[inputs].gather(1, pos.clamp_min(0).unsqueeze(1)).squeeze(1)
+            fallback = torch.where(pos >= 0, last_valid, values[inputs[:, -1]])  # [B, N, C]
+            at = lagged.clamp_min(0)
+            usable = (lagged >= first)[:, :, None, None] & valid[at]  # [B, H, N, C]
+            y_hat = torch.where(usable, values[at], fallback[:, None])
+            total = total + masked_error_sums(y_hat, values[targets], mask[targets])
+        return total
+
 
 #: ``train.optimizer._target_`` -> optimizer class: the only optimizers built from a config (the
 #: config is data; nothing named in it is imported).
@@ -358,14 +432,84 @@ def train_epochs(
     return last_loss
 
 
+def train_history_steps(dataset: TerritoryDataset, text: str) -> int:
+    """``task.train_history.<dataset.name>`` in steps of ``dataset.freq``.
+
+    Args:
+        text: a pandas timedelta string (``"1D"``, ``"12h"``; :func:`fedldt.schema.train_history_timedelta`).
+
+    Returns:
+        N = duration / ``dataset.freq`` (e.g. ``"1D"`` on 5-minute data: 288).
+
+    Raises:
+        ConfigError: not a positive duration, or not a whole number of the data's steps (the key,
+            the value and the step named).
+    """
+    delta, freq = train_history_timedelta(dataset.name, text), dataset.freq
+    if delta % freq != pd.Timedelta(0):
+        raise ConfigError(f"task.train_history.{dataset.name}={text!r} is not a whole number of the data's "
+                          f"{duration_text(freq)} steps: give a multiple of {duration_text(freq)}")
+    return int(delta // freq)
+
+
+def duration_text(delta: pd.Timedelta) -> str:
+    """A duration as a pandas timedelta string that reads back (``4D21h35min``, ``5min``, ``0s``)."""
+    c = pd.Timedelta(delta).components
+    parts = [(c.days, "D"), (c.hours, "h"), (c.minutes, "min"), (c.seconds, "s"), (c.milliseconds, "ms")]
+    return "".join(f"{v}{unit}" for v, unit in parts if v) or "0s"
+
+
+def kept_train_bounds(dataset: TerritoryDataset, train: tuple[int, int], n: int, window: int,
+                      horizon: int) -> tuple[int, int]:
+    """The last ``n`` steps ``[t1 - n, t1)`` of the training part ``train = [t0, t1)``
+    (``task.train_history``).
+
+    Raises:
+        ConfigError: ``n`` is shorter than one window (``window + horizon``) or longer than the
+            training part (``task.train_history.<dataset.name>`` and the fix named).
+    """
+    t0, t1 = train
+    key, need = f"task.train_history.{dataset.name}", window + horizon
+    span = lambda k: f"{k} steps ({duration_text(k * dataset.freq)})"  # noqa: E731
+    if n < need:
+        raise ConfigError(f"{key} keeps {span(n)} of the training part, fewer than one window (task.window + "
+                          f"task.horizon = {span(need)}): keep at least {duration_text(need * dataset.freq)}, or null for all")
+    if n > t1 - t0:
+        raise ConfigError(f"{key} keeps {span(n)} but the training part of territory '{dataset.name}' has {span(t1 - t0)}: "
+                          f"keep at most {duration_text((t1 - t0) * dataset.freq)}, or null for all")
+    return t1 - n, t1
+
+
+def check_train_history_names(task_cfg: Mapping[str, Any], names: Collection[str]) -> None:
+    """Check that every territory ``task.train_history`` names exists.
+
+    Args:
+        task_cfg: the ``task`` config block (``train_history`` absent or ``{}``: nothing to check).
+        names: the territories' names (``dataset.name`` of each territory).
+
+    Raises:
+        ConfigError: a name in ``task.train_history`` that is no territory's; the known names given.
+    """
+    unknown = sorted(set(task_cfg.get("train_history") or {}) - set(names))
+    if unknown:
+        raise ConfigError(f"task.train_history names no territory {unknown}: the territories are {sorted(names)}; "
+                          "use their names (or remove the key)")
+
+
 def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any],
                      valid_range: Mapping[str, Any] | None = None) -> TerritoryTask:
     """Build a :class:`TerritoryTask` from the ``task`` and ``train`` config blocks and the
     dataset's ``valid_range`` (``cfg["dataset"].get("valid_range")``: forecasts are clipped to it);
     when that is ``None``, the territory's own (``dataset.extra["valid_range"]``, from a territory
-    data package's ``territory.yaml``)."""
+    data package's ``territory.yaml``). ``task.train_history.<dataset.name>``, when set, keeps
+    only the last that-long part of the training part (:func:`train_history_steps`).
+
+    Raises:
+        ConfigError: a bad ``task.train_history`` entry for this territory; see also :class:`TerritoryTask`.
+    """
     if valid_range is None:
         valid_range = dataset.extra.get("valid_range")
+    history = (task_cfg.get("train_history") or {}).get(dataset.name)
     return TerritoryTask(
         dataset,
         window=task_cfg["window"],
@@ -380,6 +524,7 @@ def task_from_config(dataset: TerritoryDataset, task_cfg: Mapping[str, Any], tra
         ha_period=task_cfg.get("ha_period", "day"),
         train_stride=task_cfg.get("train_stride", 1),
         valid_range=valid_range,
+        train_history_steps=None if history is None else train_history_steps(dataset, history),
     )
 
 

@@ -15,8 +15,15 @@ import fedldt
 from fedldt.launch.provenance import run_provenance
 from fedldt.metrics import MetricSums, pool, report, windows_weighted_mean
 
-#: Reference forecasts evaluated on the same test windows as the trained model.
-REFERENCES = ("persistence", "historical_average")
+#: Reference forecasts evaluated on the same test windows as the trained model (what each is:
+#: docs/evaluation.md, "References").
+REFERENCES = ("persistence", "historical_average", "seasonal_naive_day", "seasonal_naive_week")
+#: Seasonal-naive references -> their season (lag), a pandas timedelta string
+#: (:meth:`fedldt.engine.TerritoryTask.seasonal_naive`).
+SEASONAL_LAGS = {"seasonal_naive_day": "1D", "seasonal_naive_week": "7D"}
+#: Row labels of the references in the closing table (:func:`summary_table`).
+REFERENCE_LABELS = {"persistence": "persistence", "historical_average": "hist. average",
+                    "seasonal_naive_day": "seasonal naive (day)", "seasonal_naive_week": "seasonal naive (week)"}
 #: ``eval_status`` (history.csv) of a territory that evaluated but has no valid target (every
 #: target of the split masked): its metrics are empty cells (``null`` in JSON), never NaN or 0.
 NOT_AVAILABLE = "not available"
@@ -46,12 +53,22 @@ def territory_row(info: Mapping[str, Any]) -> dict[str, int | str]:
     return {field: str(info[key]) if field == "id" else int(info[key]) for field, key in TERRITORY_FIELDS.items()}
 
 
+def reference_sums(task: Any, split: str) -> dict[str, MetricSums]:
+    """Masked error sums on ``split`` of each of the :data:`REFERENCES` forecasts of a
+    :class:`~fedldt.engine.TerritoryTask`, keyed by reference name, in :data:`REFERENCES` order;
+    a seasonal naive forecast not defined for the data (:meth:`~fedldt.engine.TerritoryTask.seasonal_lag_steps`)
+    gives all-zero sums (its metrics are ``None``)."""
+    out = {"persistence": task.persistence(split), "historical_average": task.historical_average(split),
+           **{ref: task.seasonal_naive(split, lag) for ref, lag in SEASONAL_LAGS.items()}}
+    return {ref: out[ref] for ref in REFERENCES}
+
+
 def evaluation_sums(task: Any, model: torch.nn.Module, split: str) -> dict[str, MetricSums]:
-    """Masked error sums on ``split`` of ``model`` and of the :data:`REFERENCES` forecasts:
-    ``{"model", "persistence", "historical_average"}`` (what a territory's evaluate reply
-    carries, :func:`sums_to_record`)."""
-    return {"model": task.evaluate(model, split), "persistence": task.persistence(split),
-            "historical_average": task.historical_average(split)}
+    """Masked error sums on ``split`` of ``model`` and of the :data:`REFERENCES` forecasts
+    (:func:`reference_sums`): ``{"model", "persistence", "historical_average",
+    "seasonal_naive_day", "seasonal_naive_week"}`` (what a territory's evaluate reply carries,
+    :func:`sums_to_record`)."""
+    return {"model": task.evaluate(model, split), **reference_sums(task, split)}
 
 
 def sums_to_record(sums: Mapping[str, MetricSums]) -> dict[str, list[float] | list[int]]:
@@ -127,7 +144,8 @@ def build_summary(cfg: dict[str, Any], mode: str, territories: list[dict[str, An
         cfg: resolved config.
         mode: ``"federated"``, ``"centralized"`` or ``"local"``.
         territories: ``[{"id", "num_nodes", "num_train_windows", ...}]`` in territory order.
-        test: territory id -> ``{"model": sums, "persistence": sums, "historical_average": sums}``.
+        test: territory id -> ``{"model": sums, <reference>: sums, ...}`` (:func:`evaluation_sums`);
+            each of :data:`REFERENCES` gives ``<reference>`` (pooled) and ``<reference>_per_territory``.
         history: pooled validation metrics per round.
 
     A metric that cannot be computed (no valid target) is ``None`` (JSON ``null``, never NaN);
@@ -270,12 +288,13 @@ def metric_rows(blocks: Mapping[str, Mapping[str, Mapping[str, float | None]]], 
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The closing table of a run: test MAE/RMSE/MAPE of the model, persistence and historical
-    average, pooled, then the model's MAE per territory (Markdown, :func:`markdown_table`)."""
+    """The closing table of a run: test MAE/RMSE/MAPE of the model and of each reference
+    (:data:`REFERENCES` present in ``summary``; ``n/a`` where one is not defined), pooled, then the
+    model's MAE per territory (Markdown, :func:`markdown_table`)."""
     steps = list(summary["test"]["mae"])
     rounds = summary["rounds"]
-    blocks = {"model": summary["test"], "persistence": summary["persistence"],
-              "hist. average": summary["historical_average"]}
+    blocks = {"model": summary["test"],
+              **{REFERENCE_LABELS[ref]: summary[ref] for ref in REFERENCES if ref in summary}}
     lines = [f"test metrics of pilot '{summary['pilot']}' ({summary['mode']}, {rounds} round{'' if rounds == 1 else 's'})", ""]
     lines += markdown_table(["metric", *steps], metric_rows(blocks, steps), right=range(1, len(steps) + 1))
     lines += ["", "per territory (model MAE):", ""]

@@ -81,9 +81,15 @@ class TaskConfig(_Block):
     covariates: bool
     ha_period: Literal["day", "week"]
     train_stride: _int(1, 10_000)
+    #: territory name -> keep only the last that-long part of its training part (a pandas timedelta
+    #: string: ``1D``, ``12h``, ``3D``); null = all of it (:func:`train_history_timedelta`)
+    train_history: dict[str, Optional[str]]
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":
+        for name, text in self.train_history.items():
+            if text is not None:
+                train_history_timedelta(name, text)
         if abs(sum(self.split) - 1.0) > 1e-6:
             raise ValueError(f"task.split={self.split} must be three fractions in (0, 1), for train, val and test, "
                              f"summing to 1 (they sum to {sum(self.split):g})")
@@ -91,6 +97,32 @@ class TaskConfig(_Block):
         if bad:
             raise ValueError(f"task.report_steps {bad} must lie in [1, task.horizon={self.horizon}]")
         return self
+
+
+def train_history_timedelta(name: str, text: str) -> pd.Timedelta:
+    """``task.train_history.<name>`` as a positive pandas Timedelta.
+
+    Args:
+        name: the territory's name (the key, for the message).
+        text: a pandas timedelta string with a unit (``"1D"``, ``"12h"``, ``"90min"``, ``"2W"``).
+
+    Raises:
+        ConfigError: not a timedelta, no unit, zero or negative; the key and the fix named.
+    """
+    key, fix = f"task.train_history.{name}", "give a positive duration with a unit, e.g. 1D, 12h, 3D (or null for all)"
+    try:
+        float(text)  # "1" would be one nanosecond
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{key}={text!r} has no unit: {fix}")
+    try:
+        delta = pd.Timedelta(text)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{key}={text!r} is not a duration pandas reads: {fix}") from None
+    if pd.isna(delta) or delta <= pd.Timedelta(0):
+        raise ConfigError(f"{key}={text!r} is not a positive duration: {fix}")
+    return delta
 
 
 class TrainConfig(_Block):
@@ -208,10 +240,30 @@ class PathsConfig(_Block):
     data_root: str
 
 
+#: The methods ``scripts/compare.py`` can run (``compare.methods``): federated = personalization
+#: none, finetune/ditto/fedper = that personalization, centralized/local = those modes.
+COMPARE_METHODS = ("federated", "finetune", "ditto", "fedper", "centralized", "local")
+
+
 class CompareConfig(_Block):
-    """``compare`` (scripts/compare.py only; never sent to territories)."""
+    """``compare`` (scripts/compare.py only; never sent to territories): ``seeds`` (null = the
+    config's ``seed``), ``methods`` (:data:`COMPARE_METHODS`, each at most once), ``contribution``
+    (a leave-one-territory-out federated run per territory and seed) and ``publish_dir``."""
 
     publish_dir: Optional[str]
+    seeds: Optional[Annotated[list[_int(0, MAX_SEED)], Field(min_length=1, max_length=100)]] = None
+    methods: Annotated[list[Literal[COMPARE_METHODS]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["federated", "centralized", "local"])
+    contribution: bool = False
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "CompareConfig":
+        for key in ("seeds", "methods"):
+            values = getattr(self, key) or []
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"compare.{key} lists {twice} more than once; list each once")
+        return self
 
 
 class SweepEntry(_Block):

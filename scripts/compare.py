@@ -1,11 +1,14 @@
-"""Compare federated, centralized and local training (plus persistence and historical average)
-on the same territory splits, with one seed.
+"""Compare training methods (federated, finetune, ditto, fedper, centralized, local) with the
+reference forecasts (fedldt.results.REFERENCES) on the same territory splits, over one or more seeds.
 
-    python scripts/compare.py pilot=los_loop_3 [compare.publish_dir=docs/results/los_loop_3]
+    python scripts/compare.py pilot=los_loop_3 [compare.seeds=[0,1,2]] \
+        [compare.methods=[federated,finetune,ditto,centralized,local]] [compare.contribution=true] \
+        [compare.publish_dir=docs/results/los_loop_3]
 
-Writes comparison.json, comparison.md and PNG plots to the Hydra run directory (the three runs
-in its federated/, centralized/, local/ subfolders), and copies the artifacts to
-``compare.publish_dir`` when set. Ctrl-C or SIGTERM stops every process started (exit status 130 / 143).
+Writes comparison.json, comparison.md and PNG plots to the Hydra run directory (the runs in its
+seed<k>/<method>/ subfolders, leave-one-out runs in seed<k>/without-<territory>/), and copies the
+artifacts to ``compare.publish_dir`` when set. Ctrl-C or SIGTERM stops every process started (exit
+status 130 / 143). docs/evaluation.md ("Comparisons over seeds") explains the report.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, chec
                                restore_components, save_checkpoint)
 from fedldt.config import num_territories, territory_view
 from fedldt.egress import CONFIG_KEY, FINETUNE_MESSAGE
-from fedldt.engine import seed_everything
+from fedldt.engine import check_train_history_names, seed_everything
 from fedldt.metrics import MetricSums, mae, pool, report
 from fedldt.models import build_model, split_state
 from fedldt.personal import HISTORY, KEPT, USE_MODEL, holdout_block
@@ -56,6 +56,7 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
         FederationError: nodes missing after ``timeout`` s, a node failed, two nodes claim the
             same territory, two territories have the same name (``territory-id``), or territories
             disagree on the model's input/output sizes.
+        ConfigError: ``task.train_history`` names no territory that answered.
     """
     expected = num_territories(cfg)
     deadline = time.monotonic() + timeout
@@ -83,6 +84,7 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
         if other != idx:
             raise FederationError(f"territories {other} and {idx} are both named {str(info['territory-id'])!r}; each "
                                   "territory needs its own name (territory.yaml 'name' of its data package)")
+    check_train_history_names(cfg["task"], names)  # a territory with its own package knows only its own name
     dims = {(i["in-channels"], i["out-channels"], i["horizon"]) for i in infos.values()}
     if len(dims) != 1:
         raise FederationError(f"territories disagree on model sizes (in, out, horizon): {sorted(dims)}")
@@ -92,7 +94,8 @@ def discover_territories(grid: Grid, cfg: dict[str, Any], timeout: float) -> dic
 def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cfg: dict[str, Any], split: str,
                    server_round: int, timeout: float, territories: list[int] | None = None,
                    **extra: Any) -> dict[int, dict[str, MetricSums]]:
-    """Evaluate ``arrays`` on every territory's ``split``; returns per-territory model/persistence sums.
+    """Evaluate ``arrays`` on every territory's ``split``; returns per-territory sums of the model and
+    of each reference (:func:`fedldt.results.sums_from_record`).
 
     Args:
         territories: the territory indexes that must answer (default: all of the pilot's); the

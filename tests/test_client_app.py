@@ -12,6 +12,7 @@ from clients import territory
 from clients.client_app import app
 from fedldt.metrics import SUM_KEYS
 from fedldt.models import build_model
+from fedldt.results import REFERENCES
 
 
 def _msg(content, mtype):
@@ -72,7 +73,8 @@ def test_evaluate_reply_holds_error_sums_only(setup):
     reply = app(_msg(content, MessageType.EVALUATE), ctx)
     assert not reply.has_error(), reply.error
     metrics = dict(reply.content["metrics"])
-    allowed = {"num-examples", "territory"} | {f"{p}.{k}" for p in ("model", "persistence", "historical_average") for k in SUM_KEYS}
+    allowed = {"num-examples", "territory"} | {f"{p}.{k}" for p in ("model", *REFERENCES) for k in SUM_KEYS}
+    assert {"seasonal_naive_day.num_valid", "seasonal_naive_week.abs_err_sum"} <= allowed
     assert set(metrics) == allowed
     for k in allowed - {"num-examples", "territory"}:
         assert len(metrics[k]) == cfg["task"]["horizon"]  # one sum per horizon step, never per node

@@ -10,6 +10,7 @@ from fedldt.baselines import build_tasks, run_centralized, run_local
 from fedldt.compare import comparison_json, comparison_markdown
 from fedldt.config import compose_config, resolve_config
 from fedldt.data import load_charged_city
+from fedldt.results import REFERENCES
 
 
 #: What these tests add to the shared small config (conftest.small_config).
@@ -49,14 +50,16 @@ def test_comparison_json_and_markdown(synthetic_dir, small_cfg, tmp_path):
     s = {"centralized": run_centralized({**cfg, "mode": "centralized"}, tmp_path / "c"),
          "local": run_local({**cfg, "mode": "local"}, tmp_path / "l")}
     s["federated"] = {**s["centralized"], "mode": "federated"}  # stand-in: same schema, same windows
-    cmp = comparison_json(s)
-    assert set(cmp) == {"federated", "centralized", "local", "persistence", "historical_average"}
-    assert set(cmp["persistence"]) == {"test", "test_per_territory"}
-    md = comparison_markdown(cmp, s, "syn")
+    cmp = comparison_json({5: s})
+    assert set(cmp) == {"seeds", "federated", "centralized", "local", *REFERENCES, "gains", "best_reference", "useful"}
+    assert set(cmp["persistence"]) == {"test", "test_per_territory", "test_std", "test_per_territory_std"}
+    assert cmp["seeds"] == [5] and cmp["local"]["test"] == s["local"]["test"]  # one seed: the run's own values
+    assert cmp["local"]["test_std"]["mae"]["all"] is None
+    md = comparison_markdown(cmp, {5: s}, "syn")
     assert "| persistence |" in md and "does each territory gain" in md.lower()
     bad = {**s, "local": {**s["local"], "persistence": {"mae": {}}}}
     with pytest.raises(ValueError, match="other test windows"):
-        comparison_json(bad)
+        comparison_json({5: bad})
 
 
 def test_charged_columns_resorted_numerically_and_zero_sites_masked(data_root):

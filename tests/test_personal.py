@@ -19,6 +19,7 @@ from fedldt.engine import TerritoryTask, build_optimizer, train_epochs
 from fedldt.metrics import mae
 from fedldt.models import build_model
 from fedldt.personal import KEPT, PERSONAL_PREFIX, finetune
+from fedldt.results import REFERENCES
 from fedldt.schema import ConfigError
 
 
@@ -197,7 +198,7 @@ def test_finetune_with_holdout_in_process(tmp_path):
     assert set(hold) == {"territory", "zero_shot", "finetuned", "finetune_history", "references"}
     assert hold["territory"] == "t2" and hold["finetune_history"] == "1D"
     assert math.isfinite(hold["zero_shot"]["mae"]["all"]) and math.isfinite(hold["finetuned"]["mae"]["all"])
-    assert set(hold["references"]) == {"persistence", "historical_average"} | set(hold["references"])
+    assert set(hold["references"]) == set(REFERENCES)
     # replies: fine-tuning replies carry no arrays; train replies exactly the shared keys
     shared = _shared_keys(grid)
     for req, rep in zip(grid.sent, grid.replies):

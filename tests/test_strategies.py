@@ -507,8 +507,9 @@ def test_summary_names_a_territory_without_a_valid_test_target(tmp_path):
                     ape_sum=np.array([0.1, 0.2, 0.3]), abs_target_sum=np.array([10.0, 10.0, 10.0]),
                     num_valid=np.array([2, 2, 2]), num_valid_ape=np.array([2, 2, 2]))
     dark = MetricSums.zeros(h)
-    test = {"t0": {k: t0 for k in ("model", "persistence", "historical_average")},
-            "t1": {k: dark for k in ("model", "persistence", "historical_average")}}
+    from fedldt.results import REFERENCES
+
+    test = {"t0": {k: t0 for k in ("model", *REFERENCES)}, "t1": {k: dark for k in ("model", *REFERENCES)}}
     cfg = {"name": "p", "dataset": {"name": "d", "path": "/x"}, "train": {"rounds": 1, "local_epochs": 1}, "seed": 0,
            "strategy": {"name": "fedavg"}, "personalization": {"name": "none"}, "task": {"report_steps": [3]}}
     summary = build_summary(cfg, "federated", [], test, [], [], {}, 1.0)

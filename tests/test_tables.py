@@ -24,9 +24,14 @@ def test_metric_cells_and_rows():
 
 def test_run_closing_table_is_rendered_by_the_same_function():
     block = {m: {"h3": 1.5, "all": 2.0} for m in ("mae", "rmse", "mape", "wape")}
+    null = {m: {"h3": None, "all": None} for m in ("mae", "rmse", "mape", "wape")}
     summary = {"pilot": "p", "mode": "local", "rounds": 1, "test": block, "persistence": block,
-               "historical_average": block, "test_per_territory": {"t0": block}}
+               "historical_average": block, "seasonal_naive_day": null, "seasonal_naive_week": block,
+               "test_per_territory": {"t0": block}}
     text = summary_table(summary)
     assert "test metrics of pilot 'p' (local, 1 round)" in text
     assert "| MAE model | 1.5000 | 2.0000 |" in text and "| MAPE hist. average | 1.5000 | 2.0000 |" in text
+    assert "| MAE seasonal naive (day) | n/a | n/a |" in text and "| RMSE seasonal naive (week) | 1.5000 | 2.0000 |" in text
+    # a summary written before the seasonal references existed still renders
+    assert "seasonal naive" not in summary_table({k: v for k, v in summary.items() if not k.startswith("seasonal")})
     assert "| t0 | 1.5000 | 2.0000 |" in text
