@@ -99,17 +99,18 @@ class TaskConfig(_Block):
         return self
 
 
-def train_history_timedelta(name: str, text: str) -> pd.Timedelta:
+def train_history_timedelta(name: str, text: str, key: str | None = None) -> pd.Timedelta:
     """``task.train_history.<name>`` as a positive pandas Timedelta.
 
     Args:
         name: the territory's name (the key, for the message).
         text: a pandas timedelta string with a unit (``"1D"``, ``"12h"``, ``"90min"``, ``"2W"``).
+        key: the config key to name instead (e.g. ``federation.holdout_finetune``).
 
     Raises:
         ConfigError: not a timedelta, no unit, zero or negative; the key and the fix named.
     """
-    key, fix = f"task.train_history.{name}", "give a positive duration with a unit, e.g. 1D, 12h, 3D (or null for all)"
+    key, fix = key or f"task.train_history.{name}", "give a positive duration with a unit, e.g. 1D, 12h, 3D (or null for all)"
     try:
         float(text)  # "1" would be one nanosecond
     except ValueError:
@@ -174,13 +175,7 @@ class FederationConfig(_Block):
         if self.holdout_finetune is not None:
             if self.holdout is None:
                 raise ValueError("federation.holdout_finetune needs federation.holdout (the territory to fine-tune)")
-            try:
-                span = pd.Timedelta(self.holdout_finetune)
-            except ValueError:
-                raise ValueError(f"federation.holdout_finetune={self.holdout_finetune!r} is not a pandas timedelta "
-                                 "string (e.g. '3D', '12h')") from None
-            if not span > pd.Timedelta(0):
-                raise ValueError(f"federation.holdout_finetune={self.holdout_finetune!r} must be a positive duration")
+            train_history_timedelta(self.holdout, self.holdout_finetune, key="federation.holdout_finetune")
         return self
 
 

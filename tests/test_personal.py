@@ -144,7 +144,7 @@ def _cfg(*overrides: str) -> dict:
     (("personalization=ditto", "privacy=territory"), "without differential privacy"),
     (("personalization=fedper", "federation.holdout=t2"), "untrained random"),
     (("federation.holdout_finetune=3D",), "needs federation.holdout"),
-    (("federation.holdout=t2", "federation.holdout_finetune=soon"), "not a pandas timedelta"),
+    (("federation.holdout=t2", "federation.holdout_finetune=soon"), "federation.holdout_finetune=.soon. is not a duration"),
     (("personalization=finetune", "personalization.patience=0"), "patience"),
 ])
 def test_nonsense_combinations_are_refused(overrides, match):
