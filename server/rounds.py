@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, check_global_arrays, load_checkpoint,
                                restore_components, save_checkpoint)
 from fedldt.config import num_territories, territory_view
-from fedldt.egress import CONFIG_KEY, FINETUNE_MESSAGE
+from fedldt.egress import CONFIG_KEY, FINETUNE_MESSAGE, FINETUNE_METRICS, EgressRefused, check_values
 from fedldt.engine import check_train_history_names, seed_everything
 from fedldt.metrics import MetricSums, mae, pool, report
 from fedldt.models import build_model, split_state
@@ -184,14 +184,38 @@ def finetune_territories(grid: Grid, nodes: Mapping[int, int], arrays: ArrayReco
     failed = failure_reasons(replies)
     if failed:
         raise FederationError(f"fine-tuning failed on {len(failed)} node(s): {failed}")
-    out = {reply_territory(r): dict(next(iter(r.content.metric_records.values()))) for r in replies}
+    territory_of = {int(n): i for i, n in nodes.items()}
+    out: dict[int, dict[str, Any]] = {}
+    for r in replies:
+        node = int(r.metadata.src_node_id)
+        records = r.content.metric_records
+        metrics = dict(next(iter(records.values()))) if len(records) == 1 else {}
+        finetune_result(metrics, f"node {node}")  # raises on a forged reply before anything trusts it
+        if node not in territory_of or int(metrics["territory"]) != territory_of[node] or territory_of[node] in out:
+            raise FederationError(f"fine-tuning: node {node} answered for territory {metrics['territory']}, but the "
+                                  f"server asked it for territory {territory_of.get(node)}")
+        out[territory_of[node]] = metrics
     if sorted(out) != sorted(nodes):
         raise FederationError(f"fine-tuning: territories {sorted(out)} answered, expected {sorted(nodes)}")
     return dict(sorted(out.items()))
 
 
-def finetune_result(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """summary.json ``personalization_result`` entry of a fine-tuning reply."""
+def finetune_result(metrics: Mapping[str, Any], where: str = "fine-tuning reply") -> dict[str, Any]:
+    """summary.json ``personalization_result`` entry of a fine-tuning reply.
+
+    The reply comes from a territory, so it is checked first: exactly the keys of
+    :data:`fedldt.egress.FINETUNE_METRICS` (each of its kind, finite, >= 0), ``kept`` an index of
+    :data:`fedldt.personal.KEPT`.
+
+    Raises:
+        FederationError: the reply breaks one of those rules (``where`` and the key named, no value).
+    """
+    try:
+        check_values(metrics, FINETUNE_METRICS, None, f"{where}: fine-tuning reply")
+    except EgressRefused as e:
+        raise FederationError(str(e.detail)) from None
+    if int(metrics["kept"]) >= len(KEPT):
+        raise FederationError(f"{where}: fine-tuning reply 'kept' must be 0 (global) or 1 (finetuned)")
     value = metrics.get
     return {"kept": KEPT[int(metrics["kept"])], "val_mae_global": value("val_mae_global"),
             "val_mae_finetuned": value("val_mae_finetuned"), "epochs_run": int(metrics["epochs_run"])}
@@ -239,7 +263,9 @@ def evaluate_holdout(grid: Grid, cfg: dict[str, Any], node: int, index: int, nam
         conf = config_record(cfg, **{**keyed, LOCAL_ROUND: 0, HISTORY: str(history)})
         conf["server-round"] = server_round
         reply = send_to(grid, node, FINETUNE_MESSAGE, arrays, conf, timeout, f"held-out territory {name} fine-tuning")
-        kept = finetune_result(next(iter(reply.content.metric_records.values())))
+        records = reply.content.metric_records
+        kept = finetune_result(dict(next(iter(records.values()))) if len(records) == 1 else {},
+                               f"held-out territory {name}")
         print(f"[fedldt] held-out territory {name} fine-tuned on its last {history}: kept the {kept['kept']} model "
               f"(validation MAE global {kept['val_mae_global']}, fine-tuned {kept['val_mae_finetuned']})", flush=True)
         finetuned = test("kept", **{HISTORY: str(history)})["model"]
