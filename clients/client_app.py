@@ -66,8 +66,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _cfg(msg, context)
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
+    index = territory.territory_index(context.node_config)
     shared, local, metrics = territory.train(
-        cfg, territory.territory_index(context.node_config), msg.content["arrays"].to_torch_state_dict(),
+        cfg, index, msg.content["arrays"].to_torch_state_dict(),
         server_round=server_round, proximal_mu=float(conf.get("proximal-mu", 0.0)),
         local_state=_local(msg, context, server_round - 1),
     )
@@ -79,7 +80,8 @@ def train(msg: Message, context: Context) -> Message:
         personal = {k[len(PERSONAL_PREFIX):]: v for k, v in local.items() if k.startswith(PERSONAL_PREFIX)}
         if personal:  # Ditto's personal model of this round, where `fedldt export --territory-dir` finds it
             save_personal_model(folder, str(conf["run-key"]), personal,
-                                {"personalization": "ditto", "round": server_round, "kept": "personal"})
+                                {"personalization": "ditto", "round": server_round, "kept": "personal",
+                                 "territory_id": territory.get_task(cfg, index).dataset.name})
     return Message(RecordDict({"arrays": ArrayRecord(shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -113,13 +115,15 @@ def finetune(msg: Message, context: Context) -> Message:
     run_key = _run_key(msg, "finetune")
     history = str(conf[HISTORY]) if HISTORY in conf else None
     index = territory.territory_index(context.node_config)
+    cfg = _cfg(msg, context)
     state, metrics = territory.finetune(
-        _cfg(msg, context), index, msg.content["arrays"].to_torch_state_dict(),
+        cfg, index, msg.content["arrays"].to_torch_state_dict(),
         local_state=_local(msg, context, int(conf.get("local-round", 0))), history=history,
     )
     save_personal_model(territory_out_dir(context.node_config), run_key, state,
                         {"personalization": "finetune", "kept": ("global", "finetuned")[int(metrics["kept"])],
-                         "history": history, "territory": index})
+                         "history": history, "territory": index,
+                         "territory_id": territory.get_task(cfg, index).dataset.name})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -455,13 +455,18 @@ def load_personal_model(folder: Path | str, run_key: str) -> tuple[dict[str, Any
         ``(meta, state)``: what :func:`save_personal_model` wrote.
 
     Raises:
-        CheckpointError: missing, corrupt or written for another run (file named; the keys and
-            shapes are checked when the model loads them).
+        CheckpointError: missing, corrupt, written for another run, or holding a non-finite
+            (NaN/inf) floating-point entry (file and entries named; the keys and shapes are checked
+            when the model loads them).
     """
     path = personal_model_path(folder, run_key)
     fix = ("the territory writes it when it personalizes its model (personalization=finetune|ditto, or "
            "federation.holdout_finetune); use the out-dir its SuperNode had in that run")
     meta, tensors = _load(path, "personal model", fix)
     if meta.get("run_key") != run_key:
-        raise CheckpointError(f"personal model {path} belongs to run {meta.get('run_key')!r}, not {run_key}; {fix}")
+        raise CheckpointError(f"personal model {path} belongs to run {str(meta.get('run_key'))[:40]!r}, not {run_key}; {fix}")
+    bad = sorted(k for k, v in tensors.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise CheckpointError(f"personal model {path}: entries {bad[:5]} hold NaN or inf (a diverged or altered "
+                              f"model); {fix}")
     return meta, dict(tensors)

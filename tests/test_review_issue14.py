@@ -68,3 +68,73 @@ def test_a_forged_finetune_reply_is_refused_naming_the_node(forged, match):
     with pytest.raises(FederationError, match=match) as e:
         _finetune(metrics_of)
     assert "node 11" in str(e.value)
+
+
+# ------------------------------------------------------------------ forged personal models (territory side, export)
+def test_a_personal_model_holding_nan_is_refused(tmp_path):
+    from fedldt.checkpoint import CheckpointError, load_personal_model, save_personal_model
+
+    key = "a" * 32
+    save_personal_model(tmp_path, key, {"w": torch.tensor([1.0, math.nan]), "n": torch.tensor(3)}, {"kept": "finetuned"})
+    with pytest.raises(CheckpointError, match=r"entries \['w'\] hold NaN or inf"):
+        load_personal_model(tmp_path, key)
+    save_personal_model(tmp_path, key, {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, {"kept": "finetuned"})
+    meta, state = load_personal_model(tmp_path, key)
+    assert meta["run_key"] == key and state["w"].tolist() == [1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory):
+    """A personalization=finetune federation of 3 synthetic territories, in process (about 10 s)."""
+    from clients.client_app import app
+    from server.rounds import run_federated
+    from tests.conftest import write_los_loop_like
+    from tests.inprocess import InProcessGrid
+
+    tmp = tmp_path_factory.mktemp("finetuned")
+    folder = write_los_loop_like(tmp / "syn", num_steps=600)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=3",
+                                         "train.rounds=1", "task.train_stride=4", "model.hidden=8",
+                                         "personalization=finetune", "personalization.epochs=1"]))
+    grid = InProcessGrid(app, {10 + i: {"partition-id": i, "out-dir": str(tmp / f"out-{i}")} for i in range(3)})
+    run_federated(grid, cfg, tmp / "run")
+    return tmp
+
+
+def _forge(folder, change):
+    """Rewrite ``folder``'s personal model with ``change(state)`` (same run key and metadata)."""
+    from fedldt.checkpoint import load_personal_model, save_personal_model
+
+    key = next(p.name for p in (folder / "checkpoints").iterdir())
+    meta, state = load_personal_model(folder, key)
+    save_personal_model(folder, key, change(dict(state)), {k: v for k, v in meta.items() if k != "run_key"})
+
+
+def test_export_refuses_another_territorys_personal_model(finetuned_run):
+    from fedldt.delivery.export import ExportError, export_package
+
+    # the models are node-count independent: t1's loads into t0; before, only the MAE check caught it, misleadingly
+    with pytest.raises(ExportError, match="holds the personal model of territory 't1', not 't0'"):
+        export_package(finetuned_run / "run", "t0", finetuned_run / "pkg", onnx=False,
+                       territory_dir=finetuned_run / "out-1")
+    with pytest.raises(ExportError, match="personal model .* does not exist"):  # a file, not a folder
+        export_package(finetuned_run / "run", "t0", finetuned_run / "pkg", onnx=False,
+                       territory_dir=finetuned_run / "run" / "summary.json")
+    assert not (finetuned_run / "pkg").exists()
+
+
+def test_export_refuses_a_personal_model_that_forecasts_nan(finetuned_run):
+    from fedldt.delivery.export import ExportError, export_package
+
+    def huge(state):  # finite weights whose forecast is not finite: the MAE check used to pass NaN
+        return {k: (v * 3e38 if torch.is_floating_point(v) else v) for k, v in state.items()}
+
+    _forge(finetuned_run / "out-2", huge)
+    with pytest.raises(ExportError, match="test MAE re-computed here (nan|inf)"):
+        export_package(finetuned_run / "run", "t2", finetuned_run / "pkg", onnx=False,
+                       territory_dir=finetuned_run / "out-2")
+    _forge(finetuned_run / "out-2", lambda s: {**s, next(iter(s)): torch.full_like(next(iter(s.values())), math.nan)})
+    with pytest.raises(ExportError, match="hold NaN or inf"):
+        export_package(finetuned_run / "run", "t2", finetuned_run / "pkg", onnx=False,
+                       territory_dir=finetuned_run / "out-2")
+    assert not (finetuned_run / "pkg").exists()

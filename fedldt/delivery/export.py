@@ -267,7 +267,7 @@ def export_package(
         raise ExportError(f"{run_dir / 'model.pt'}: model sizes (model, data) differ: {wrong}")
     model = build_model(model_cfg, num_nodes=ds.num_nodes)
     if territory_dir is not None:
-        _load_personal(model, run_dir, ckpt, Path(territory_dir).expanduser())
+        _load_personal(model, run_dir, ckpt, Path(territory_dir).expanduser(), territory)
     elif ckpt.get("personalization") in PERSONAL:
         raise ExportError(f"run {run_dir} is personalized (personalization={ckpt['personalization']}): each territory "
                           "kept its own model in its own folder; export it on the territory with --territory-dir "
@@ -292,8 +292,11 @@ def export_package(
     # ---- the reported test metric must be reproduced with the global weights
     reported = summary["test_per_territory"][territory]["mae"]["all"]
     recomputed = mae(task.evaluate(model, "test"))
-    if abs(recomputed - reported) > REPRODUCE_TOL:
-        raise ExportError(f"territory {territory}: test MAE re-computed here {recomputed:.6f} != reported {reported:.6f}: "
+    if reported is None:
+        raise ExportError(f"territory {territory} had no valid test target in run {run_dir} (test MAE null): the "
+                          "exported model could not be checked against the run; export a territory with test data")
+    if recomputed is None or not np.isfinite(recomputed) or abs(recomputed - reported) > REPRODUCE_TOL:
+        raise ExportError(f"territory {territory}: test MAE re-computed here {recomputed} != reported {reported}: "
                           "the data or code differ from the run's; export with the data and fedldt version of the run")
 
     try:
@@ -316,12 +319,12 @@ def export_package(
 PERSONAL = ("finetune", "ditto")
 
 
-def _load_personal(model: torch.nn.Module, run_dir: Path, ckpt: dict[str, Any], folder: Path) -> None:
+def _load_personal(model: torch.nn.Module, run_dir: Path, ckpt: dict[str, Any], folder: Path, territory: str) -> None:
     """Load into ``model`` the personal model the territory kept in ``folder`` for this run.
 
     Raises:
         ExportError: the run is not personalized or names no run key; the file is missing, corrupt,
-            of another run, or does not fit the model (keys and shapes).
+            of another run or another territory, holds NaN/inf, or does not fit the model (keys and shapes).
     """
     if ckpt.get("personalization") not in PERSONAL:
         raise ExportError(f"--territory-dir is for personalization={'|'.join(PERSONAL)} runs; run {run_dir} has "
@@ -331,9 +334,13 @@ def _load_personal(model: torch.nn.Module, run_dir: Path, ckpt: dict[str, Any], 
         raise ExportError(f"{run_dir / 'model.pt'} names no run key (written by an older fedldt): the territory's "
                           "personal model cannot be matched to this run")
     try:
-        _, state = load_personal_model(folder, run_key)
+        meta, state = load_personal_model(folder, run_key)
     except (CheckpointError, ValueError) as e:
         raise ExportError(f"--territory-dir {folder}: {e}") from None
+    owner = meta.get("territory_id")
+    if owner is not None and str(owner) != territory:
+        raise ExportError(f"--territory-dir {folder} holds the personal model of territory {str(owner)[:128]!r}, not "
+                          f"{territory!r}: give the out-dir of {territory!r}'s own SuperNode")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
