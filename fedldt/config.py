@@ -284,7 +284,9 @@ def check_against_data(cfg: Mapping[str, Any]) -> None:
       territories (``as_given``);
     * ``task.window + task.horizon`` fits in the shortest of the train/val/test parts;
     * ``task.train_history`` names only territories of the partition, each a whole number of
-      the data's steps that keeps at least one window and at most the training part.
+      the data's steps that keeps at least one window and at most the training part;
+    * ``federation.holdout`` names a territory of the partition, not its only one, and
+      ``federation.holdout_finetune`` follows the ``task.train_history`` rules for it.
 
     Raises:
         ConfigError: the key, its value and the allowed range named.
@@ -310,11 +312,33 @@ def check_against_data(cfg: Mapping[str, Any]) -> None:
             f"steps ({steps} steps split {t['split']}): allowed task.horizon in [1, {max(room - t['window'], 0)}] "
             f"with task.window={t['window']}")
     history = t.get("train_history") or {}
-    if history:
-        for ds in load_territories(dict(cfg)):
-            if history.get(ds.name) is not None:
-                kept_train_bounds(ds, split_bounds(ds.num_steps, tuple(t["split"]))["train"],
-                                  train_history_steps(ds, history[ds.name]), int(t["window"]), int(t["horizon"]))
+    fed = cfg.get("federation") or {}
+    holdout, holdout_history = fed.get("holdout"), fed.get("holdout_finetune")
+    if not history and holdout is None:
+        return
+    territories = load_territories(dict(cfg))
+
+    def keep(ds: TerritoryDataset, text: str) -> None:
+        kept_train_bounds(ds, split_bounds(ds.num_steps, tuple(t["split"]))["train"], train_history_steps(ds, text),
+                          int(t["window"]), int(t["horizon"]))
+
+    for ds in territories:
+        if history.get(ds.name) is not None:
+            keep(ds, history[ds.name])
+    if holdout is None:
+        return
+    names = [ds.name for ds in territories]
+    if str(holdout) not in names:
+        raise ConfigError(f"federation.holdout={str(holdout)[:128]!r} is not a territory of this pilot; its territories "
+                          f"are {names}: name one of them, or null")
+    if len(names) < 2:
+        raise ConfigError(f"federation.holdout={holdout!r} is the pilot's only territory: no territory would train; "
+                          "use federation.holdout=null, or a partition with more territories")
+    if holdout_history is not None:  # checked here, not after every round of training
+        try:
+            keep(territories[names.index(str(holdout))], str(holdout_history))
+        except ConfigError as e:
+            raise ConfigError(f"federation.holdout_finetune={holdout_history!r} for the held-out territory: {e}") from None
 
 
 @lru_cache(maxsize=2)

@@ -138,3 +138,37 @@ def test_export_refuses_a_personal_model_that_forecasts_nan(finetuned_run):
         export_package(finetuned_run / "run", "t2", finetuned_run / "pkg", onnx=False,
                        territory_dir=finetuned_run / "out-2")
     assert not (finetuned_run / "pkg").exists()
+
+
+# ------------------------------------------------------------------ hold-out checked before any training
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from tests.conftest import write_los_loop_like
+
+    return write_los_loop_like(tmp_path_factory.mktemp("syn"), num_steps=600)
+
+
+def _data_cfg(folder, *overrides: str) -> dict:
+    return resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", *overrides]))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    # before: found by the ServerApp after the SuperLink and SuperNodes started (simulation, deployment)
+    (("federation.holdout=nowhere",), r"federation.holdout='nowhere' is not a territory of this pilot; its territories "
+                                      r"are \['t0', 't1', 't2'\]"),
+    (("partition.num_territories=1", "federation.holdout=t0"), "only territory"),
+    # before: found by the held-out territory after the last round, the whole run lost
+    (("federation.holdout=t2", "federation.holdout_finetune=1000D"),
+     r"federation.holdout_finetune='1000D' for the held-out territory: .* keep at most"),
+    (("federation.holdout=t2", "federation.holdout_finetune=7min"), "not a whole number of the data's 5min steps"),
+])
+def test_holdout_is_checked_against_the_data_before_training(synthetic, overrides, match):
+    from fedldt.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _data_cfg(synthetic, "partition.num_territories=3", *overrides)
+
+
+def test_a_valid_holdout_resolves(synthetic):
+    cfg = _data_cfg(synthetic, "partition.num_territories=3", "federation.holdout=t2", "federation.holdout_finetune=1D")
+    assert cfg["federation"]["holdout"] == "t2" and cfg["federation"]["holdout_finetune"] == "1D"
