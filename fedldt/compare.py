@@ -28,7 +28,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from fedldt.baselines import build_tasks  # noqa: E402
-from fedldt.config import composable_overrides, compose_config, num_territories, resolve_config  # noqa: E402
+from fedldt.config import (composable_overrides, compose_config, load_territories, num_territories,  # noqa: E402
+                           resolve_config)
 from fedldt.launch.progress import run_slot  # noqa: E402
 from fedldt.models import build_model  # noqa: E402
 from fedldt.results import REFERENCES, check_publish_dir, fmt_metric, markdown_table, publish  # noqa: E402
@@ -105,7 +106,9 @@ def run_overrides(base: Sequence[str], method: str, seed: int, holdout: str | No
         if not _PLAIN_NAME.match(holdout):
             raise ValueError(f"territory name {holdout!r} cannot be held out by an override; compare.contribution "
                              "needs territory names of letters, digits, '_', '.' or '-'")
-        ov = [o for o in ov if not o.lstrip("+~").startswith("federation.holdout=")] + [f"federation.holdout={holdout}"]
+        # quoted: Hydra reads a bare null/true/1/nan as None/bool/int/float (a territory named "null"
+        # would silently be no hold-out at all)
+        ov = [o for o in ov if not o.lstrip("+~").startswith("federation.holdout=")] + [f"federation.holdout='{holdout}'"]
     return ov
 
 
@@ -641,7 +644,8 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
     Raises:
         FileExistsError: ``publish_dir`` or a run folder holds files fedldt did not write (before
             any training).
-        ValueError: ``compare.contribution`` with ``federation.holdout`` set (before any training).
+        ValueError: ``compare.contribution`` with ``federation.holdout`` set, with fewer than 2
+            territories, or with a territory name an override cannot carry (before any training).
         fedldt.config.ConfigError: a run's config is invalid (before any training).
         fedldt.launch.simulation.RunFailed: a federated run failed.
     """
@@ -658,6 +662,16 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
     for m in runs:  # every run's config, before the first run, not in the middle of the comparison
         if m in PERSONALIZATION:
             resolve_config(compose_config(run_overrides(base, m, seeds[0])), require_data=False)
+    if contribution:  # the leave-one-out runs' configs too, before hours of the other runs
+        names = [t.name for t in load_territories(dict(cfg))]
+        if len(names) < 2:
+            raise ValueError(f"compare.contribution=true needs at least 2 territories (pilot '{cfg['name']}' has "
+                             f"{names}): leaving the only one out leaves none to train")
+        for k in names:
+            held = resolve_config(compose_config(run_overrides(base, "federated", seeds[0], holdout=k)),
+                                  require_data=False)["federation"]["holdout"]
+            if held != k:
+                raise ValueError(f"compare.contribution: the run without territory {k!r} would hold out {held!r}")
     out.mkdir(parents=True, exist_ok=True)
     total = len(seeds) * (len(runs) + (num_territories(cfg) if contribution else 0))
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}

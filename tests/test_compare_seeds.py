@@ -138,7 +138,7 @@ def test_overrides_of_each_run():
     assert run_overrides(base, "finetune", 2) == ["pilot=los_loop_3", "train.rounds=2", "seed=2", "personalization=finetune"]
     assert run_overrides(base, "local", 1) == ["pilot=los_loop_3", "train.rounds=2", "seed=1"]
     assert run_overrides(base + ["federation.holdout=t9"], "federated", 0, holdout="t1")[-2:] == [
-        "personalization=none", "federation.holdout=t1"]
+        "personalization=none", "federation.holdout='t1'"]
     with pytest.raises(ValueError, match="cannot be held out"):
         run_overrides(base, "federated", 0, holdout="a,b")
 

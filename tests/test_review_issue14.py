@@ -172,3 +172,23 @@ def test_holdout_is_checked_against_the_data_before_training(synthetic, override
 def test_a_valid_holdout_resolves(synthetic):
     cfg = _data_cfg(synthetic, "partition.num_territories=3", "federation.holdout=t2", "federation.holdout_finetune=1D")
     assert cfg["federation"]["holdout"] == "t2" and cfg["federation"]["holdout_finetune"] == "1D"
+
+
+# ------------------------------------------------------------------ compare.contribution checked before training
+@pytest.mark.parametrize("name", ["null", "true", "1", "1e3", "nan", "t.1-a_b"])
+def test_a_leave_one_out_run_holds_out_exactly_the_named_territory(name):
+    from fedldt.compare import run_overrides
+
+    # before: federation.holdout=null composed to None (a territory named "null" was never held out)
+    ov = run_overrides(["pilot=los_loop_3"], "federated", 0, holdout=name)
+    assert compose_config(ov)["federation"]["holdout"] == name
+
+
+def test_contribution_with_one_territory_is_refused_before_any_run(synthetic_dir, small_cfg, tmp_path):
+    from fedldt.compare import run_comparison
+
+    over = ["partition.num_territories=1", "compare.contribution=true", "compare.methods=[local]"]
+    cfg = small_cfg(synthetic_dir, *over)
+    with pytest.raises(ValueError, match=r"needs at least 2 territories .*\['t0'\]"):
+        run_comparison(cfg, ["pilot=los_loop_3", f"dataset.path={synthetic_dir}", *over], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # before: the local runs first, then a failed leave-one-out run
