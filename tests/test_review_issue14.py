@@ -192,3 +192,17 @@ def test_contribution_with_one_territory_is_refused_before_any_run(synthetic_dir
     with pytest.raises(ValueError, match=r"needs at least 2 territories .*\['t0'\]"):
         run_comparison(cfg, ["pilot=los_loop_3", f"dataset.path={synthetic_dir}", *over], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # before: the local runs first, then a failed leave-one-out run
+
+
+# ------------------------------------------------------------------ a NaN filler under the mask
+def test_a_nan_filler_under_the_mask_is_refused():
+    import numpy as np
+    import pandas as pd
+
+    from fedldt.data import TerritoryDataset
+
+    values, mask = np.arange(48, dtype=np.float32)[:, None, None].copy(), np.ones((48, 1, 1), dtype=np.float32)
+    mask[20:22], values[20:22] = 0, np.nan  # before: accepted; model inputs, persistence and seasonal naive became NaN
+    with pytest.raises(ValueError, match=r"missing \(mask=0\) values must hold a finite filler"):
+        TerritoryDataset(name="t", values=values, mask=mask, timestamps=pd.date_range("2021-01-04", periods=48, freq="h"),
+                         node_ids=["a"], edge_index=torch.zeros((2, 1), dtype=torch.long), edge_weight=torch.ones(1))

@@ -109,6 +109,9 @@ class TerritoryDataset:
             raise ValueError(f"{where}: mask must hold only 0 (missing) and 1 (valid)")
         if not np.isfinite(self.values[self.mask > 0]).all():
             raise ValueError(f"{where}: valid (mask=1) values contain NaN or inf")
+        if not np.isfinite(self.values).all():  # a NaN filler would reach the model inputs and persistence
+            raise ValueError(f"{where}: missing (mask=0) values must hold a finite filler, not NaN or inf; fill them "
+                             "with 0 (np.where(mask > 0, values, 0))")
         if len(self.timestamps) != self.num_steps:
             raise ValueError(f"{where}: {len(self.timestamps)} timestamps for {self.num_steps} steps")
         if not isinstance(self.timestamps, pd.DatetimeIndex):
