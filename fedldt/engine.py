@@ -447,7 +447,7 @@ def train_history_steps(dataset: TerritoryDataset, text: str) -> int:
     """
     delta, freq = train_history_timedelta(dataset.name, text), dataset.freq
     if delta % freq != pd.Timedelta(0):
-        raise ConfigError(f"task.train_history.{dataset.name}={text!r} is not a whole number of the data's "
+        raise ConfigError(f"task.train_history.{dataset.name}={str(text)[:40]!r} is not a whole number of the data's "
                           f"{duration_text(freq)} steps: give a multiple of {duration_text(freq)}")
     return int(delta // freq)
 
@@ -492,7 +492,8 @@ def check_train_history_names(task_cfg: Mapping[str, Any], names: Collection[str
     """
     unknown = sorted(set(task_cfg.get("train_history") or {}) - set(names))
     if unknown:
-        raise ConfigError(f"task.train_history names no territory {unknown}: the territories are {sorted(names)}; "
+        shown = [str(u)[:64] for u in unknown[:5]] + ([f"... {len(unknown) - 5} more"] if len(unknown) > 5 else [])
+        raise ConfigError(f"task.train_history names no territory {shown}: the territories are {sorted(names)}; "
                           "use their names (or remove the key)")
 
 

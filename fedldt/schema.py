@@ -110,19 +110,21 @@ def train_history_timedelta(name: str, text: str, key: str | None = None) -> pd.
     Raises:
         ConfigError: not a timedelta, no unit, zero or negative; the key and the fix named.
     """
-    key, fix = key or f"task.train_history.{name}", "give a positive duration with a unit, e.g. 1D, 12h, 3D (or null for all)"
+    key = key or f"task.train_history.{str(name)[:64]}"
+    fix = "give a positive duration with a unit, e.g. 1D, 12h, 3D (or null for all)"
+    shown = str(text)[:40]  # a value of any length may be given; the message stays short
     try:
         float(text)  # "1" would be one nanosecond
     except ValueError:
         pass
     else:
-        raise ConfigError(f"{key}={text!r} has no unit: {fix}")
+        raise ConfigError(f"{key}={shown!r} has no unit: {fix}")
     try:
         delta = pd.Timedelta(text)
     except (ValueError, OverflowError):
-        raise ConfigError(f"{key}={text!r} is not a duration pandas reads: {fix}") from None
+        raise ConfigError(f"{key}={shown!r} is not a duration pandas reads: {fix}") from None
     if pd.isna(delta) or delta <= pd.Timedelta(0):
-        raise ConfigError(f"{key}={text!r} is not a positive duration: {fix}")
+        raise ConfigError(f"{key}={shown!r} is not a positive duration: {fix}")
     return delta
 
 

@@ -206,3 +206,16 @@ def test_a_nan_filler_under_the_mask_is_refused():
     with pytest.raises(ValueError, match=r"missing \(mask=0\) values must hold a finite filler"):
         TerritoryDataset(name="t", values=values, mask=mask, timestamps=pd.date_range("2021-01-04", periods=48, freq="h"),
                          node_ids=["a"], edge_index=torch.zeros((2, 1), dtype=torch.long), edge_weight=torch.ones(1))
+
+
+# ------------------------------------------------------------------ long values stay out of messages
+def test_train_history_messages_stay_short_for_long_values():
+    from fedldt.engine import check_train_history_names
+    from fedldt.schema import ConfigError, train_history_timedelta
+
+    with pytest.raises(ConfigError) as e:
+        train_history_timedelta("t" * 10_000, "x" * 100_000)
+    assert len(str(e.value)) < 300 and "is not a duration pandas reads" in str(e.value)  # before: 110 kB
+    with pytest.raises(ConfigError) as e:
+        check_train_history_names({"train_history": {f"n{i}": "1D" for i in range(10_000)}}, ["t0"])
+    assert len(str(e.value)) < 300 and "9995 more" in str(e.value)
