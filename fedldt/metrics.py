@@ -79,7 +79,8 @@ class MetricSums:
 
         Raises:
             KeyError: a sum is missing from ``record`` (the key is named).
-            ValueError: the sums have different lengths or negative counts.
+            ValueError: the sums have different lengths, negative counts, or a NaN/inf (a record
+                from a territory is data; summary.json never holds NaN).
         """
         vals = {}
         for k in SUM_KEYS:
@@ -92,6 +93,9 @@ class MetricSums:
             raise ValueError(f"metric sums with prefix '{prefix}' have unequal lengths {lengths}")
         if (vals["num_valid"] < 0).any() or (vals["num_valid_ape"] < 0).any():
             raise ValueError(f"metric sums with prefix '{prefix}' have negative counts")
+        bad = [k for k, v in vals.items() if not np.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"metric sums with prefix '{prefix}' hold NaN or inf in {bad}")
         return cls(**vals)
 
 

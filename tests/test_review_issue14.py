@@ -219,3 +219,16 @@ def test_train_history_messages_stay_short_for_long_values():
     with pytest.raises(ConfigError) as e:
         check_train_history_names({"train_history": {f"n{i}": "1D" for i in range(10_000)}}, ["t0"])
     assert len(str(e.value)) < 300 and "9995 more" in str(e.value)
+
+
+# ------------------------------------------------------------------ forged evaluation sums (server side)
+def test_evaluation_sums_holding_nan_are_refused():
+    from fedldt.metrics import MetricSums
+    from fedldt.results import sums_from_record, sums_to_record
+
+    record = sums_to_record({name: MetricSums.zeros(3) for name in ("model", "persistence", "historical_average",
+                                                                     "seasonal_naive_day", "seasonal_naive_week")})
+    assert sums_from_record(record)["seasonal_naive_week"].abs_err_sum.tolist() == [0.0, 0.0, 0.0]
+    record["seasonal_naive_week.abs_err_sum"] = [0.0, math.nan, 0.0]  # before: NaN reached summary.json's writer
+    with pytest.raises(ValueError, match=r"prefix 'seasonal_naive_week.' hold NaN or inf in \['abs_err_sum'\]"):
+        sums_from_record(record)
