@@ -465,8 +465,9 @@ def kept_train_bounds(dataset: TerritoryDataset, train: tuple[int, int], n: int,
     (``task.train_history``).
 
     Raises:
-        ConfigError: ``n`` is shorter than one window (``window + horizon``) or longer than the
-            training part (``task.train_history.<dataset.name>`` and the fix named).
+        ConfigError: ``n`` is shorter than one window (``window + horizon``), longer than the
+            training part, or keeps only missing values (``task.train_history.<dataset.name>`` and
+            the fix named).
     """
     t0, t1 = train
     key, need = f"task.train_history.{dataset.name}", window + horizon
@@ -477,6 +478,9 @@ def kept_train_bounds(dataset: TerritoryDataset, train: tuple[int, int], n: int,
     if n > t1 - t0:
         raise ConfigError(f"{key} keeps {span(n)} but the training part of territory '{dataset.name}' has {span(t1 - t0)}: "
                           f"keep at most {duration_text((t1 - t0) * dataset.freq)}, or null for all")
+    if not (dataset.mask[t1 - n:t1] > 0).any():  # nothing to fit the scaler or train on: a silent 0 loss
+        raise ConfigError(f"{key} keeps {span(n)} of territory '{dataset.name}''s training part, in which every value "
+                          "is missing (mask 0): keep a longer history, or null for all")
     return t1 - n, t1
 
 

@@ -232,3 +232,18 @@ def test_evaluation_sums_holding_nan_are_refused():
     record["seasonal_naive_week.abs_err_sum"] = [0.0, math.nan, 0.0]  # before: NaN reached summary.json's writer
     with pytest.raises(ValueError, match=r"prefix 'seasonal_naive_week.' hold NaN or inf in \['abs_err_sum'\]"):
         sums_from_record(record)
+
+
+# ------------------------------------------------------------------ a kept history without any valid value
+def test_a_kept_history_without_a_valid_value_is_refused():
+    from fedldt.engine import task_from_config
+    from fedldt.schema import ConfigError
+    from tests.test_train_history import TASK, TRAIN, _ramp
+
+    ds = _ramp()  # hourly, training part [0, 144)
+    ds.mask[120:144] = 0  # the last day of the training part is all missing
+    # before: accepted; scaler mean 0 / std 1, training loss 0.0 on nothing, fine-tuning "ran" 3 epochs
+    with pytest.raises(ConfigError, match=r"task.train_history.t2 keeps 24 steps \(1D\) .* every value is missing"):
+        task_from_config(ds, {**TASK, "train_history": {"t2": "1D"}}, TRAIN)
+    task = task_from_config(ds, {**TASK, "train_history": {"t2": "2D"}}, TRAIN)  # one valid day: fine
+    assert task.bounds["train"] == (96, 144)
