@@ -92,6 +92,16 @@ def base_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in composable_overrides(overrides) if not o.lstrip("+~").startswith(_PER_RUN)]
 
 
+def partition_pin(cfg: Mapping[str, Any]) -> list[str]:
+    """``[partition.seed=<base value>]`` when the partition has a seed (k-means), else ``[]``.
+
+    ``partition.seed`` defaults to ``${seed}``: without the pin, ``seed=<k>`` of each compared seed
+    would also move the k-means clusters, so seeds would compare different territories. Pinned, the
+    compared seeds vary model initialisation and batch order only, on the same territories."""
+    part = cfg.get("partition") or {}
+    return [f"partition.seed={int(part['seed'])}"] if part.get("seed") is not None else []
+
+
 def run_overrides(base: Sequence[str], method: str, seed: int, holdout: str | None = None) -> list[str]:
     """The Hydra overrides of one run: ``base`` + ``seed=<seed>`` (+ ``personalization=<p>`` for a
     federated method, + ``federation.holdout=<holdout>`` for a leave-one-out run).
@@ -658,10 +668,14 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
     if contribution and (cfg.get("federation") or {}).get("holdout"):
         raise ValueError(f"compare.contribution=true needs every territory in the federated run, but federation.holdout="
                          f"{cfg['federation']['holdout']}; drop federation.holdout or compare.contribution")
-    base = base_overrides(overrides)
+    base = base_overrides(overrides) + partition_pin(cfg)
     for m in runs:  # every run's config, before the first run, not in the middle of the comparison
         if m in PERSONALIZATION:
-            resolve_config(compose_config(run_overrides(base, m, seeds[0])), require_data=False)
+            for seed in seeds:  # every seed's territories are the base config's (paired comparison)
+                run_cfg = resolve_config(compose_config(run_overrides(base, m, seed)), require_data=False)
+                if run_cfg["partition"] != cfg["partition"]:
+                    raise ValueError(f"compare: the {m} run of seed {seed} would partition the territories "
+                                     f"otherwise ({run_cfg['partition']}) than the base config ({cfg['partition']})")
     if contribution:  # the leave-one-out runs' configs too, before hours of the other runs
         names = [t.name for t in load_territories(dict(cfg))]
         if len(names) < 2:

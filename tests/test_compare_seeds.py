@@ -242,3 +242,22 @@ def test_paired_verdict_flips_when_method_and_local_swap(pairs):
     if len(pairs) > 1:  # (one seed: the 1 % rule is relative to local, not symmetric)
         assert b["verdict"] == flip[a["verdict"]]
         assert a["std_diff"] == pytest.approx(b["std_diff"]) and a["std_diff"] >= 0
+
+
+def test_compared_seeds_keep_the_base_seeds_territories():
+    """The bug of stop 12: ``seed=<k>`` also moved the k-means clusters of los_loop_3 (t0 had 92 or
+    91 sensors instead of 93 in seeds 1 and 2), so the seeds compared different territories. Pinned
+    (:func:`partition_pin`), every seed's federated run has the base seed's sensors."""
+    from fedldt.compare import partition_pin
+    from fedldt.config import compose_config, load_territories, resolve_config
+
+    base_cfg = resolve_config(compose_config(["pilot=los_loop_3"]))
+    pin = partition_pin(base_cfg)
+    assert pin == [f"partition.seed={base_cfg['seed']}"]
+    nodes = lambda cfg: {t.name: list(t.node_ids) for t in load_territories(cfg)}  # noqa: E731
+    want = nodes(base_cfg)
+    moved = [s for s in (1, 2) if nodes(resolve_config(compose_config(run_overrides(["pilot=los_loop_3"], "federated", s)))) != want]
+    assert moved, "the unpinned seed no longer moves the clusters: this test lost its point"
+    for s in (1, 2):
+        cfg = resolve_config(compose_config(run_overrides(["pilot=los_loop_3", *pin], "finetune", s)))
+        assert cfg["seed"] == s and nodes(cfg) == want
