@@ -20,7 +20,7 @@ from fedldt.config import load_territories, reads_packages
 from fedldt.data.checks import require_usable
 from fedldt.data.package import MANIFEST, load_package
 from fedldt.data.territory import TerritoryDataset
-from fedldt.engine import TerritoryTask, derive_seed, task_from_config
+from fedldt.engine import TerritoryTask, cpu_state, derive_seed, task_from_config, train_device
 from fedldt.models import build_model, load_shared_state, local_state_names, split_state
 from fedldt.personal import KEPT, PERSONAL_PREFIX, finetune_from_config
 from fedldt.personal import with_train_history as personal_history
@@ -170,7 +170,7 @@ def _model(cfg: Mapping[str, Any], index: int, task: TerritoryTask, shared: Mapp
                              f"model '{cfg['model']['name']}' with personalization={personalization}")
         model.load_state_dict(local, strict=False)
     load_shared_state(model, shared, personalization)
-    return model
+    return model.to(train_device(cfg["train"]))  # train.device; what leaves the model goes through cpu_state
 
 
 def local_state(folder: Path, run_key: str, local_round: int, kept: Mapping[str, torch.Tensor] | None,
@@ -232,7 +232,7 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
     tr = cfg["train"]
     shared_names = set(state_dict)
     if personalization_of(cfg) == "ditto":  # v starts from the first global model received (with the local entries)
-        personal = personal if personal is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        personal = personal if personal is not None else cpu_state(model.state_dict())
     loss = task.fit(
         model, epochs=tr["local_epochs"], lr=tr["lr"], seed=derive_seed(cfg["seed"], index, server_round),
         weight_decay=tr["weight_decay"], grad_clip=tr["grad_clip"], proximal_mu=proximal_mu,
@@ -244,7 +244,7 @@ def train(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Ten
         local.update({PERSONAL_PREFIX + k: v for k, v in ditto_update(cfg, index, task, personal, state_dict,
                                                                        server_round).items()})
     metrics = {"num-examples": task.num_windows("train"), "train_loss": float(loss), "territory": index}
-    return dict(shared), local, metrics
+    return cpu_state(shared), cpu_state(local), metrics
 
 
 def split_personal(local: Mapping[str, torch.Tensor] | None
@@ -270,11 +270,12 @@ def ditto_update(cfg: Mapping[str, Any], index: int, task: TerritoryTask, person
     p, tr = cfg["personalization"], cfg["train"]
     model = build_model({**cfg["model"], **task.model_dims()}, num_nodes=task.dataset.num_nodes)
     model.load_state_dict(dict(personal))
+    model.to(train_device(tr))
     task.fit(model, epochs=int(p["epochs"]), lr=float(p.get("lr") or tr["lr"]),
              seed=derive_seed(cfg["seed"], index, server_round, 1), weight_decay=tr["weight_decay"],
              grad_clip=tr["grad_clip"], proximal_mu=float(p["lam"]), proximal_names=set(global_shared),
              proximal_reference=global_shared, optimizer=tr["optimizer"]["_target_"])
-    return dict(model.state_dict())
+    return cpu_state(model.state_dict())
 
 
 def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.Tensor], split: str,
@@ -314,6 +315,7 @@ def evaluate(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
     if personal is not None and use != "global":
         model = build_model({**cfg["model"], **task.model_dims()}, num_nodes=task.dataset.num_nodes)
         model.load_state_dict(personal)
+        model.to(train_device(cfg["train"]))
     else:
         model = _model(cfg, index, task, state_dict, entries)
     return {"num-examples": task.num_windows(split), "territory": index,
@@ -348,4 +350,4 @@ def finetune(cfg: Mapping[str, Any], index: int, state_dict: Mapping[str, torch.
     metrics: dict[str, int | float] = {"territory": index, "kept": KEPT.index(info["kept"]),
                                        "epochs_run": int(info["epochs_run"])}
     metrics.update({k: float(info[k]) for k in ("val_mae_global", "val_mae_finetuned") if info[k] is not None})
-    return state, metrics
+    return cpu_state(state), metrics

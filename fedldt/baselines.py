@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from fedldt.config import load_territories
-from fedldt.engine import TerritoryTask, build_optimizer, derive_seed, seed_everything, task_from_config, train_epochs
+from fedldt.engine import (TerritoryTask, build_optimizer, cpu_state, derive_seed, seed_everything, task_from_config,
+                           train_device, train_epochs)
 from fedldt.launch.progress import RunProgress, round_line
 from fedldt.metrics import pool, report
 from fedldt.models import build_model
@@ -49,10 +50,13 @@ def build_tasks(cfg: dict[str, Any]) -> list[TerritoryTask]:
 
 def initial_model(cfg: dict[str, Any], task: TerritoryTask, per_territory: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model the federated server would start from (same seed, same sizes); with
-    ``per_territory`` it is built for ``task``'s nodes (node-specific parameters allowed)."""
+    ``per_territory`` it is built for ``task``'s nodes (node-specific parameters allowed), on
+    ``train.device`` (:func:`fedldt.engine.train_device`; built on the CPU first, so the initial
+    weights do not depend on the device)."""
     seed_everything(int(cfg["seed"]))
     model_cfg = {**cfg["model"], **task.model_dims()}
-    return build_model(model_cfg, num_nodes=task.dataset.num_nodes if per_territory else None), model_cfg
+    model = build_model(model_cfg, num_nodes=task.dataset.num_nodes if per_territory else None)
+    return model.to(train_device(cfg["train"])), model_cfg
 
 
 def split_holdout(cfg: dict[str, Any], tasks: list[TerritoryTask]
@@ -154,7 +158,7 @@ def run_centralized(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTas
                             model_cfg, time.time() - t0)
     if held is not None:
         summary["holdout"] = evaluate_holdout(cfg, held, model)
-    write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dict": model.state_dict(), "model_config": model_cfg})
+    write_run_outputs(Path(run_dir), cfg, summary, history, {"state_dict": cpu_state(model.state_dict()), "model_config": model_cfg})
     return summary
 
 
@@ -177,7 +181,7 @@ def run_local(cfg: dict[str, Any], run_dir: Path, tasks: list[TerritoryTask] | N
         model, model_cfg = initial_model(cfg, task, per_territory=True)
         _train_rounds(cfg, model, [(idx, task)], history, val, f"local {task.dataset.name}")
         test[task.dataset.name] = evaluation_sums(task, model, "test")
-        states[task.dataset.name] = model.state_dict()
+        states[task.dataset.name] = cpu_state(model.state_dict())
     history.sort(key=lambda r: (r["round"], [t.dataset.name for t in tasks].index(r["territory"])))
     summary = build_summary(cfg, "local", [territory_row(territory_info(t)) for _, t in trained], test,
                             _pooled_rounds(cfg, val), [],

@@ -43,6 +43,53 @@ def derive_seed(*parts: int) -> int:
     return int(ss.generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1, 2**31], dtype=np.uint64)) & (2**63 - 1)
 
 
+#: ``train.device`` values: ``auto`` = CUDA when this process sees a CUDA device, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of ``train.device`` in this process.
+
+    ``auto`` picks ``cuda`` when ``torch.cuda.is_available()`` (a CUDA build of torch and a
+    visible GPU: in a simulation, one that ``federation.client_gpus`` gives the territory's
+    actor), else ``cpu``. Data windows, metrics, messages and files stay on the CPU; only the
+    model and each batch move to the device (:func:`model_device`).
+
+    Raises:
+        ConfigError: an unknown name, or ``cuda`` where this process sees no CUDA device.
+    """
+    if name not in DEVICES:
+        raise ConfigError(f"train.device={name!r} must be one of {list(DEVICES)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but this process sees no CUDA device (torch.cuda.is_available() is False: "
+                          "a CPU build of torch, no GPU, or a simulated territory given no GPU share); use "
+                          "train.device=auto or cpu, or set federation.client_gpus in a simulation")
+    return torch.device(name)
+
+
+def train_device(train_cfg: Mapping[str, Any]) -> torch.device:
+    """:func:`resolve_device` of ``train.device`` (``cpu`` for configs written before the key)."""
+    return resolve_device(str(train_cfg.get("device", "cpu")))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (``cpu`` for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` with every tensor detached on the CPU (what goes into messages and
+    files, so a model trained on a GPU loads on a machine without one). Always a copy, also of CPU
+    tensors: later in-place training of the model never changes it."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
 def masked_mae_loss(y_hat: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over valid entries (0 when the batch has none)."""
     return (torch.abs(y_hat - y) * mask).sum() / mask.sum().clamp_min(1.0)
@@ -126,6 +173,7 @@ class TerritoryTask:
         self.out_channels = dataset.num_channels
         self.edge_index = dataset.edge_index
         self.edge_weight = dataset.edge_weight
+        self._graphs: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if ha_period not in ("day", "week"):
             raise ValueError(f"task.ha_period={ha_period!r} must be 'day' or 'week'")
         self.ha_period = ha_period
@@ -156,6 +204,15 @@ class TerritoryTask:
     def model_dims(self) -> dict[str, int]:
         """Sizes the data injects into a model config."""
         return {"in_channels": self.in_channels, "out_channels": self.out_channels, "horizon": self.horizon}
+
+    def graph_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(edge_index, edge_weight)`` on ``device`` (copied once per device; the CPU ones as they are)."""
+        if device.type == "cpu":
+            return self.edge_index, self.edge_weight
+        if device not in self._graphs:
+            w = self.edge_weight
+            self._graphs[device] = (self.edge_index.to(device), None if w is None else w.to(device))
+        return self._graphs[device]
 
     def loader(self, split: str, shuffle: bool = False, seed: int = 0) -> DataLoader:
         gen = torch.Generator().manual_seed(seed)
@@ -257,8 +314,9 @@ class TerritoryTask:
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
         """Forecast ``[batch, horizon, node, channel]`` in data units, within the channels' valid ranges."""
         model.eval()
-        return clip_forecast(self.scaler.inverse_transform(model(batch.x, self.edge_index, self.edge_weight)),
-                             self.forecast_limits)
+        dev = model_device(model)  # the model's device; the forecast comes back to the CPU
+        y = model(batch.x.to(dev), *self.graph_on(dev)).cpu()
+        return clip_forecast(self.scaler.inverse_transform(y), self.forecast_limits)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> MetricSums:
@@ -409,7 +467,9 @@ def train_epochs(
                if n not in proximal_reference or tuple(proximal_reference[n].shape) != tuple(p.shape)]
         if bad:
             raise ValueError(f"proximal_reference lacks or mis-shapes parameters {bad}")
-        start_params = [proximal_reference[n].detach().to(p.dtype).clone() for n, p in zip(names, prox_params)]
+        start_params = [proximal_reference[n].detach().to(device=p.device, dtype=p.dtype).clone()
+                        for n, p in zip(names, prox_params)]
+    dev = model_device(model)  # batches follow the model (train.device: resolve_device)
     last_loss = float("nan")
     for epoch in range(int(epochs)):
         losses: list[tuple[float, int]] = []  # (batch loss, windows in the batch)
@@ -418,8 +478,8 @@ def train_epochs(
         for i in order:
             task, batch = batches[i]
             opt.zero_grad()
-            y_hat = model(batch.x, task.edge_index, task.edge_weight)
-            loss = masked_mae_loss(y_hat, batch.y_scaled, batch.mask)
+            y_hat = model(batch.x.to(dev), *task.graph_on(dev))
+            loss = masked_mae_loss(y_hat, batch.y_scaled.to(dev), batch.mask.to(dev))
             if start_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(prox_params, start_params))
                 loss = loss + 0.5 * proximal_mu * prox
@@ -564,7 +624,8 @@ def train_epochs_dpsgd(model: nn.Module, opt: torch.optim.Optimizer, task: "Terr
     data = task.windows["train"]
     q, steps = dpsgd_schedule(len(data), task.batch_size, 1)
     gen_sample = torch.Generator().manual_seed(derive_seed(seed, 1))
-    gen_noise = torch.Generator().manual_seed(derive_seed(seed, 2))
+    dev = model_device(model)
+    gen_noise = torch.Generator(device=dev).manual_seed(derive_seed(seed, 2))  # Opacus draws noise on the parameters' device
     gsm = GradSampleModule(model, batch_first=batch_first, loss_reduction="mean")
     dp_opt = DPOptimizer(opt, noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
                          expected_batch_size=max(1, int(len(data) * q)), loss_reduction="mean", generator=gen_noise)
@@ -578,7 +639,8 @@ def train_epochs_dpsgd(model: nn.Module, opt: torch.optim.Optimizer, task: "Terr
                     continue
                 batch = collate([data[i] for i in idx])
                 dp_opt.zero_grad()
-                loss = per_window_masked_mae(gsm(batch.x, task.edge_index, task.edge_weight), batch.y_scaled, batch.mask)
+                loss = per_window_masked_mae(gsm(batch.x.to(dev), *task.graph_on(dev)), batch.y_scaled.to(dev),
+                                             batch.mask.to(dev))
                 loss.backward()
                 dp_opt.step()
                 losses.append((float(loss.detach()), int(batch.x.shape[0])))

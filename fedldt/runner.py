@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from fedldt.baselines import MODES, run_centralized, run_local
 from fedldt.config import num_territories
+from fedldt.engine import train_device
 from fedldt.results import check_run_dir
 
 
@@ -28,11 +29,13 @@ def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path,
     mode = mode or cfg["mode"]
     run_dir = Path(run_dir).resolve()
     check_run_dir(run_dir)  # before any training: never overwrite what fedldt did not write
+    train_device(cfg["train"])  # train.device=cuda on a machine without one: refused before any training
     if mode == "federated":
         from fedldt.launch.simulation import run_simulation  # Flower only where it is needed
 
         ov = [o for o in overrides if not o.startswith("mode=")] + ["mode=federated"]
-        return run_simulation(ov, run_dir, num_territories(cfg), client_cpus=int(cfg["federation"]["client_cpus"]))
+        return run_simulation(ov, run_dir, num_territories(cfg), client_cpus=int(cfg["federation"]["client_cpus"]),
+                              client_gpus=float(cfg["federation"].get("client_gpus", 0.0)))
     if mode == "centralized":
         return run_centralized({**cfg, "mode": mode}, run_dir)
     if mode == "local":

@@ -139,6 +139,8 @@ class TrainConfig(_Block):
     batch_size: _int(1, 1_000_000)
     eval_batch_size: _int(1, 1_000_000)
     torch_threads: _int(1, 1024)
+    #: where the model trains and evaluates (fedldt.engine.resolve_device): auto = CUDA when visible
+    device: Literal["auto", "cpu", "cuda"]
     optimizer: "OptimizerConfig"
 
 
@@ -165,6 +167,8 @@ class FederationConfig(_Block):
     """``federation``: how territories are run and waited for (``conf/config.yaml``)."""
 
     client_cpus: Annotated[float, Field(gt=0.0, le=1024.0)]
+    #: GPU share per simulated territory (Ray resources; 0 = none, 0.25 = four territories per GPU)
+    client_gpus: Annotated[float, Field(ge=0.0, le=64.0)]
     timeout_s: Annotated[float, Field(gt=0.0, le=7 * 24 * 3600.0)]
     min_train_territories: Optional[_int(1, 10_000)]
     #: a territory that takes no part in training, evaluated zero-shot (its name, e.g. "t2")

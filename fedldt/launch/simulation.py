@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import psutil
 
 from fedldt.config import checkout_root, composable_overrides
+from fedldt.schema import ConfigError
 from fedldt.launch.progress import RunProgress
 
 
@@ -289,7 +290,23 @@ def _tee(stream, log_path: Path, on_line: Callable[[str], object] | None = None)
                 on_line(line)
 
 
+def check_gpu_share(client_gpus: float) -> None:
+    """Refuse ``federation.client_gpus`` > 0 where torch sees no CUDA device.
+
+    Raises:
+        ConfigError: names the key, its value and the fix.
+    """
+    if client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"federation.client_gpus={client_gpus:g} but this machine has no CUDA device "
+                              "(torch.cuda.is_available() is False): the territories could never be placed; "
+                              "set federation.client_gpus=0")
+
+
 def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1,
+                   client_gpus: float = 0.0,
                    app_dir: Path | None = None) -> dict[str, Any]:
     """Run a pilot on the simulation engine with one SuperNode per territory.
 
@@ -299,6 +316,8 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         run_dir: absolute results folder; logs go to ``run_dir/logs``.
         num_supernodes: simulated SuperNodes (= territories).
         client_cpus: CPU cores Ray reserves per client.
+        client_gpus: GPU share Ray reserves per client (0: none; the client's ``train.device=auto``
+            then trains on the CPU).
         app_dir: the Flower app folder to submit (:func:`run_flwr_app`); ``None``: this checkout.
             Only callers in code pass another one (a test app with test-only mods,
             ``tests/apps.py``; ``scripts/poisoning.py``), never a config value.
@@ -308,7 +327,10 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
 
     Raises:
         RunFailed: the SuperLink did not start or the run failed (log paths named).
+        ConfigError: ``client_gpus`` > 0 where this machine has no CUDA device (Ray would wait for
+            ever for a GPU to place the territories on), before anything starts.
     """
+    check_gpu_share(client_gpus)
     run_dir = Path(run_dir).resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -330,7 +352,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         run_flwr_app(
             "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)},
             {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus),
-             "client-resources-num-gpus": 0, "init-args-num-cpus": max(os.cpu_count() or 1, int(client_cpus))},
+             "client-resources-num-gpus": float(client_gpus), "init-args-num-cpus": max(os.cpu_count() or 1, int(client_cpus))},
             logs / "server.log", app_dir=app_dir,
         )
     finally:
