@@ -174,6 +174,8 @@ class TerritoryTask:
         self.edge_index = dataset.edge_index
         self.edge_weight = dataset.edge_weight
         self._graphs: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: split -> the reference forecasts' sums (fedldt.results.reference_sums): they never change
+        self.reference_cache: dict[str, Any] = {}
         if ha_period not in ("day", "week"):
             raise ValueError(f"task.ha_period={ha_period!r} must be 'day' or 'week'")
         self.ha_period = ha_period

@@ -57,10 +57,20 @@ def reference_sums(task: Any, split: str) -> dict[str, MetricSums]:
     """Masked error sums on ``split`` of each of the :data:`REFERENCES` forecasts of a
     :class:`~fedldt.engine.TerritoryTask`, keyed by reference name, in :data:`REFERENCES` order;
     a seasonal naive forecast not defined for the data (:meth:`~fedldt.engine.TerritoryTask.seasonal_lag_steps`)
-    gives all-zero sums (its metrics are ``None``)."""
+    gives all-zero sums (its metrics are ``None``).
+
+    The forecasts depend on the task's data and split only, never on a model: computed once per
+    task and split, then served from the task's cache (a territory evaluates them every round).
+    """
+    cache = getattr(task, "reference_cache", None)
+    if cache is not None and split in cache:
+        return dict(cache[split])
     out = {"persistence": task.persistence(split), "historical_average": task.historical_average(split),
            **{ref: task.seasonal_naive(split, lag) for ref, lag in SEASONAL_LAGS.items()}}
-    return {ref: out[ref] for ref in REFERENCES}
+    out = {ref: out[ref] for ref in REFERENCES}
+    if cache is not None:
+        cache[split] = out
+    return dict(out)
 
 
 def evaluation_sums(task: Any, model: torch.nn.Module, split: str) -> dict[str, MetricSums]:

@@ -10,11 +10,12 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from fedldt.checkpoint import (Checkpoint, Checkpointable, CheckpointError, check_global_arrays, load_checkpoint,
@@ -272,9 +273,21 @@ def evaluate_holdout(grid: Grid, cfg: dict[str, Any], node: int, index: int, nam
     return holdout_block(name, zero, finetuned, history, steps)
 
 
+def _mean_bytes(messages: Sequence[Message]) -> float | None:
+    """Mean serialised size (bytes of the protobuf RecordDict Flower sends) of the messages'
+    contents; ``None`` when none has content (every reply an error)."""
+    sizes = [recorddict_to_proto(m.content).ByteSize() for m in messages if m.has_content()]
+    return float(sum(sizes) / len(sizes)) if sizes else None
+
+
+#: The phases of a round timed by :func:`run_rounds` (``summary.json`` ``timing.rounds``).
+ROUND_PHASES = ("train_s", "aggregate_train_s", "evaluate_s", "aggregate_evaluate_s", "checkpoint_s")
+
+
 def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int, timeout: float,
                train_config: Callable[[int], ConfigRecord], evaluate_config: Callable[[int], ConfigRecord],
-               on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
+               on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+               timing: list[dict[str, float]] | None = None) -> ArrayRecord:
     """Rounds ``first`` .. ``last`` of Flower's round loop (``Strategy.start`` in Flower 1.42, which
     always starts at round 1): per round ``configure_train``, send, ``aggregate_train``,
     ``configure_evaluate``, send, ``aggregate_evaluate``, then ``on_round_end(round, arrays)``
@@ -284,19 +297,39 @@ def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int,
         arrays: the global model before round ``first``.
         train_config, evaluate_config: round -> the config record of its messages (a new
             record per round: Flower writes ``server-round`` into it).
+        timing: if given, one row per round is appended: wall seconds of ``train_s`` (configure,
+            send and receive the training messages: the territories' training, serialisation and
+            messaging), ``aggregate_train_s``, ``evaluate_s`` (the same for evaluation),
+            ``aggregate_evaluate_s`` and ``checkpoint_s`` (``on_round_end``); and the mean
+            serialised size in bytes of one message's content (the protobuf Flower sends) per
+            territory: ``bytes_train_down``/``bytes_train_up``/``bytes_evaluate_down``/``bytes_evaluate_up``
+            (``None`` without messages).
 
     Returns:
         The global model after round ``last`` (``arrays`` when ``first > last``).
     """
     for rnd in range(first, last + 1):
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config(rnd), grid), timeout=timeout)
+        clock = [time.perf_counter()]
+        sent = list(strategy.configure_train(rnd, arrays, train_config(rnd), grid))
+        replies = list(grid.send_and_receive(sent, timeout=timeout))
+        clock.append(time.perf_counter())
+        sizes = {"train_down": _mean_bytes(sent), "train_up": _mean_bytes(replies)}
         aggregated, _ = strategy.aggregate_train(rnd, replies)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, evaluate_config(rnd), grid), timeout=timeout)
+        clock.append(time.perf_counter())
+        sent = list(strategy.configure_evaluate(rnd, arrays, evaluate_config(rnd), grid))
+        replies = list(grid.send_and_receive(sent, timeout=timeout))
+        clock.append(time.perf_counter())
+        sizes.update({"evaluate_down": _mean_bytes(sent), "evaluate_up": _mean_bytes(replies)})
         strategy.aggregate_evaluate(rnd, replies)
+        clock.append(time.perf_counter())
         if on_round_end is not None:
             on_round_end(rnd, arrays)
+        clock.append(time.perf_counter())
+        if timing is not None:
+            timing.append({"round": rnd, **{k: round(b - a, 4) for k, a, b in zip(ROUND_PHASES, clock, clock[1:])},
+                           **{f"bytes_{k}": v for k, v in sizes.items()}})
     return arrays
 
 
@@ -418,10 +451,14 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
                         elapsed_s=elapsed0 + time.time() - t_start)
 
     keyed = {RUN_KEY: run_key}
+    timing: dict[str, Any] = {"setup_s": round(time.time() - t_start, 4), "rounds": []}
+    t_rounds = time.time()
     arrays = run_rounds(strategy, train_grid, arrays, done + 1, last, timeout,
                         train_config=lambda r: config_record(cfg, **keyed),
                         evaluate_config=lambda r: config_record(cfg, split="val", **keyed, **{LOCAL_ROUND: r}),
-                        on_round_end=checkpoint)
+                        on_round_end=checkpoint, timing=timing["rounds"])
+    timing["rounds_s"] = round(time.time() - t_rounds, 4)
+    t_final = time.time()
     if strategy.failures:
         print(f"[fedldt] WARNING: {len(strategy.failures)} failed replies: {strategy.failures}", flush=True)
     final_keyed = {**keyed, LOCAL_ROUND: last}
@@ -454,6 +491,9 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     summary = build_summary(cfg, "federated", [territory_row(info) for info in trained.values()], {ids[i]: t for i, t in test.items()}, strategy.rounds,
                             strategy.failures, model_cfg, elapsed0 + time.time() - t_start)
     summary.update(extras)
+    # wall seconds inside the ServerApp: setup (territory discovery, model, strategy), each round's
+    # phases (run_rounds), and the final part (fine-tuning, test evaluation); scripts/bench_federation.py
+    summary["timing"] = {**timing, "final_s": round(time.time() - t_final, 4)}
     if ckpt is not None:
         summary["resumed_after_round"] = ckpt.round
     history = strategy.history
