@@ -35,7 +35,8 @@ def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path,
 
         ov = [o for o in overrides if not o.startswith("mode=")] + ["mode=federated"]
         return run_simulation(ov, run_dir, num_territories(cfg), client_cpus=int(cfg["federation"]["client_cpus"]),
-                              client_gpus=float(cfg["federation"].get("client_gpus", 0.0)))
+                              client_gpus=float(cfg["federation"].get("client_gpus", 0.0)),
+                              ray_address=cfg["federation"].get("ray_address"))
     if mode == "centralized":
         return run_centralized({**cfg, "mode": mode}, run_dir)
     if mode == "local":

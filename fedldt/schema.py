@@ -169,6 +169,8 @@ class FederationConfig(_Block):
     client_cpus: Annotated[float, Field(gt=0.0, le=1024.0)]
     #: GPU share per simulated territory (Ray resources; 0 = none, 0.25 = four territories per GPU)
     client_gpus: Annotated[float, Field(ge=0.0, le=64.0)]
+    #: an existing Ray cluster's head, host:port (simulation engine); null = a Ray instance per run
+    ray_address: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,252}:[0-9]{1,5}$")]]
     timeout_s: Annotated[float, Field(gt=0.0, le=7 * 24 * 3600.0)]
     min_train_territories: Optional[_int(1, 10_000)]
     #: a territory that takes no part in training, evaluated zero-shot (its name, e.g. "t2")

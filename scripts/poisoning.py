@@ -118,7 +118,8 @@ def run_one(out: Path, seed: int, strategy: str, attack: str, attacker: int, ext
             run_dir.rename(run_dir.with_name(f"{attack}.failed-{int(start)}"))
         try:
             summary = run_simulation(overrides, run_dir, n, client_cpus=int(cfg["federation"]["client_cpus"]),
-                                     client_gpus=float(cfg["federation"].get("client_gpus", 0.0)), app_dir=app_dir)
+                                     client_gpus=float(cfg["federation"].get("client_gpus", 0.0)),
+                                     ray_address=cfg["federation"].get("ray_address"), app_dir=app_dir)
         except RunFailed as e:
             return {**record, "status": "failed", "error": str(e)[-2000:], "wall_time_s": round(time.time() - start, 1)}
     record.update(honest_scores(run_dir, overrides, attacker, summary))

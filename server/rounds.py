@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ def evaluate_split(grid: Grid, strategy: FedLDTStrategy, arrays: ArrayRecord, cf
     out = {}
     for r in replies:
         rec = next(iter(r.content.metric_records.values()))
-        out[reply_territory(r)] = sums_from_record(rec)
+        out[reply_territory(r, getattr(getattr(strategy, 'strategy', strategy), 'node_territories', None))] = sums_from_record(rec)
     expected = list(range(num_territories(cfg))) if territories is None else sorted(territories)
     if sorted(out) != expected:
         raise FederationError(f"final {split} evaluation: territories {sorted(out)} answered, expected {expected}")
@@ -273,6 +273,12 @@ def evaluate_holdout(grid: Grid, cfg: dict[str, Any], node: int, index: int, nam
     return holdout_block(name, zero, finetuned, history, steps)
 
 
+def _as_list(messages: Iterable[Message]) -> list[Message]:
+    """The strategy's own list where it returned one (a grid may stamp its items in place, and
+    the strategy matches replies by those ids), else a list of the messages."""
+    return messages if isinstance(messages, list) else list(messages)
+
+
 def _mean_bytes(messages: Sequence[Message]) -> float | None:
     """Mean serialised size (bytes of the protobuf RecordDict Flower sends) of the messages'
     contents; ``None`` when none has content (every reply an error)."""
@@ -310,7 +316,7 @@ def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int,
     """
     for rnd in range(first, last + 1):
         clock = [time.perf_counter()]
-        sent = list(strategy.configure_train(rnd, arrays, train_config(rnd), grid))
+        sent = _as_list(strategy.configure_train(rnd, arrays, train_config(rnd), grid))
         replies = list(grid.send_and_receive(sent, timeout=timeout))
         clock.append(time.perf_counter())
         sizes = {"train_down": _mean_bytes(sent), "train_up": _mean_bytes(replies)}
@@ -318,7 +324,7 @@ def run_rounds(strategy, grid: Grid, arrays: ArrayRecord, first: int, last: int,
         if aggregated is not None:
             arrays = aggregated
         clock.append(time.perf_counter())
-        sent = list(strategy.configure_evaluate(rnd, arrays, evaluate_config(rnd), grid))
+        sent = _as_list(strategy.configure_evaluate(rnd, arrays, evaluate_config(rnd), grid))
         replies = list(grid.send_and_receive(sent, timeout=timeout))
         clock.append(time.perf_counter())
         sizes.update({"evaluate_down": _mean_bytes(sent), "evaluate_up": _mean_bytes(replies)})

@@ -54,15 +54,38 @@ class AggregationGuardError(FederationError):
     """A territory's reply does not fit the global model (keys, shapes, dtypes, weights)."""
 
 
-def reply_territory(msg: Message) -> int:
-    """The territory index a (non-error) reply carries in its metrics."""
+def reply_territory(msg: Message, node_territories: Mapping[int, int] | None = None) -> int:
+    """The territory index of a (non-error) reply: the one discovery gave its SuperNode
+    (``node_territories``, node id -> index), which must be the index it carries in its metrics.
+
+    A territory cannot speak for another one: a reply whose node is not a discovered territory,
+    or that claims another territory's index (its own metrics would overwrite the other's), is
+    refused. Without ``node_territories`` (no discovery) the claimed index is used.
+
+    Raises:
+        AggregationGuardError: the claimed index is not a whole number, the node is unknown, or
+            the claim differs from the node's territory (node id and both indices named).
+    """
     record = next(iter(msg.content.metric_records.values()))
-    return int(record["territory"])
+    claimed = record.get("territory")
+    if isinstance(claimed, bool) or not isinstance(claimed, (int, float)) or not np.isfinite(claimed) or claimed != int(claimed):
+        raise AggregationGuardError(f"a reply from SuperNode {int(msg.metadata.src_node_id)} carries territory={claimed!r}; "
+                                    "it must be the territory's index (a whole number)")
+    if not node_territories:
+        return int(claimed)
+    node = int(msg.metadata.src_node_id)
+    if node not in node_territories:
+        raise AggregationGuardError(f"a reply from SuperNode {node}, which is not a discovered territory of this run")
+    if int(claimed) != node_territories[node]:
+        raise AggregationGuardError(f"a reply from SuperNode {node} (territory index {node_territories[node]}) claims "
+                                    f"territory index {int(claimed)}: a territory cannot report for another")
+    return node_territories[node]
 
 
-def _sorted(replies: Iterable[Message]) -> list[Message]:
+def _sorted(replies: Iterable[Message], node_territories: Mapping[int, int] | None = None) -> list[Message]:
     # Replies arrive in any order; summing floats in a fixed order makes runs repeatable.
-    return sorted(replies, key=lambda m: (1, m.metadata.src_node_id) if m.has_error() else (0, reply_territory(m)))
+    return sorted(replies, key=lambda m: (1, m.metadata.src_node_id) if m.has_error()
+                  else (0, reply_territory(m, node_territories)))
 
 
 def failure_reasons(replies: Iterable[Message]) -> list[dict[str, Any]]:
@@ -272,7 +295,7 @@ class FedLDTStrategy:
         Raises:
             FederationError, AggregationGuardError: see the class docstring.
         """
-        replies = _sorted(replies)
+        replies = _sorted(replies, self.node_territories)
         self._record_failures(server_round, "train", replies)
         ok = [m for m in replies if not m.has_error()]
         self._train = {}
@@ -280,9 +303,9 @@ class FedLDTStrategy:
             rec = next(iter(m.content.metric_records.values()))
             n = rec[WEIGHT_KEY]
             if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0 or n != int(n):
-                raise AggregationGuardError(f"round {server_round}: territory {self._tid(reply_territory(m))} reported "
+                raise AggregationGuardError(f"round {server_round}: territory {self._tid(reply_territory(m, self.node_territories))} reported "
                                             f"{WEIGHT_KEY}={n!r}; it must be a whole number >= 0 (training windows)")
-            self._train[reply_territory(m)] = (float(rec["train_loss"]), int(n))
+            self._train[reply_territory(m, self.node_territories)] = (float(rec["train_loss"]), int(n))
         if len(ok) < self.min_train_territories:
             failed = [f for f in self.failures if f["round"] == server_round and f["phase"] == "train"]
             raise FederationError(
@@ -291,11 +314,11 @@ class FedLDTStrategy:
             )
         contributing = []
         for m in ok:
-            tid = self._tid(reply_territory(m))
+            tid = self._tid(reply_territory(m, self.node_territories))
             if self._template:
                 check_reply_arrays(self._template, next(iter(m.content.array_records.values())), str(tid))
                 _in_template_order(m, self._template)
-            if self._train[reply_territory(m)][1] > 0:
+            if self._train[reply_territory(m, self.node_territories)][1] > 0:
                 contributing.append(m)
         if ok and not contributing:
             raise FederationError(
@@ -312,7 +335,7 @@ class FedLDTStrategy:
 
     def trained_windows(self, contributing: list[Message]) -> dict[str, int]:
         """Territory id -> training windows of the replies ``contributing`` (for the accountant)."""
-        return {str(self._tid(reply_territory(m))): self._train[reply_territory(m)][1] for m in contributing}
+        return {str(self._tid(reply_territory(m, self.node_territories))): self._train[reply_territory(m, self.node_territories)][1] for m in contributing}
 
     def _aggregate_rule(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The aggregation rule on checked, ordered replies: the Flower class's own
@@ -333,12 +356,12 @@ class FedLDTStrategy:
         return ArrayRecord(out)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = _sorted(replies)
+        replies = _sorted(replies, self.node_territories)
         self._record_failures(server_round, "evaluate", replies)
         per: dict[int, MetricSums] = {}
         for m in replies:
             if not m.has_error():
-                per[reply_territory(m)] = MetricSums.from_dict(next(iter(m.content.metric_records.values())), "model.")
+                per[reply_territory(m, self.node_territories)] = MetricSums.from_dict(next(iter(m.content.metric_records.values())), "model.")
         # a territory whose validation targets are all missing has no metric this round
         # (history_row marks it); the pooled metrics come from the others (its zero counts add
         # nothing to the sums)
@@ -374,7 +397,7 @@ class FedLDTStrategy:
             if m.has_error():
                 failed.append((sent.get(m.metadata.reply_to_message_id, int(m.metadata.src_node_id)), str(m.error.reason)))
             else:
-                status[reply_territory(m)] = ("ok", "")
+                status[reply_territory(m, self.node_territories)] = ("ok", "")
         failed += [(node, "no reply within federation.timeout_s") for msg_id, node in sent.items() if msg_id not in answered]
         big = len(self.territory_ids) + 1
         for node, reason in sorted(failed, key=lambda f: (self.node_territories.get(f[0], big), f[0])):

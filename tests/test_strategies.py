@@ -16,7 +16,8 @@ from clients.client_app import LOCAL_KEY, app
 from fedldt.config import compose_config, resolve_config
 from fedldt.models import build_model, local_state_names, split_state
 from server.rounds import config_record
-from server.strategy import STRATEGIES, AggregationGuardError, FederationError, build_strategy, strategy_arguments
+from server.strategy import (STRATEGIES, AggregationGuardError, FederationError, build_strategy, reply_territory,
+                             strategy_arguments)
 from tests.conftest import small_config, write_los_loop_like
 from tests.inprocess import InProcessGrid
 
@@ -518,3 +519,29 @@ def test_summary_names_a_territory_without_a_valid_test_target(tmp_path):
     assert summary["test"]["mae"] == {"h3": 1.5, "all": 1.0}  # t0 alone: 3/2 at h3, 6/6 over all steps
     write_run_outputs(tmp_path, cfg, summary, [], {})
     assert json.loads((tmp_path / "summary.json").read_text())["test_per_territory"]["t1"]["rmse"]["all"] is None
+
+
+def test_a_territory_cannot_report_for_another():
+    """A reply is the territory of its SuperNode (discovery), never the index it claims: t1's node
+    claiming index 0 would overwrite t0's metrics and weight; a reply from an unknown node or with a
+    non-integer index is refused too."""
+    s = _strategy({"name": "fedavg"})
+    ids = _configure(s, W)
+    honest = _reply(ids, 0, {"w": np.ones(2, F32)}, 5)
+    forged = _reply(ids, 1, {"w": np.ones(2, F32)}, 5)
+    forged.content["metrics"]["territory"] = 0
+    with pytest.raises(AggregationGuardError, match=r"SuperNode 11 \(territory index 1\) claims territory index 0"):
+        s.aggregate_train(1, [honest, forged])
+    assert reply_territory(honest, s.node_territories) == 0
+    stranger = _reply(ids, 1, {"w": np.ones(2, F32)}, 5)
+    md = stranger.metadata
+    stranger = Message(stranger.content, metadata=Metadata(
+        run_id=md.run_id, message_id=md.message_id, src_node_id=99, dst_node_id=md.dst_node_id,
+        reply_to_message_id=md.reply_to_message_id, group_id=md.group_id, created_at=md.created_at, ttl=md.ttl,
+        message_type=md.message_type))
+    with pytest.raises(AggregationGuardError, match=r"SuperNode 99, which is not a discovered territory"):
+        reply_territory(stranger, s.node_territories)
+    bad = _reply(ids, 0, {"w": np.ones(2, F32)}, 5)
+    bad.content["metrics"]["territory"] = 0.5
+    with pytest.raises(AggregationGuardError, match=r"carries territory=0.5"):
+        reply_territory(bad, s.node_territories)

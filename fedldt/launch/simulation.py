@@ -246,11 +246,18 @@ def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: di
     Raises:
         RunFailed: the run ended in a status other than ``finished:completed`` (log path named).
     """
-    rc = " ".join(f"{k}='{v}'" for k, v in run_config.items())
-    args = ["run", str(checkout_root() if app_dir is None else Path(app_dir).resolve()), connection, "-c", rc]
+    # The run config goes as a TOML file: `-c "k='v'"` cannot carry a value holding a quote (Flower
+    # splits it with a regex that knows no escapes), e.g. the override federation.holdout='t1'.
+    # json.dumps of a str is a valid TOML basic string (the same escapes, ASCII only).
+    rc = Path(tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=cwd)[1])
+    rc.write_text("".join(f"{k} = {json.dumps(str(v))}\n" for k, v in run_config.items()))
+    args = ["run", str(checkout_root() if app_dir is None else Path(app_dir).resolve()), connection, "-c", str(rc)]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={v}" for k, v in federation_config.items())]
-    run_id = int(flwr_json(args, env, cwd)["run-id"])
+    try:
+        run_id = int(flwr_json(args, env, cwd)["run-id"])
+    finally:
+        rc.unlink(missing_ok=True)  # read by `flwr run` before it returns
     print(f"[fedldt] Flower run {run_id} submitted; log: {log_path}", flush=True)
     streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env, cwd=cwd,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -305,8 +312,26 @@ def check_gpu_share(client_gpus: float) -> None:
                               "set federation.client_gpus=0")
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Check that a Ray cluster's head answers at ``address`` (``host:port``) before anything
+    starts: Ray itself would retry for minutes and the run would wait until its timeout.
+
+    Raises:
+        ConfigError: nothing accepts a TCP connection there within ``timeout`` s (the address and
+            the fix named).
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"federation.ray_address={address}: no Ray cluster head answers there ({type(e).__name__}); "
+                          "start one (ray start --head --port=<port>) or fix the address, or set "
+                          "federation.ray_address=null for a Ray instance of the run's own") from None
+
+
 def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1,
-                   client_gpus: float = 0.0,
+                   client_gpus: float = 0.0, ray_address: str | None = None,
                    app_dir: Path | None = None) -> dict[str, Any]:
     """Run a pilot on the simulation engine with one SuperNode per territory.
 
@@ -318,6 +343,11 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         client_cpus: CPU cores Ray reserves per client.
         client_gpus: GPU share Ray reserves per client (0: none; the client's ``train.device=auto``
             then trains on the CPU).
+        ray_address: ``federation.ray_address``: an existing Ray cluster (``host:port`` of its
+            head, as ``ray start --head`` prints it) that runs the territories' ClientApps instead of a
+            Ray instance started for this run. Flower's simulation engine calls ``ray.init()``, which
+            connects to ``RAY_ADDRESS`` (Ray's documented variable); the cluster's own CPUs and GPUs
+            then count, so no ``num_cpus`` is passed and the local GPU check is skipped.
         app_dir: the Flower app folder to submit (:func:`run_flwr_app`); ``None``: this checkout.
             Only callers in code pass another one (a test app with test-only mods,
             ``tests/apps.py``; ``scripts/poisoning.py``), never a config value.
@@ -328,14 +358,25 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
     Raises:
         RunFailed: the SuperLink did not start or the run failed (log paths named).
         ConfigError: ``client_gpus`` > 0 where this machine has no CUDA device (Ray would wait for
-            ever for a GPU to place the territories on), before anything starts.
+            ever for a GPU to place the territories on), or no Ray head answers at ``ray_address``
+            (:func:`check_ray_address`), before anything starts.
     """
-    check_gpu_share(client_gpus)
+    if ray_address is None:
+        check_gpu_share(client_gpus)  # with a cluster, the GPUs may be on its other machines
+    else:
+        check_ray_address(ray_address)
     run_dir = Path(run_dir).resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="fedldt-flwr-"))
     env = flwr_env(home)
+    env.pop("RAY_ADDRESS", None)  # a cluster only where the config names one, never from the caller's shell
+    resources = {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus),
+                 "client-resources-num-gpus": float(client_gpus)}
+    if ray_address is None:
+        resources["init-args-num-cpus"] = max(os.cpu_count() or 1, int(client_cpus))
+    else:
+        env["RAY_ADDRESS"] = ray_address
     port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -350,9 +391,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=link)
         ov = json.dumps(composable_overrides(overrides))  # hydra.searchpath (the user's config folders) travels
         run_flwr_app(
-            "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)},
-            {"num-supernodes": int(num_supernodes), "client-resources-num-cpus": int(client_cpus),
-             "client-resources-num-gpus": float(client_gpus), "init-args-num-cpus": max(os.cpu_count() or 1, int(client_cpus))},
+            "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)}, resources,
             logs / "server.log", app_dir=app_dir,
         )
     finally:
