@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from fedldt.baselines import build_tasks  # noqa: E402
 from fedldt.config import (composable_overrides, compose_config, load_territories, num_territories,  # noqa: E402
@@ -120,6 +121,33 @@ def run_overrides(base: Sequence[str], method: str, seed: int, holdout: str | No
         # would silently be no hold-out at all)
         ov = [o for o in ov if not o.lstrip("+~").startswith("federation.holdout=")] + [f"federation.holdout='{holdout}'"]
     return ov
+
+
+#: Config blocks a comparison's runs may differ in without being other runs (script-only blocks).
+_NOT_COMPARED = ("compare", "sweep")
+
+
+def finished_run(folder: Path, expected: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run finished in ``folder`` with the config ``expected`` (its
+    ``resolved_config.yaml`` equal to it but for the script-only blocks), else ``None``: no
+    summary (the run did not finish), another config, or files that do not parse (then the run is
+    simply run again; nothing is deleted)."""
+    summary, config = folder / "summary.json", folder / "resolved_config.yaml"
+    if not (summary.is_file() and config.is_file()):
+        return None
+    try:
+        written = yaml.safe_load(config.read_text())
+        out = json.loads(summary.read_text(), parse_constant=_refuse_constant)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(written, dict) or not isinstance(out, dict):
+        return None
+    strip = lambda d: {k: v for k, v in d.items() if k not in _NOT_COMPARED}  # noqa: E731
+    return out if strip(written) == strip(json.loads(json.dumps(dict(expected)))) else None
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"summary.json holds {name}")
 
 
 def federated_from_finetune(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -669,10 +697,14 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
         raise ValueError(f"compare.contribution=true needs every territory in the federated run, but federation.holdout="
                          f"{cfg['federation']['holdout']}; drop federation.holdout or compare.contribution")
     base = base_overrides(overrides) + partition_pin(cfg)
+    reuse = bool((cfg.get("compare") or {}).get("reuse"))
+    expected: dict[tuple[int, str], dict[str, Any]] = {}  # (seed, folder) -> the config the run writes
     for m in runs:  # every run's config, before the first run, not in the middle of the comparison
         if m in PERSONALIZATION:
             for seed in seeds:  # every seed's territories are the base config's (paired comparison)
-                run_cfg = resolve_config(compose_config(run_overrides(base, m, seed)), require_data=False)
+                run_cfg = resolve_config(compose_config(run_overrides(base, m, seed) + ["mode=federated"]),
+                                         require_data=False)
+                expected[(seed, m)] = run_cfg
                 if run_cfg["partition"] != cfg["partition"]:
                     raise ValueError(f"compare: the {m} run of seed {seed} would partition the territories "
                                      f"otherwise ({run_cfg['partition']}) than the base config ({cfg['partition']})")
@@ -696,6 +728,13 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
         nonlocal done
         done += 1
         mode = "federated" if method in PERSONALIZATION else method
+        if reuse:
+            want = expected.get((seed, folder)) if mode == "federated" else {**cfg, "seed": int(seed), "mode": mode}
+            got = None if want is None else finished_run(out / f"seed{seed}" / folder, want)
+            if got is not None:
+                print(f"[fedldt] === seed {seed} {folder}: finished earlier with this config, read from "
+                      f"{out / f'seed{seed}' / folder} (compare.reuse) ===", flush=True)
+                return got
         print(f"[fedldt] === seed {seed} {folder} ===", flush=True)
         with run_slot(done, total, f"seed {seed}" + ("" if folder == mode else f" {folder}")):  # the slot adds the mode
             return run_mode({**cfg, "seed": int(seed)}, run_overrides(base, method, seed, holdout),

@@ -252,6 +252,8 @@ class CompareConfig(_Block):
     methods: Annotated[list[Literal[COMPARE_METHODS]], Field(min_length=1)] = Field(
         default_factory=lambda: ["federated", "centralized", "local"])
     contribution: bool = False
+    #: read the runs already finished in the run folder (same config) instead of running them again
+    reuse: bool = False
 
     @model_validator(mode="after")
     def _distinct(self) -> "CompareConfig":

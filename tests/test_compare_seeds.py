@@ -261,3 +261,25 @@ def test_compared_seeds_keep_the_base_seeds_territories():
     for s in (1, 2):
         cfg = resolve_config(compose_config(run_overrides(["pilot=los_loop_3", *pin], "finetune", s)))
         assert cfg["seed"] == s and nodes(cfg) == want
+
+
+def test_reuse_reads_finished_runs_of_the_same_config_only(synthetic_dir, small_cfg, tmp_path, capsys):
+    """compare.reuse: a comparison that stopped continues in its folder. Runs finished there with
+    the same config are read (their files untouched), a run of another config runs again, and the
+    comparison is the same as the first one."""
+    over = ("train.rounds=1", "task.train_stride=8", "compare.seeds=[0,1]", "compare.methods=[centralized,local]")
+    first = run_comparison(small_cfg(synthetic_dir, *over), [], tmp_path / "out")
+    summaries = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("seed*/*/summary.json")}
+    assert len(summaries) == 4
+    (tmp_path / "out" / "seed1" / "local" / "summary.json").unlink()  # as if the run had stopped there
+    capsys.readouterr()
+    again = run_comparison(small_cfg(synthetic_dir, *over, "compare.reuse=true"), [], tmp_path / "out")
+    log = capsys.readouterr().out
+    assert log.count("(compare.reuse)") == 3 and "=== seed 1 local ===" in log
+    assert again == first
+    for p, mtime in summaries.items():
+        if p.parent.name != "local" or p.parent.parent.name != "seed1":
+            assert p.stat().st_mtime_ns == mtime  # read, not rewritten
+    other = run_comparison(small_cfg(synthetic_dir, *over, "compare.reuse=true", "train.lr=0.002"), [], tmp_path / "out")
+    assert "(compare.reuse)" not in capsys.readouterr().out  # another learning rate: every run runs again
+    assert other["local"]["test"] != first["local"]["test"]
