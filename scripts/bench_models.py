@@ -1,7 +1,8 @@
 """Training throughput and peak memory of fedldt's models next to reference implementations.
 
-    python scripts/bench_models.py [--steps 40] [--warmup 5] [--batch-sizes 32 64] [--threads 2]
-                                   [--models dcrnn gwnet stgcn] [--lr 0.01] [--seed 0]
+    python scripts/bench_models.py [--steps 20] [--warmup 3] [--batch-sizes 32 64] [--threads 2]
+                                   [--models dcrnn stgcn gwnet] [--implementations fedldt tsl pgt]
+                                   [--lr 0.01] [--seed 0] [--val-windows N] [--no-memory] [--mem-jobs 2]
                                    [--out-dir docs/results/benchmarks] [--tiny] [HYDRA_OVERRIDE ...]
 
 What it measures, per model (``dcrnn``, ``gwnet``, ``stgcn`` with the hyper-parameters of
@@ -25,17 +26,19 @@ torch-spatiotemporal; ``pgt``, PyTorch Geometric Temporal):
   after the data is loaded, so data loading does not set it (``resource.getrusage`` ``ru_maxrss``
   where the reset is not possible: then it includes data loading). ``peak_mem_over_baseline_mb``
   subtracts the process's RSS just before the model is built (Python, torch, the library, data).
+  These processes run after the timing, ``--mem-jobs`` at a time (a process's RSS is its own).
 
 Data: Los-loop as fedldt loads it (``conf/dataset/los_loop.yaml``, ``fedldt.config.load_territories``)
 with the whole 207-sensor graph as one territory (``partition.num_territories=1``), window 12,
 horizon 12 (``task.*`` of ``conf/config.yaml``); positional arguments are further Hydra overrides
-(e.g. ``paths.data_root=/abs/shared/data``). ``--tiny``: a small subgraph (the first of 8 k-means
-territories), 1 warm-up and 2 timed steps at batch 8, output to ``outputs/benchmarks_tiny`` (the
-test's setting).
+(e.g. ``paths.data_root=/abs/shared/data``). ``--tiny``: a small subgraph (32 sensors reached
+breadth-first from the first), 1 warm-up and 2 timed steps at batch 8, ``val_mae`` on the first 64
+validation windows, output to ``outputs/benchmarks_tiny`` (the test's setting).
 
 A reference library that cannot be imported gives rows ``not installed: <ImportError text>``; an
 architecture the library does not have (tsl has no STGCN, pgt no Graph WaveNet), ``not available:
-...``. The references need torch-scatter/torch-sparse built for this torch: ``pip install
+...``; one whose import raises something else, ``import failed: ...``; one that fails while
+training or gives another output shape, ``failed: ...`` (the other rows are still measured). The references need torch-scatter/torch-sparse built for this torch: ``pip install
 --no-build-isolation torch-scatter torch-sparse``, then ``pip install -e ".[bench]"``
 (``pyproject.toml``). The adapters below build each reference with fedldt's sizes; each row's
 ``notes`` say where the architectures still differ.
@@ -77,7 +80,7 @@ from fedldt.models.stgcn import undirected_graph
 IMPLEMENTATIONS = ("fedldt", "tsl", "pgt")
 LIBRARIES = {"tsl": ("tsl", "torch-spatiotemporal"), "pgt": ("torch_geometric_temporal", "torch-geometric-temporal")}
 MEM_STEPS = 3  # training steps of a memory subprocess (Adam's state exists from the first step on)
-TINY = {"steps": 2, "warmup": 1, "batch_sizes": [8], "territories": 8, "val_windows": 64}
+TINY = {"steps": 2, "warmup": 1, "batch_sizes": [8], "nodes": 32, "val_windows": 64}
 MEM_METHOD = ("peak RSS of a fresh subprocess per (model, implementation, batch) that loads the data, builds "
               f"the model and trains it {MEM_STEPS} steps: VmHWM of /proc/self/status, reset via "
               "/proc/self/clear_refs after data loading (ru_maxrss of resource.getrusage where the reset fails)")
@@ -153,8 +156,10 @@ class PGTDCRNN(nn.Module):
 
 
 def pgt_dcrnn(cfg: dict[str, Any], num_nodes: int) -> tuple[nn.Module, str]:
-    return PGTDCRNN(cfg), (f"BatchedDCRNN with K={cfg['K'] + 1} (pgt's K counts the 0-hop term); for K>2 pgt's "
-                           "diffusion terms follow a Chebyshev-like recursion, not powers of the transition matrix")
+    return PGTDCRNN(cfg), (f"BatchedDCRNN with K={cfg['K'] + 1} (pgt's K counts the 0-hop term): pgt gives each "
+                           "direction its own 0-hop weight (2K+2 weight blocks per convolution where fedldt has 2K+1) "
+                           "and its update and reset gates separate convolutions; for K>2 its diffusion terms follow a "
+                           "Chebyshev-like recursion, not powers of the transition matrix")
 
 
 class PGTSTGCN(nn.Module):
@@ -217,7 +222,11 @@ def build(impl: str, model_cfg: dict[str, Any], num_nodes: int, seed: int) -> tu
     seed_everything(seed)
     if impl == "fedldt":
         return build_model(model_cfg, num_nodes=num_nodes), ""
-    return ADAPTERS[(impl, model_cfg["name"])]({k: v for k, v in model_cfg.items() if k != "_target_"}, num_nodes)
+    model, notes = ADAPTERS[(impl, model_cfg["name"])]({k: v for k, v in model_cfg.items() if k != "_target_"},
+                                                      num_nodes)
+    if model_cfg.get("residual"):
+        notes += "; model.residual=true is not applied to the reference (it forecasts values, not changes)"
+    return model, notes
 
 
 def unusable(exc: BaseException) -> str:
@@ -233,15 +242,33 @@ def unusable(exc: BaseException) -> str:
 def load_task(models: list[str], overrides: list[str], tiny: bool
               ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], TerritoryTask]:
     """``(model configs, train config, task)``: the Los-loop task as fedldt builds it, the whole
-    graph as one territory (``--tiny``: the first of 8 k-means territories), and each model's
-    config (``conf/model/<name>.yaml``) with the data sizes injected."""
-    k = TINY["territories"] if tiny else 1
-    base = ["pilot=los_loop_3", f"partition.num_territories={k}", "task.window=12", "task.horizon=12", *overrides]
+    graph as one territory (``--tiny``: its induced subgraph on 32 nodes reached breadth-first from
+    node 0), and each model's config (``conf/model/<name>.yaml``) with the data sizes injected."""
+    base = ["pilot=los_loop_3", "partition.num_territories=1", "task.window=12", "task.horizon=12", *overrides]
     cfgs = {m: resolve_config(compose_config([*base, f"model={m}"])) for m in models}
     cfg = cfgs[models[0]]
     territory = load_territories(cfg)[0]
+    if tiny:
+        territory = territory.subset(breadth_first(territory.edge_index, territory.num_nodes, TINY["nodes"]), "tiny")
     task = task_from_config(territory, cfg["task"], cfg["train"], cfg["dataset"].get("valid_range"))
     return {m: {**c["model"], **task.model_dims()} for m, c in cfgs.items()}, cfg["train"], task
+
+
+def breadth_first(edge_index: Tensor, num_nodes: int, size: int) -> list[int]:
+    """``size`` nodes reached breadth-first from node 0 over the edges taken both ways (a connected
+    piece of the graph; topped up with the lowest other nodes where it is smaller), sorted."""
+    neighbours: list[set[int]] = [set() for _ in range(num_nodes)]
+    for a, b in edge_index.t().tolist():
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    seen, queue = [0], [0]
+    while queue and len(seen) < size:
+        for v in sorted(neighbours[queue.pop(0)]):
+            if v not in seen and len(seen) < size:
+                seen.append(v)
+                queue.append(v)
+    seen += [v for v in range(num_nodes) if v not in seen][: max(0, size - len(seen))]
+    return sorted(seen)
 
 
 def train_batches(task: TerritoryTask, batch: int, count: int, seed: int) -> list:
@@ -471,8 +498,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per implementation (default 40; --tiny 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed training steps first (default 5; --tiny 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per implementation (default 20; --tiny 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training steps first (default 3; --tiny 1)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 32 64 (--tiny 8)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, every implementation (default 2)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -490,8 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-child", nargs=3, metavar=("MODEL", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_root=/abs/shared/data")
     args = p.parse_args(argv)
-    args.steps = args.steps if args.steps is not None else (TINY["steps"] if args.tiny else 40)
-    args.warmup = args.warmup if args.warmup is not None else (TINY["warmup"] if args.tiny else 5)
+    args.steps = args.steps if args.steps is not None else (TINY["steps"] if args.tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (TINY["warmup"] if args.tiny else 3)
     args.batch_sizes = args.batch_sizes or (TINY["batch_sizes"] if args.tiny else [32, 64])
     if args.val_windows is None and args.tiny:
         args.val_windows = TINY["val_windows"]
