@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import math
 import os
@@ -78,7 +79,8 @@ from fedldt.models import MODELS, build_model
 from fedldt.models.stgcn import undirected_graph
 
 IMPLEMENTATIONS = ("fedldt", "tsl", "pgt")
-LIBRARIES = {"tsl": ("tsl", "torch-spatiotemporal"), "pgt": ("torch_geometric_temporal", "torch-geometric-temporal")}
+#: the module each reference's adapters import (imported before a memory process's baseline is taken)
+LIBRARY_MODULES = {"tsl": "tsl.nn.models", "pgt": "torch_geometric_temporal.nn"}
 MEM_STEPS = 3  # training steps of a memory subprocess (Adam's state exists from the first step on)
 TINY = {"steps": 2, "warmup": 1, "batch_sizes": [8], "nodes": 32, "val_windows": 64}
 MEM_METHOD = ("peak RSS of a fresh subprocess per (model, implementation, batch) that loads the data, builds "
@@ -343,7 +345,7 @@ def memory_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cfgs, train_cfg, task = load_task([name], args.overrides, args.tiny)
     if impl != "fedldt":
-        __import__(LIBRARIES[impl][0])  # the library's import counts in the baseline, not in the peak
+        importlib.import_module(LIBRARY_MODULES[impl])  # the library's import counts in the baseline, not in the peak
     batches = train_batches(task, batch, MEM_STEPS, args.seed)
     reset = reset_peak_rss()
     baseline = rss_mb()
