@@ -38,10 +38,11 @@ validation windows, output to ``outputs/benchmarks_tiny`` (the test's setting).
 A reference library that cannot be imported gives rows ``not installed: <ImportError text>``; an
 architecture the library does not have (tsl has no STGCN, pgt no Graph WaveNet), ``not available:
 ...``; one whose import raises something else, ``import failed: ...``; one that fails while
-training or gives another output shape, ``failed: ...`` (the other rows are still measured). The references need torch-scatter/torch-sparse built for this torch: ``pip install
---no-build-isolation torch-scatter torch-sparse``, then ``pip install -e ".[bench]"``
-(``pyproject.toml``). The adapters below build each reference with fedldt's sizes; each row's
-``notes`` say where the architectures still differ.
+training or gives another output shape, ``failed: ...`` (the other rows are still measured).
+The references need torch-scatter/torch-sparse built for this torch: ``pip install
+--no-build-isolation torch-scatter torch-sparse``, then ``pip install -c constraints.txt -e
+".[bench]"`` (``pyproject.toml``). The adapters below build each reference with fedldt's sizes;
+each row's ``notes`` say where the architectures still differ.
 
 Outputs in ``--out-dir``: ``models.json`` (machine, command, rows) and ``models.md`` (the table);
 the table is printed too.
