@@ -3,6 +3,7 @@ personal model never leaves a territory, the held-out territory never trains."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -281,3 +282,30 @@ def test_finetune_and_holdout_through_flower(synthetic_dir, tmp_path):
     assert [e["message_type"] for e in held].count("train") == 0
     tuned = [e for e in held if e["message_type"] == "train.finetune"]
     assert len(tuned) == 1 and [r["kind"] for r in tuned[0]["records"]] == ["metric"]
+
+
+def test_a_failed_holdout_evaluation_keeps_the_run(tmp_path):
+    """The held-out territory fails its test evaluation: the federation's trained model and its
+    results are still written, with the failure named in summary.json (not a lost run)."""
+    from flwr.app import Error, Message
+
+    from clients.client_app import app
+    from server.rounds import run_federated
+    from tests.inprocess import InProcessGrid
+
+    def flaky(msg, context):  # t2 (SuperNode 12) answers its held-out test with an error
+        if int(msg.metadata.dst_node_id) == 12 and str(msg.metadata.message_type) == "evaluate":
+            return Message(Error(code=0, reason="disk full"), reply_to=msg)
+        return app(msg, context)
+
+    folder = write_los_loop_like(tmp_path / "syn", num_steps=600)
+    cfg = resolve_config(compose_config(["pilot=los_loop_3", f"dataset.path={folder}", "partition.num_territories=3",
+                                         "train.rounds=1", "task.train_stride=4", "model.hidden=8",
+                                         "federation.holdout=t2"]))
+    grid = InProcessGrid(flaky, {10 + i: {"partition-id": i, "out-dir": str(tmp_path / f"out-{i}")} for i in range(3)})
+    summary = run_federated(grid, cfg, tmp_path / "run")
+    assert "holdout" not in summary
+    assert summary["holdout_failure"]["territory"] == "t2" and "disk full" in summary["holdout_failure"]["reason"]
+    assert set(summary["test_per_territory"]) == {"t0", "t1"} and math.isfinite(summary["test"]["mae"]["all"])
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["holdout_failure"] == summary["holdout_failure"] and (tmp_path / "run" / "model.pt").is_file()
