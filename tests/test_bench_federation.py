@@ -36,3 +36,11 @@ def test_bench_federation_tiny(synthetic_dir, tmp_path):
     assert fed["wall_s"] > fed["timing"]["rounds_s"] > 0 and fed["outside_server_s"] > 0
     assert len(report["overhead"]["per_round"]) == 2 and report["overhead"]["whole_run_ratio"] > 0
     assert "Mean round overhead" in (out / "federation.md").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="on a GPU machine the script really runs (minutes)")
+def test_bench_gpu_says_so_without_a_gpu():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "bench_gpu.sh")], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode == 3 and "no CUDA device visible to torch" in proc.stderr
+    assert "cuda False" in proc.stdout
