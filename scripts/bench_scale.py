@@ -369,6 +369,7 @@ def markdown(report: dict[str, Any]) -> str:
         for c in peaks:
             parts = ", ".join(f"{k} {v['count']}x {v['rss_mb']:.0f}" for k, v in list(c["peak_breakdown"].items())[:6])
             lines.append(f"- {c['network']} N={c['territories']}: {parts}")
+    lines += ["", "Limits found:", ""] + [f"- {line}" for line in limits(report)]
     bad = [c for c in report["cases"] if c["status"] != "completed"]
     if bad:
         lines += ["", "Cases that did not complete:", ""]
@@ -376,6 +377,32 @@ def markdown(report: dict[str, Any]) -> str:
             first = (c["reason"] or "").strip().splitlines()[:3]
             lines.append(f"- {c['network']} N={c['territories']}: {c['status']}: {' / '.join(first)[:600]}")
     return "\n".join(lines) + "\n"
+
+
+def limits(report: dict[str, Any]) -> list[str]:
+    """Per network: the largest N that completed within the limit, the first that did not, how the
+    ServerApp's setup and round time grow per territory, and the memory of one territory actor."""
+    out = []
+    for network in report["networks"]:
+        cases = [c for c in report["cases"] if c["network"] == network]
+        ok = [c for c in cases if c["within_limit"]]
+        not_ok = [c for c in cases if not c["within_limit"]]
+        text = f"{network}: " + (f"largest N within the limit {max(c['territories'] for c in ok)}" if ok else "no case within the limit")
+        if not_ok:
+            c = min(not_ok, key=lambda c: c["territories"])
+            text += f"; first N not within it: {c['territories']} ({c['status']})"
+        if len(ok) >= 2:
+            a, b = min(ok, key=lambda c: c["territories"]), max(ok, key=lambda c: c["territories"])
+            dn = b["territories"] - a["territories"]
+            grow = [(k, (b[k] - a[k]) / dn) for k in ("setup_s", "round_s", "final_s", "wall_s") if a[k] is not None and b[k] is not None]
+            text += "; per added territory: " + ", ".join(f"{k} {v:+.3f} s" for k, v in grow)
+        actors = [(c["territories"], v) for c in cases if c["peak_breakdown"] for k, v in c["peak_breakdown"].items()
+                  if k.startswith("ray::ClientAppActor") and v["count"]]
+        if actors:
+            text += "; Ray territory actors at the peak: " + ", ".join(
+                f"N={n}: {v['count']} x {v['rss_mb'] / v['count']:.0f} MB" for n, v in actors)
+        out.append(text)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
