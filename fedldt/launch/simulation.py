@@ -332,7 +332,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
 
 def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int, client_cpus: int = 1,
                    client_gpus: float = 0.0, ray_address: str | None = None,
-                   app_dir: Path | None = None) -> dict[str, Any]:
+                   app_dir: Path | None = None, timeout_s: float = 7200.0) -> dict[str, Any]:
     """Run a pilot on the simulation engine with one SuperNode per territory.
 
     Args:
@@ -351,12 +351,16 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         app_dir: the Flower app folder to submit (:func:`run_flwr_app`); ``None``: this checkout.
             Only callers in code pass another one (a test app with test-only mods,
             ``tests/apps.py``; ``scripts/poisoning.py``), never a config value.
+        timeout_s: seconds the submitted run may take (:func:`run_flwr_app`); past them the run
+            fails with :class:`RunFailed` and every process started is stopped
+            (``scripts/bench_scale.py``'s per-case limit).
 
     Returns:
         The run's ``summary.json`` content.
 
     Raises:
-        RunFailed: the SuperLink did not start or the run failed (log paths named).
+        RunFailed: the SuperLink did not start, the run failed or ran past ``timeout_s`` (log
+            paths named).
         ConfigError: ``client_gpus`` > 0 where this machine has no CUDA device (Ray would wait for
             ever for a GPU to place the territories on), or no Ray head answers at ``ray_address``
             (:func:`check_ray_address`), before anything starts.
@@ -392,7 +396,7 @@ def run_simulation(overrides: Sequence[str], run_dir: Path, num_supernodes: int,
         ov = json.dumps(composable_overrides(overrides))  # hydra.searchpath (the user's config folders) travels
         run_flwr_app(
             "sim", env, home, {"hydra-overrides": ov, "run-dir": str(run_dir)}, resources,
-            logs / "server.log", app_dir=app_dir,
+            logs / "server.log", app_dir=app_dir, timeout_s=timeout_s,
         )
     finally:
         stop_process(link)
