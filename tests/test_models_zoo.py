@@ -13,7 +13,7 @@ from fedldt.config import CONF_DIR, compose_config
 from fedldt.models import MODELS, build_model, load_shared_state, local_state_names, split_state
 from fedldt.models.dcrnn import transition_matrices
 from fedldt.models.gwnet import MultiSupportGraphConv, adaptive_adjacency
-from fedldt.models.stgcn import STConvBlock, TemporalGLU, undirected_graph
+from fedldt.models.stgcn import STConvBlock, TemporalGLU, scaled_laplacian, undirected_graph
 
 DIMS = dict(in_channels=2, out_channels=1, horizon=3)
 # Small versions of each model; receptive fields: stgcn 2*2*(3-1)+4 = 12, gwnet 1+2*(1+2) = 7.
@@ -197,13 +197,63 @@ def test_stgcn_spatial_layer_known_answer_on_a_weighted_path():
     with torch.no_grad():
         block.cheb.lins[0].weight.fill_(1.0); block.cheb.lins[1].weight.fill_(1.0); block.cheb.bias.zero_()
     x = torch.tensor([1.0, -2.0, 3.0]).view(1, 1, 1, 3) * torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)  # [B, C, T=2, N]
-    out = block.spatial(x, ei, ew)  # relu(x + L~x + x): one static graph for every (batch, time)
+    out = block.spatial(x, scaled_laplacian(ei, ew, 3, sparse=True))  # relu(x + L~x + x): one graph for all (b, t)
     a01, a12 = 1 / math.sqrt(5), 4 / math.sqrt(20)
     ax = [a01 * -2.0, a01 * 1.0 + a12 * 3.0, a12 * -2.0]  # D^-1/2 A D^-1/2 x
     expected = torch.tensor([max(2 * xi - axi, 0.0) for xi, axi in zip([1.0, -2.0, 3.0], ax)])
     assert expected[1] == 0.0  # the ReLU is exercised
     assert torch.allclose(out[0, 0, 0], expected, atol=1e-6)
     assert torch.allclose(out[0, 0, 1], 2 * expected, atol=1e-6)
+
+
+def _random_graph(n, seed):
+    """Directed random graph with weights, duplicate pairs, a pair given both ways with different
+    weights, and a self-loop on every node (ChebConv drops them)."""
+    g = torch.Generator().manual_seed(seed)
+    ei = torch.randint(0, n, (2, 3 * n), generator=g)
+    ei = torch.cat([ei, torch.arange(n).repeat(2, 1)], dim=1)
+    return ei, 0.1 + torch.rand(ei.shape[1], generator=g)
+
+
+def _pyg_chebconv_spatial(graph):
+    """STConvBlock.spatial as fedldt computed it before the sparse operator: PyG's ChebConv (the
+    block's own weights) on the undirected graph, message passing over every (batch, time)."""
+    def spatial(block, x, lap):  # noqa: ARG001 (the operator is ignored: the graph is used)
+        ei, ew = undirected_graph(graph[0], graph[1].to(x.dtype), x.shape[-1])
+        h = block.cheb(x.permute(0, 2, 3, 1), ei, ew, lambda_max=2.0)  # [B, T, N, Cs]
+        return torch.relu(h.permute(0, 3, 1, 2) + block.align(x))
+    return spatial
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("n,batch,Ks", [(1, 3, 3), (6, 1, 2), (23, 4, 3), (40, 2, 4)])
+def test_stgcn_sparse_operator_equals_pygs_chebconv_outputs_and_gradients(n, batch, Ks, mode, monkeypatch):
+    cfg = {**SMALL["stgcn"], **DIMS, "Ks": Ks, "dropout": 0.3}
+    torch.manual_seed(0)
+    fast = build_model(cfg)
+    ref = build_model(cfg)
+    ref.load_state_dict(fast.state_dict(), strict=True)  # same parameter names and shapes as ChebConv's
+    assert any(k.endswith("cheb.lins.0.weight") for k in fast.state_dict())
+    getattr(fast, mode)(), getattr(ref, mode)()
+    graph = _random_graph(n, seed=n) if n > 1 else (torch.zeros(2, 0, dtype=torch.long), torch.zeros(0))
+    x = torch.randn(batch, 12, n, DIMS["in_channels"], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout masks in both
+    y_fast = fast(x, *graph)
+    with monkeypatch.context() as m:
+        m.setattr(STConvBlock, "spatial", _pyg_chebconv_spatial(graph))
+        torch.manual_seed(2)
+        y_ref = ref(x, *graph)
+    assert torch.allclose(y_fast, y_ref, atol=1e-5)
+    target = torch.randn_like(y_ref)
+    ((y_fast - target) ** 2).mean().backward()
+    ((y_ref - target) ** 2).mean().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+    dense = fast.graph_operators(*graph, n)[0]  # the export path: the same operator, dense
+    assert torch.allclose(dense, scaled_laplacian(*graph, n, sparse=True).to_dense())
+    if mode == "eval":
+        with torch.no_grad():
+            assert torch.allclose(fast.forward_dense(x, dense), y_fast, atol=1e-5)
 
 
 def test_adaptive_adjacency_known_answer():

@@ -74,7 +74,7 @@ def test_every_registered_model_has_a_fixed_graph_path():
 
 def test_stgcn_dense_laplacian_is_pygs_chebconv_operator():
     """Known answer: for the undirected graph, L~ = -D^-1/2 A D^-1/2 (lambda_max = 2), and a
-    block's dense spatial step equals PyG's ChebConv one."""
+    block's spatial step with it (dense, as exported, or sparse, as trained) equals PyG's ChebConv one."""
     ei = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
     ew = torch.tensor([1.0, 1.0, 4.0, 4.0])  # path 0 -1- 1 -4- 2; degrees 1, 5, 4
     lap = scaled_laplacian(ei, ew, 3)
@@ -85,7 +85,9 @@ def test_stgcn_dense_laplacian_is_pygs_chebconv_operator():
     block = STConvBlock(4, 4, 3, Kt=2, Ks=3, dropout=0.0).eval()
     x = torch.randn(2, 4, 5, 3)
     uei, uew = undirected_graph(ei, ew, 3)
-    assert torch.allclose(block.spatial_dense(x, lap), block.spatial(x, uei, uew), atol=1e-5)
+    pyg = torch.relu(block.cheb(x.permute(0, 2, 3, 1), uei, uew, lambda_max=2.0).permute(0, 3, 1, 2) + block.align(x))
+    assert torch.allclose(block.spatial(x, lap), pyg, atol=1e-5)  # dense (export) path
+    assert torch.allclose(block.spatial(x, scaled_laplacian(ei, ew, 3, sparse=True)), pyg, atol=1e-5)  # training
 
 
 def test_parity_tolerance_is_relative_to_the_data_scale():

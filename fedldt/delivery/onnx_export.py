@@ -1,7 +1,7 @@
 """ONNX export of a territory's forecaster: fixed graph, dynamic batch, data units in and out.
 
-The models propagate over the graph with sparse products (``torch.sparse.mm``) or PyG's
-scatter-based ``ChebConv``, which the ONNX exporters do not support. Every fedldt model
+The models propagate over the graph with sparse products (``torch.sparse.mm``), which the ONNX
+exporters do not support. Every fedldt model
 therefore offers a fixed-graph path: ``graph_operators(edge_index, edge_weight, num_nodes)``
 returns the territory's graph as dense ``[node, node]`` matrices (DCRNN and Graph WaveNet: the
 random-walk transitions; STGCN: the scaled Laplacian), and ``forward_dense(x, *operators)`` runs

@@ -108,9 +108,10 @@ class DiffusionConv(nn.Module):
         if len(supports) != self.num_supports:
             raise ValueError(f"diffusion convolution built for {self.num_supports} supports, got {len(supports)}")
         n = x.shape[0]
-        out = self.lins[0](x)
+        flat = x.reshape(n, -1)  # [N, rest*C]: one copy (x is often a permuted view), shared by every support
+        out = self.lins[0](flat.view(x.shape))
         for s, a in enumerate(supports):
-            h = x.reshape(n, -1)  # [N, rest*C]
+            h = flat
             for k in range(self.K):
                 h = torch.sparse.mm(a, h) if a.is_sparse else a @ h  # [N, rest*C]
                 out = out + self.lins[1 + s * self.K + k](h.view(x.shape))

@@ -4,7 +4,8 @@ temporal conv) and an output layer that reads all ``horizon`` steps at once.
 Yu, Yin, Zhu, "Spatio-Temporal Graph Convolutional Networks: A Deep Learning Framework for
 Traffic Forecasting", IJCAI 2018. Each ST-Conv block (their Sec. 3.4, Fig. 2) is a "sandwich": a
 gated temporal convolution (GLU, Sec. 3.3), a spatial Chebyshev graph convolution with ``Ks``
-terms (Sec. 3.2, here PyG's :class:`~torch_geometric.nn.ChebConv`) with ReLU, a second gated
+terms (Sec. 3.2; the weights of PyG's :class:`~torch_geometric.nn.ChebConv`, applied with one sparse
+matrix product per Chebyshev step, :meth:`STConvBlock.spatial`) with ReLU, a second gated
 temporal convolution, then layer normalisation and dropout. The output layer is a gated
 temporal convolution with kernel ``output_kernel`` followed by a per-node MLP.
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 from torch_geometric.nn import ChebConv
-from torch_geometric.utils import to_undirected
+from torch_geometric.utils import get_laplacian, to_undirected
 
 from fedldt.models.dcrnn import plus_last_observed
 
@@ -49,17 +50,45 @@ def undirected_graph(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) ->
     return to_undirected(edge_index, edge_weight, num_nodes=num_nodes, reduce="mean")
 
 
-def scaled_laplacian(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> Tensor:
-    """Dense ``[node, node]`` float32 matrix of the operator STGCN's ChebConv applies:
+def scaled_laplacian(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, sparse: bool = False) -> Tensor:
+    """``[node, node]`` matrix of the operator STGCN's Chebyshev convolution applies:
     ``L~ = 2 L_sym / lambda_max - I`` with ``lambda_max = 2``, i.e. ``-D^-1/2 A D^-1/2`` of the
-    undirected graph (:func:`undirected_graph`), built with PyG's own normalization so that
-    ``L~ @ x`` equals ChebConv's propagation (``out[i] = sum over edges j->i``).
+    undirected graph (:func:`undirected_graph`) without its self-loops, built with PyG's own
+    ChebConv normalization (``get_laplacian``) so that ``L~ @ x`` equals ChebConv's propagation
+    (``out[i] = sum over edges j->i``; row = target, column = source).
+
+    Args:
+        edge_index: ``[2, E]`` int64, any direction, self-loops allowed (dropped, as ChebConv does).
+        edge_weight: ``[E]`` float; the operator has its dtype and device.
+        num_nodes: N.
+        sparse: return a coalesced sparse COO matrix (training: one ``torch.sparse.mm`` per
+            Chebyshev step) instead of a dense one (the ONNX export path).
     """
-    ei, ew = undirected_graph(edge_index, edge_weight.float(), num_nodes)
-    conv = ChebConv(1, 1, K=2, normalization="sym")
-    ei, norm = conv.__norm__(ei, num_nodes, ew, "sym", 2.0, dtype=ew.dtype)
-    lap = torch.zeros(num_nodes, num_nodes, dtype=ew.dtype)
-    return lap.index_put_((ei[1], ei[0]), norm, accumulate=True)  # row = target, column = source
+    ei, ew = undirected_graph(edge_index, edge_weight, num_nodes)
+    ei, norm = get_laplacian(ei, ew, "sym", ew.dtype, num_nodes)  # I - D^-1/2 A D^-1/2, loops removed first
+    off = ei[0] != ei[1]  # ChebConv: 2 L / lambda_max - I = L - I, whose diagonal is exactly 0
+    ei, norm = ei[:, off], norm[off]
+    if sparse:
+        return torch.sparse_coo_tensor(torch.stack([ei[1], ei[0]]), norm, (num_nodes, num_nodes),
+                                       check_invariants=False).coalesce()
+    lap = torch.zeros(num_nodes, num_nodes, dtype=ew.dtype, device=ew.device)
+    return lap.index_put_((ei[1], ei[0]), norm, accumulate=True)
+
+
+def chebyshev_terms(x: Tensor, lap: Tensor, K: int) -> list[Tensor]:
+    """``[T_0(L~) x, ..., T_{K-1}(L~) x]`` by the Chebyshev recursion ``T_k = 2 L~ T_{k-1} - T_{k-2}``,
+    one matrix product per step over every column at once (sparse ``torch.sparse.mm`` or dense).
+
+    Shapes: x ``[node, cols]`` (node-major: all batch items, steps and channels as columns),
+    lap ``[node, node]`` -> K tensors ``[node, cols]``.
+    """
+    prod = (lambda h: torch.sparse.mm(lap, h)) if lap.is_sparse else (lambda h: lap @ h)
+    terms = [x]
+    if K > 1:
+        terms.append(prod(x))
+    for _ in range(2, K):
+        terms.append(2.0 * prod(terms[-1]) - terms[-2])
+    return terms
 
 
 class Align(nn.Module):
@@ -126,7 +155,9 @@ class STConvBlock(nn.Module):
 
     Shapes:
         x ``[batch, c_in, time, node]`` -> ``[batch, c_t, time - 2 (Kt - 1), node]``;
-        ``edge_index`` ``[2, E]``, ``edge_weight`` ``[E]`` (undirected, see the module).
+        the graph as the scaled Laplacian ``lap`` ``[node, node]`` (:func:`scaled_laplacian`, sparse
+        or dense). The parameters are those of PyG's ``ChebConv`` (``cheb.lins.<k>.weight``,
+        ``cheb.bias``), so checkpoints from before the sparse operator load unchanged.
     """
 
     def __init__(self, c_in: int, c_t: int, c_s: int, Kt: int, Ks: int, dropout: float) -> None:
@@ -138,42 +169,28 @@ class STConvBlock(nn.Module):
         self.norm = nn.LayerNorm(c_t)
         self.dropout = nn.Dropout(dropout)
 
-    def spatial(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
-        """``relu(cheb(x) + align(x))`` with ``lambda_max = 2``, i.e. ``L~ = -D^-1/2 A D^-1/2``.
+    def spatial(self, x: Tensor, lap: Tensor) -> Tensor:
+        """``relu(cheb(x) + align(x))``: PyG's ChebConv map (its weights ``cheb.lins``, ``cheb.bias``)
+        with ``lambda_max = 2``, i.e. ``L~ = -D^-1/2 A D^-1/2``, computed node-major with one
+        matrix product per Chebyshev step (:func:`chebyshev_terms`) instead of ChebConv's
+        per-edge gather/scatter over every (batch, time, channel) message.
 
-        Shapes: x ``[batch, c_t, time, node]`` -> ``[batch, c_s, time, node]``.
+        Shapes: x ``[batch, c_t, time, node]``, lap ``[node, node]`` from :func:`scaled_laplacian`
+        (sparse COO or dense) -> ``[batch, c_s, time, node]``.
         """
-        # ChebConv propagates along dim -2 (nodes) with any leading dims: one static graph for all (b, t).
-        h = self.cheb(x.permute(0, 2, 3, 1), edge_index, edge_weight, lambda_max=2.0)  # [B, T, N, Cs]
-        return torch.relu(h.permute(0, 3, 1, 2) + self.align(x))  # [B, Cs, T, N]
-
-    def spatial_dense(self, x: Tensor, lap: Tensor) -> Tensor:
-        """:meth:`spatial` with the scaled Laplacian given as a dense matrix (the export path:
-        no scatter, only matrix products, which ONNX exports).
-
-        Shapes: x ``[batch, c_t, time, node]``, lap ``[node, node]`` from
-        :func:`scaled_laplacian` -> ``[batch, c_s, time, node]``.
-        """
-        tx0 = x.permute(0, 2, 3, 1)  # [B, T, N, Ct]
-        h = self.cheb.lins[0](tx0)
-        if len(self.cheb.lins) > 1:
-            tx1 = torch.einsum("ij,btjc->btic", lap, tx0)
-            h = h + self.cheb.lins[1](tx1)
-            for lin in self.cheb.lins[2:]:  # Chebyshev recursion T_k = 2 L~ T_{k-1} - T_{k-2}
-                tx2 = 2.0 * torch.einsum("ij,btjc->btic", lap, tx1) - tx0
-                h = h + lin(tx2)
-                tx0, tx1 = tx1, tx2
+        b, c, t, n = x.shape
+        tx = x.permute(3, 0, 2, 1).reshape(n, b * t * c)  # [N, B*T*Ct], one copy
+        terms = chebyshev_terms(tx, lap, len(self.cheb.lins))
+        h = sum(lin(term.view(n, b, t, c)) for lin, term in zip(self.cheb.lins, terms))  # [N, B, T, Cs]
         if self.cheb.bias is not None:
             h = h + self.cheb.bias
-        return torch.relu(h.permute(0, 3, 1, 2) + self.align(x))  # [B, Cs, T, N]
+        return torch.relu(h.permute(1, 3, 2, 0) + self.align(x))  # [B, Cs, T, N]
 
-    def forward(self, x: Tensor, edge_index: Tensor | None = None, edge_weight: Tensor | None = None,
-                lap: Tensor | None = None) -> Tensor:
-        """Shapes: x ``[batch, c_in, time, node]`` -> ``[batch, c_t, time', node]``; the graph as
-        ``edge_index``/``edge_weight`` (PyG's ChebConv) or as the dense ``lap`` (export)."""
+    def forward(self, x: Tensor, lap: Tensor) -> Tensor:
+        """Shapes: x ``[batch, c_in, time, node]``, lap ``[node, node]`` (:func:`scaled_laplacian`,
+        sparse or dense) -> ``[batch, c_t, time', node]``."""
         x = self.temporal1(x)  # [B, Ct, T1, N]
-        s = self.spatial(x, edge_index, edge_weight) if lap is None else self.spatial_dense(x, lap)
-        x = self.temporal2(s)  # [B, Ct, T2, N]
+        x = self.temporal2(self.spatial(x, lap))  # [B, Ct, T2, N]
         x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B, Ct, T2, N]
         return self.dropout(x)
 
@@ -262,20 +279,20 @@ class STGCNForecaster(nn.Module):
         return [k for k in self.state_dict() if k.startswith(("out_temporal.", "out_norm.", "out_fc."))]
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
-        edge_index, edge_weight = undirected_graph(edge_index, edge_weight.to(x.dtype), x.shape[2])
-        return self._forward(x, lambda block, h: block(h, edge_index, edge_weight))
+        lap = scaled_laplacian(edge_index, edge_weight.to(x.dtype), x.shape[2], sparse=True)  # [N, N] sparse
+        return self._forward(x, lap)
 
     def graph_operators(self, edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor]:
         """The fixed graph as dense matrices for :meth:`forward_dense`: ``(L~ [node, node],)``
         (:func:`scaled_laplacian`)."""
-        return (scaled_laplacian(edge_index, edge_weight, num_nodes),)
+        return (scaled_laplacian(edge_index, edge_weight.float(), num_nodes),)
 
     def forward_dense(self, x: Tensor, lap: Tensor) -> Tensor:
         """:meth:`forward` on a fixed graph given by :meth:`graph_operators` (dense products only:
         the ONNX export path). Shapes as :meth:`forward`."""
-        return self._forward(x, lambda block, h: block(h, lap=lap))
+        return self._forward(x, lap)
 
-    def _forward(self, x: Tensor, run_block) -> Tensor:
+    def _forward(self, x: Tensor, lap: Tensor) -> Tensor:
         b, t, n, _ = x.shape
         if t < self.receptive_field:
             c = self.cfg
@@ -286,7 +303,7 @@ class STGCNForecaster(nn.Module):
             )
         h = x.permute(0, 3, 1, 2)  # [B, F, T, N]
         for block in self.blocks:
-            h = run_block(block, h)  # [B, Ct, T', N]
+            h = block(h, lap)  # [B, Ct, T', N]
         h = self.out_temporal(h)[:, :, -1, :]  # [B, Ct, N] (last step)
         h = self.out_norm(h.transpose(1, 2))  # [B, N, Ct]
         out = self.out_fc(h)  # [B, N, horizon*C]
