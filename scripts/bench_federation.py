@@ -27,9 +27,7 @@ Overhead = (federated round time - plain round time) / federated round time, mea
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -39,20 +37,7 @@ from typing import Any
 
 import torch
 
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory and library versions of this machine."""
-    import flwr
-    import psutil
-
-    cpu = platform.processor()
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
-
+from fedldt.launch.measure import machine_info, write_report
 
 def plain_fedavg(cfg: dict[str, Any]) -> dict[str, Any]:
     """FedAvg of ``cfg`` in this process (no Flower): the clients' training (:func:`clients.territory.train`
@@ -177,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     inside = timing["setup_s"] + timing["rounds_s"] + timing["final_s"]
     report = {
         "command": shlex.join([".venv/bin/python", "scripts/bench_federation.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(), "pilot": cfg["name"], "rounds": args.rounds,
+        "machine": machine_info(), "pilot": cfg["name"], "rounds": args.rounds,
         "client_cpus": cfg["federation"]["client_cpus"],
         "federated": {"wall_s": round(fed_wall, 3), "outside_server_s": round(fed_wall - inside, 3), "timing": timing,
                       "bytes_per_round": {k: mean([r[f"bytes_{k}"] for r in timing["rounds"] if r[f"bytes_{k}"] is not None])
@@ -187,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": {"per_round": per_round, "mean_round": mean(per_round),
                      "whole_run_ratio": fed_wall / plain["wall_s"] if plain["wall_s"] else None},
     }
-    (out / "federation.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    text = markdown(report)
-    (out / "federation.md").write_text(text)
-    print(text)
-    print(f"written: {out / 'federation.json'}, {out / 'federation.md'}")
+    write_report(out, "federation", report, markdown(report))
     return 0
 
 

@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -60,6 +59,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
+
+from fedldt.launch.measure import machine_info, write_report
 
 NETWORKS = ("montevideo", "synthetic")
 #: The task of the synthetic network (5-minute data) on top of pilot montevideo_bus_4's (hourly).
@@ -229,21 +230,6 @@ class TreeMemory:
 
 
 # ------------------------------------------------------------------------------------------ cases
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory and library versions of this machine."""
-    import flwr
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
-
-
 def network_overrides(network: str, package: Path | None) -> list[str]:
     """The Hydra overrides that select ``network`` (without the territories)."""
     if network == "montevideo":
@@ -434,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
               f"federation.timeout_s={max(int(args.timeout_s), 1)}", *args.overrides]
     report: dict[str, Any] = {
         "command": shlex.join([".venv/bin/python", "scripts/bench_scale.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
+        "machine": machine_info(),
         "settings": {"rounds": args.rounds, "timeout_s": args.timeout_s, "hidden": hidden, "common_overrides": common,
                      "synthetic_nodes": nodes if "synthetic" in networks else None,
                      "synthetic_days": days if "synthetic" in networks else None},
@@ -475,11 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 # written after every case: a benchmark stopped half-way keeps what it measured
                 (out / "scale.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (out / "scale.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    text = markdown(report)
-    (out / "scale.md").write_text(text)
-    print(text)
-    print(f"written: {out / 'scale.json'}, {out / 'scale.md'}")
+    write_report(out, "scale", report, markdown(report))
     return 0
 
 
