@@ -36,8 +36,9 @@ ACCOUNTANT_NAME = "rdp (dp-accounting)"
 #: ``tests/test_privacy.py``: Opacus' per-window gradients equal one-window backward passes).
 #: The others and why, for :func:`check_sample_dp_model`.
 OPACUS_INCOMPATIBLE = {
-    "stgcn": "its ChebConv layers hold their own bias parameter and need edge_index in forward; Opacus has no "
-             "per-sample gradient rule for them (its functorch fallback calls forward without edge_index)",
+    "stgcn": "its graph convolutions use the weights and bias of PyG ChebConv modules whose own forward never "
+             "runs (one sparse product per Chebyshev step instead); Opacus computes per-sample gradients per "
+             "module forward, so it has none for those parameters",
     "gwnet": "its BatchNorm2d layers mix windows of a batch (Opacus' ModuleValidator refuses BatchNorm)",
 }
 #: Models with BatchNorm running statistics: under territory-level DP they would be shared, so
