@@ -714,10 +714,13 @@ def run_comparison(cfg: dict[str, Any], overrides: Sequence[str], out_dir: str |
             raise ValueError(f"compare.contribution=true needs at least 2 territories (pilot '{cfg['name']}' has "
                              f"{names}): leaving the only one out leaves none to train")
         for k in names:
-            held = resolve_config(compose_config(run_overrides(base, "federated", seeds[0], holdout=k)),
-                                  require_data=False)["federation"]["holdout"]
-            if held != k:
-                raise ValueError(f"compare.contribution: the run without territory {k!r} would hold out {held!r}")
+            for seed in seeds:
+                run_cfg = resolve_config(compose_config(run_overrides(base, "federated", seed, holdout=k) + ["mode=federated"]),
+                                         require_data=False)
+                expected[(seed, f"without-{k}")] = run_cfg  # compare.reuse reads these runs too
+                if run_cfg["federation"]["holdout"] != k:
+                    raise ValueError(f"compare.contribution: the run without territory {k!r} would hold out "
+                                     f"{run_cfg['federation']['holdout']!r}")
     out.mkdir(parents=True, exist_ok=True)
     total = len(seeds) * (len(runs) + (num_territories(cfg) if contribution else 0))
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}

@@ -9,6 +9,7 @@ from fedldt.baselines import MODES, run_centralized, run_local
 from fedldt.config import num_territories
 from fedldt.engine import train_device
 from fedldt.results import check_run_dir
+from fedldt.schema import ConfigError
 
 
 def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path, mode: str | None = None) -> dict[str, Any]:
@@ -30,6 +31,12 @@ def run_mode(cfg: dict[str, Any], overrides: Sequence[str], run_dir: str | Path,
     run_dir = Path(run_dir).resolve()
     check_run_dir(run_dir)  # before any training: never overwrite what fedldt did not write
     train_device(cfg["train"])  # train.device=cuda on a machine without one: refused before any training
+    fed = cfg.get("federation") or {}
+    if (mode == "federated" and cfg["train"].get("device") == "cuda" and not fed.get("client_gpus")
+            and fed.get("ray_address") is None):
+        raise ConfigError("train.device=cuda with federation.client_gpus=0: Ray hides the GPUs from territory actors "
+                          "without a GPU share, so every territory would fail; set federation.client_gpus (e.g. 0.5) "
+                          "or train.device=auto")
     if mode == "federated":
         from fedldt.launch.simulation import run_simulation  # Flower only where it is needed
 

@@ -166,7 +166,8 @@ TrainConfig.model_rebuild()
 class FederationConfig(_Block):
     """``federation``: how territories are run and waited for (``conf/config.yaml``)."""
 
-    client_cpus: Annotated[float, Field(gt=0.0, le=1024.0)]
+    #: whole CPU cores per simulated territory (Flower's simulation config takes an integer)
+    client_cpus: _int(1, 1024)
     #: GPU share per simulated territory (Ray resources; 0 = none, 0.25 = four territories per GPU)
     client_gpus: Annotated[float, Field(ge=0.0, le=64.0)]
     #: an existing Ray cluster's head, host:port (simulation engine); null = a Ray instance per run

@@ -70,3 +70,16 @@ def test_cpu_auto_and_no_key_give_identical_runs(synthetic_dir, small_cfg, tmp_p
     assert runs["cpu"]["test"]["mae"]["all"] > 0
     with pytest.raises(ConfigError, match="train.device=cuda"):
         run_local({**base, "mode": "local", "train": {**base["train"], "device": "cuda"}}, tmp_path / "cuda")
+
+
+def test_federated_cuda_without_a_gpu_share_is_refused(monkeypatch, synthetic_dir, small_cfg, tmp_path):
+    """On a GPU machine, Ray hides the GPUs from territory actors without a share: a federated run
+    with train.device=cuda and federation.client_gpus=0 would fail in every territory; refused first."""
+    from fedldt.runner import run_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    cfg = small_cfg(synthetic_dir)
+    cfg = {**cfg, "train": {**cfg["train"], "device": "cuda"}}
+    with pytest.raises(ConfigError, match=r"train.device=cuda with federation.client_gpus=0.*set federation.client_gpus"):
+        run_mode(cfg, [], tmp_path / "run", mode="federated")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

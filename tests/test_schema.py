@@ -168,7 +168,8 @@ def test_unknown_key_is_refused_naming_key_and_file(override, message, data_root
     ("train.rounds='3'", r"train.rounds='3' must be an integer"),  # no silent conversion
     ("train.grad_clip=-1", r"train.grad_clip=-1 must be a number in \(0.0, inf\)"),
     ("train.torch_threads=0", r"train.torch_threads=0 must be an integer in \[1, 1024\]"),
-    ("federation.client_cpus=0", r"federation.client_cpus=0 must be a number in \(0.0, 1024.0\]"),
+    ("federation.client_cpus=0", r"federation.client_cpus=0 must be an integer in \[1, 1024\]"),
+    ("federation.client_cpus=0.5", r"federation.client_cpus=0.5 must be an integer"),
     ("federation.min_train_territories=4", r"federation.min_train_territories=4 must be an integer in \[1, 3\]"),
     ("mode=fedsgd", r"mode='fedsgd' must be one of \['federated', 'centralized', 'local'\]"),
     ("seed=4294967296", r"seed=4294967296 must be an integer in \[0, 4294967295\]"),
