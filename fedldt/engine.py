@@ -619,6 +619,7 @@ def train_epochs_dpsgd(model: nn.Module, opt: torch.optim.Optimizer, task: "Terr
     from opacus.optimizers import DPOptimizer
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+    from fedldt.models.diffusion import per_term_linears
     from fedldt.privacy import dpsgd_schedule, per_window_masked_mae
 
     seed_everything(seed)
@@ -628,25 +629,26 @@ def train_epochs_dpsgd(model: nn.Module, opt: torch.optim.Optimizer, task: "Terr
     gen_sample = torch.Generator().manual_seed(derive_seed(seed, 1))
     dev = model_device(model)
     gen_noise = torch.Generator(device=dev).manual_seed(derive_seed(seed, 2))  # Opacus draws noise on the parameters' device
-    gsm = GradSampleModule(model, batch_first=batch_first, loss_reduction="mean")
-    dp_opt = DPOptimizer(opt, noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
-                         expected_batch_size=max(1, int(len(data) * q)), loss_reduction="mean", generator=gen_noise)
-    last_loss = float("nan")
-    try:
-        for _ in range(int(epochs)):
-            sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=gen_sample, steps=steps)
-            losses: list[tuple[float, int]] = []
-            for idx in sampler:
-                if not idx:
-                    continue
-                batch = collate([data[i] for i in idx])
-                dp_opt.zero_grad()
-                loss = per_window_masked_mae(gsm(batch.x.to(dev), *task.graph_on(dev)), batch.y_scaled.to(dev),
-                                             batch.mask.to(dev))
-                loss.backward()
-                dp_opt.step()
-                losses.append((float(loss.detach()), int(batch.x.shape[0])))
-            last_loss = windows_weighted_mean(losses) or 0.0
-    finally:
-        gsm._close()  # remove Opacus' hooks and grad_sample attributes: the model is a plain module again
+    with per_term_linears(model):  # Opacus needs each nn.Linear's own forward
+        gsm = GradSampleModule(model, batch_first=batch_first, loss_reduction="mean")
+        dp_opt = DPOptimizer(opt, noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
+                             expected_batch_size=max(1, int(len(data) * q)), loss_reduction="mean", generator=gen_noise)
+        last_loss = float("nan")
+        try:
+            for _ in range(int(epochs)):
+                sampler = UniformWithReplacementSampler(num_samples=len(data), sample_rate=q, generator=gen_sample, steps=steps)
+                losses: list[tuple[float, int]] = []
+                for idx in sampler:
+                    if not idx:
+                        continue
+                    batch = collate([data[i] for i in idx])
+                    dp_opt.zero_grad()
+                    loss = per_window_masked_mae(gsm(batch.x.to(dev), *task.graph_on(dev)), batch.y_scaled.to(dev),
+                                                 batch.mask.to(dev))
+                    loss.backward()
+                    dp_opt.step()
+                    losses.append((float(loss.detach()), int(batch.x.shape[0])))
+                last_loss = windows_weighted_mean(losses) or 0.0
+        finally:
+            gsm._close()  # remove Opacus' hooks and grad_sample attributes: the model is a plain module again
     return last_loss

@@ -292,6 +292,7 @@ def test_privacy_none_writes_what_it_wrote_before(syn_dir, tmp_path):
 def test_opacus_per_window_gradients_of_dcrnn_equal_one_window_backward_passes():
     from opacus import GradSampleModule
 
+    from fedldt.models.diffusion import DiffusionConv, per_term_linears
     from fedldt.privacy import OPACUS_BATCH_FIRST
 
     cfg = compose_config(["model=dcrnn"])
@@ -301,10 +302,12 @@ def test_opacus_per_window_gradients_of_dcrnn_equal_one_window_backward_passes()
     ei = torch.tensor([[0, 1, 2, 3, 4, 1], [1, 2, 3, 4, 0, 0]])
     ew = torch.ones(6)
     x = torch.randn(3, 12, 5, 3)
-    gsm = GradSampleModule(model, batch_first=OPACUS_BATCH_FIRST["dcrnn"], loss_reduction="sum")
-    (gsm(x, ei, ew) ** 2).sum().backward()
-    per = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
-    gsm._close()
+    with per_term_linears(model):  # as train_epochs_dpsgd runs it: each nn.Linear's own forward
+        gsm = GradSampleModule(model, batch_first=OPACUS_BATCH_FIRST["dcrnn"], loss_reduction="sum")
+        (gsm(x, ei, ew) ** 2).sum().backward()
+        per = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+        gsm._close()
+    assert all(m.fused for m in model.modules() if isinstance(m, DiffusionConv))  # the fast path is back
     for i in range(3):
         model.zero_grad()
         (model(x[i:i + 1], ei, ew) ** 2).sum().backward()

