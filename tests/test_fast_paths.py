@@ -147,3 +147,23 @@ def test_csr_operator_keeps_the_gradient_of_the_dense_operand():
     (grad_dense,) = torch.autograd.grad((p_f.to_dense() @ h).sum(), h)
     torch.testing.assert_close(grad_csr, grad_dense)
     assert torch.allclose(grad_dense[:, 0], p_f.to_dense().sum(0))  # column sums of P_f: a known answer
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "kt"), [(3, 5, 3), (6, 4, 2), (4, 4, 1)])
+def test_stgcn_temporal_glu_equals_its_convolution_module(c_in, c_out, kt):
+    from fedldt.models.stgcn import TemporalGLU
+
+    torch.manual_seed(c_in)
+    glu = TemporalGLU(c_in, c_out, Kt=kt)
+    x = torch.randn(7, 2, 9, c_in)  # [N, B, T, C]
+    conv_layout = x.permute(1, 3, 2, 0)  # [B, C, T, N], the layout of the (Kt, 1) convolution
+    p, q = glu.conv(conv_layout).chunk(2, dim=1)
+    res = conv_layout[:, :, kt - 1:]
+    if c_in > c_out:
+        res = glu.align.proj(res)
+    elif c_in < c_out:
+        res = F.pad(res, (0, 0, 0, 0, 0, c_out - c_in))
+    ref = ((p + res) * torch.sigmoid(q)).permute(3, 0, 2, 1)  # back to [N, B, T', C]
+    out = glu(x)
+    assert out.shape == (7, 2, 9 - kt + 1, c_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -178,14 +178,14 @@ def test_temporal_glu_known_answer():
         glu.conv.weight.zero_()
         glu.conv.weight[0, 0, :, 0] = torch.tensor([1.0, 2.0])  # P = x_{t-1} + 2 x_t
         glu.conv.bias.copy_(torch.tensor([0.0, math.log(3.0)]))  # Q = log 3 -> sigmoid(Q) = 0.75
-    x = torch.tensor([1.0, 2.0, 4.0]).view(1, 1, 3, 1)  # [B, C, T, N]
+    x = torch.tensor([1.0, 2.0, 4.0]).view(1, 1, 3, 1)  # [N, B, T, C]
     out = glu(x).view(-1).tolist()
     # (P + residual x_t) * 0.75: t=1 -> (1 + 4 + 2) * .75, t=2 -> (2 + 8 + 4) * .75
     assert out == pytest.approx([7 * 0.75, 14 * 0.75])
     wide = TemporalGLU(1, 2, Kt=2)  # residual zero-padded to 2 channels
     with torch.no_grad():
         wide.conv.weight.zero_(); wide.conv.bias.zero_()
-    assert wide(x)[0, :, :, 0].flatten().tolist() == pytest.approx([1.0, 2.0, 0.0, 0.0])  # 0.5 * (x_t; 0)
+    assert wide(x)[0, 0].T.flatten().tolist() == pytest.approx([1.0, 2.0, 0.0, 0.0])  # 0.5 * (x_t; 0), channel-major
 
 
 def test_stgcn_spatial_layer_known_answer_on_a_weighted_path():
@@ -196,14 +196,14 @@ def test_stgcn_spatial_layer_known_answer_on_a_weighted_path():
     block = STConvBlock(1, 1, 1, Kt=2, Ks=2, dropout=0.0)
     with torch.no_grad():
         block.cheb.lins[0].weight.fill_(1.0); block.cheb.lins[1].weight.fill_(1.0); block.cheb.bias.zero_()
-    x = torch.tensor([1.0, -2.0, 3.0]).view(1, 1, 1, 3) * torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)  # [B, C, T=2, N]
+    x = torch.tensor([1.0, -2.0, 3.0]).view(3, 1, 1, 1) * torch.tensor([1.0, 2.0]).view(1, 1, 2, 1)  # [N, B, T=2, C]
     out = block.spatial(x, scaled_laplacian(ei, ew, 3, sparse=True))  # relu(x + L~x + x): one graph for all (b, t)
     a01, a12 = 1 / math.sqrt(5), 4 / math.sqrt(20)
     ax = [a01 * -2.0, a01 * 1.0 + a12 * 3.0, a12 * -2.0]  # D^-1/2 A D^-1/2 x
     expected = torch.tensor([max(2 * xi - axi, 0.0) for xi, axi in zip([1.0, -2.0, 3.0], ax)])
     assert expected[1] == 0.0  # the ReLU is exercised
-    assert torch.allclose(out[0, 0, 0], expected, atol=1e-6)
-    assert torch.allclose(out[0, 0, 1], 2 * expected, atol=1e-6)
+    assert torch.allclose(out[:, 0, 0, 0], expected, atol=1e-6)
+    assert torch.allclose(out[:, 0, 1, 0], 2 * expected, atol=1e-6)
 
 
 def _random_graph(n, seed):
@@ -219,9 +219,9 @@ def _pyg_chebconv_spatial(graph):
     """STConvBlock.spatial as fedldt computed it before the sparse operator: PyG's ChebConv (the
     block's own weights) on the undirected graph, message passing over every (batch, time)."""
     def spatial(block, x, lap):  # noqa: ARG001 (the operator is ignored: the graph is used)
-        ei, ew = undirected_graph(graph[0], graph[1].to(x.dtype), x.shape[-1])
-        h = block.cheb(x.permute(0, 2, 3, 1), ei, ew, lambda_max=2.0)  # [B, T, N, Cs]
-        return torch.relu(h.permute(0, 3, 1, 2) + block.align(x))
+        ei, ew = undirected_graph(graph[0], graph[1].to(x.dtype), x.shape[0])  # x [N, B, T, Ct]
+        h = block.cheb(x.permute(1, 2, 0, 3), ei, ew, lambda_max=2.0)  # [B, T, N, Cs]
+        return torch.relu(h.permute(2, 0, 1, 3) + block.align(x))
     return spatial
 
 

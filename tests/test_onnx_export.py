@@ -83,9 +83,9 @@ def test_stgcn_dense_laplacian_is_pygs_chebconv_operator():
     assert torch.allclose(lap, -(d[:, None] * a * d[None, :]), atol=1e-6)
     torch.manual_seed(0)
     block = STConvBlock(4, 4, 3, Kt=2, Ks=3, dropout=0.0).eval()
-    x = torch.randn(2, 4, 5, 3)
+    x = torch.randn(3, 2, 5, 4)  # [N, B, T, C]
     uei, uew = undirected_graph(ei, ew, 3)
-    pyg = torch.relu(block.cheb(x.permute(0, 2, 3, 1), uei, uew, lambda_max=2.0).permute(0, 3, 1, 2) + block.align(x))
+    pyg = torch.relu(block.cheb(x.permute(1, 2, 0, 3), uei, uew, lambda_max=2.0).permute(2, 0, 1, 3) + block.align(x))
     assert torch.allclose(block.spatial(x, lap), pyg, atol=1e-5)  # dense (export) path
     assert torch.allclose(block.spatial(x, scaled_laplacian(ei, ew, 3, sparse=True)), pyg, atol=1e-5)  # training
 

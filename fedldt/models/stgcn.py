@@ -23,6 +23,12 @@ one model):
   ChebNet), so the spectral filter is well defined on any input graph.
 
 No parameter depends on the number of nodes or on the window length.
+
+Layout: activations are node-major and channel-last, ``[node, batch, time, channel]``, inside
+the model: a Chebyshev step is one sparse product over ``[node, batch*time*channel]`` and each
+temporal convolution one matrix product over its ``Kt`` shifted inputs side by side, with the
+weights of the ``nn.Conv2d`` modules (state dicts are those of the convolution layout;
+``tests/test_fast_paths.py`` checks the two layouts give the same outputs).
 """
 
 from __future__ import annotations
@@ -96,7 +102,7 @@ class Align(nn.Module):
     identity when equal, zero-padding of the extra channels when ``c_in < c_out``, a 1x1
     convolution when ``c_in > c_out``.
 
-    Shapes: x ``[batch, c_in, time, node]`` -> ``[batch, c_out, time, node]``.
+    Shapes: x ``[node, batch, time, c_in]`` -> ``[node, batch, time, c_out]`` (channel-last).
     """
 
     def __init__(self, c_in: int, c_out: int) -> None:
@@ -106,9 +112,9 @@ class Align(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.proj is not None:
-            return self.proj(x)
+            return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)  # the 1x1 convolution's map
         if self.c_in < self.c_out:
-            return F.pad(x, (0, 0, 0, 0, 0, self.c_out - self.c_in))  # zero channels appended
+            return F.pad(x, (0, self.c_out - self.c_in))  # zero channels appended
         return x
 
 
@@ -126,7 +132,9 @@ class TemporalGLU(nn.Module):
         Kt: temporal kernel size (>= 1).
 
     Shapes:
-        x ``[batch, c_in, time, node]`` -> ``[batch, c_out, time - Kt + 1, node]``.
+        x ``[node, batch, time, c_in]`` -> ``[node, batch, time - Kt + 1, c_out]`` (node-major,
+        channel-last: the ``(Kt, 1)`` convolution, whose module holds the weights, is one matrix
+        product over the ``Kt`` shifted copies of the input side by side).
     """
 
     def __init__(self, c_in: int, c_out: int, Kt: int) -> None:
@@ -136,8 +144,12 @@ class TemporalGLU(nn.Module):
         self.align = Align(c_in, c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        p, q = self.conv(x).chunk(2, dim=1)  # 2 x [B, c_out, T-Kt+1, N]
-        return (p + self.align(x[:, :, self.Kt - 1 :, :])) * torch.sigmoid(q)
+        steps = x.shape[2] - self.Kt + 1
+        taps = [x[:, :, k : k + steps] for k in range(self.Kt)]  # the convolution's tap k reads x[t + k]
+        weight = self.conv.weight[..., 0].transpose(1, 2).flatten(1)  # [2 c_out, Kt * c_in], tap-major
+        pq = F.linear(torch.cat(taps, dim=-1) if self.Kt > 1 else taps[0], weight, self.conv.bias)
+        p, q = pq.chunk(2, dim=-1)  # 2 x [N, B, T-Kt+1, c_out]
+        return (p + self.align(x[:, :, self.Kt - 1 :])) * torch.sigmoid(q)
 
 
 class STConvBlock(nn.Module):
@@ -154,7 +166,7 @@ class STConvBlock(nn.Module):
         dropout: dropout after the normalisation.
 
     Shapes:
-        x ``[batch, c_in, time, node]`` -> ``[batch, c_t, time - 2 (Kt - 1), node]``;
+        x ``[node, batch, time, c_in]`` -> ``[node, batch, time - 2 (Kt - 1), c_t]``;
         the graph as the scaled Laplacian ``lap`` ``[node, node]`` (:func:`scaled_laplacian`, sparse
         or dense). The parameters are those of PyG's ``ChebConv`` (``cheb.lins.<k>.weight``,
         ``cheb.bias``), so checkpoints from before the sparse operator load unchanged.
@@ -175,24 +187,21 @@ class STConvBlock(nn.Module):
         matrix product per Chebyshev step (:func:`chebyshev_terms`) instead of ChebConv's
         per-edge gather/scatter over every (batch, time, channel) message.
 
-        Shapes: x ``[batch, c_t, time, node]``, lap ``[node, node]`` from :func:`scaled_laplacian`
-        (sparse COO or dense) -> ``[batch, c_s, time, node]``.
+        Shapes: x ``[node, batch, time, c_t]``, lap ``[node, node]`` from :func:`scaled_laplacian`
+        (sparse CSR or COO, or dense) -> ``[node, batch, time, c_s]``.
         """
-        b, c, t, n = x.shape
-        tx = x.permute(3, 0, 2, 1).reshape(n, b * t * c)  # [N, B*T*Ct], one copy
-        terms = chebyshev_terms(tx, lap, len(self.cheb.lins))
-        h = sum(lin(term.view(n, b, t, c)) for lin, term in zip(self.cheb.lins, terms))  # [N, B, T, Cs]
-        if self.cheb.bias is not None:
-            h = h + self.cheb.bias
-        return torch.relu(h.permute(1, 3, 2, 0) + self.align(x))  # [B, Cs, T, N]
+        n = x.shape[0]
+        terms = chebyshev_terms(x.reshape(n, -1), lap, len(self.cheb.lins))  # K x [N, B*T*Ct]
+        weight = torch.cat([lin.weight for lin in self.cheb.lins], dim=1)  # [Cs, K*Ct]: one product for all terms
+        h = F.linear(torch.stack([t.view(x.shape) for t in terms], dim=-2).flatten(-2), weight, self.cheb.bias)
+        return torch.relu(h + self.align(x))  # [N, B, T, Cs]
 
     def forward(self, x: Tensor, lap: Tensor) -> Tensor:
-        """Shapes: x ``[batch, c_in, time, node]``, lap ``[node, node]`` (:func:`scaled_laplacian`,
-        sparse or dense) -> ``[batch, c_t, time', node]``."""
-        x = self.temporal1(x)  # [B, Ct, T1, N]
-        x = self.temporal2(self.spatial(x, lap))  # [B, Ct, T2, N]
-        x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B, Ct, T2, N]
-        return self.dropout(x)
+        """Shapes: x ``[node, batch, time, c_in]``, lap ``[node, node]`` (:func:`scaled_laplacian`,
+        sparse or dense) -> ``[node, batch, time', c_t]``."""
+        x = self.temporal1(x)  # [N, B, T1, Ct]
+        x = self.temporal2(self.spatial(x, lap))  # [N, B, T2, Ct]
+        return self.dropout(self.norm(x))  # LayerNorm over the channels
 
 
 @dataclass
@@ -302,11 +311,12 @@ class STGCNForecaster(nn.Module):
                 f"(= num_blocks*2*(Kt-1) + output_kernel = {c.num_blocks}*2*({c.Kt}-1) + {c.output_kernel}); "
                 "raise task.window or lower model.num_blocks, model.Kt or model.output_kernel"
             )
-        h = x.permute(0, 3, 1, 2)  # [B, F, T, N]
+        # node-major, channel-last activations [N, B, T, C] all along: graph products over
+        # [N, B*T*C] without layout changes, temporal convolutions as matrix products
+        h = x.permute(2, 0, 1, 3)  # [N, B, T, F]
         for block in self.blocks:
-            h = block(h, lap)  # [B, Ct, T', N]
-        h = self.out_temporal(h)[:, :, -1, :]  # [B, Ct, N] (last step)
-        h = self.out_norm(h.transpose(1, 2))  # [B, N, Ct]
-        out = self.out_fc(h)  # [B, N, horizon*C]
-        out = out.view(b, n, self.cfg.horizon, self.cfg.out_channels).permute(0, 2, 1, 3)  # [B, H, N, C]
+            h = block(h, lap)  # [N, B, T', Ct]
+        h = self.out_norm(self.out_temporal(h)[:, :, -1])  # [N, B, Ct] (last step)
+        out = self.out_fc(h)  # [N, B, horizon*C]
+        out = out.view(n, b, self.cfg.horizon, self.cfg.out_channels).permute(1, 2, 0, 3)  # [B, H, N, C]
         return plus_last_observed(out, x) if self.cfg.residual else out
