@@ -137,6 +137,35 @@ class TrainingGrid:
         return getattr(self.grid, name)
 
 
+class WaveGrid:
+    """The grid with :meth:`send_and_receive` in waves of at most ``max_in_flight`` messages
+    (``federation.max_in_flight``), each wave sent after the previous one's replies, the replies
+    of all waves returned together; ``timeout`` bounds all waves together. Everything else is the
+    wrapped grid's.
+
+    Why: Flower 1.42's simulation engine (``vce_api.add_messages_to_queue``) asks the in-memory
+    LinkState for each SuperNode's messages every 0.1 s, and each ask scans every stored message,
+    so with ``N`` territories and ``M`` messages out one sweep costs ``N x M`` checks: with 1000
+    territories and a round's 1000 messages out at once the engine's thread holds the CPU and the
+    round crawls (``docs/benchmarks.md``, "Scale"). Waves bound ``M``.
+    """
+
+    def __init__(self, grid: Grid, max_in_flight: int) -> None:
+        self.grid, self.max_in_flight = grid, int(max_in_flight)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        msgs = list(messages)
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        replies: list[Message] = []
+        for start in range(0, len(msgs), self.max_in_flight):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            replies.extend(self.grid.send_and_receive(msgs[start:start + self.max_in_flight], timeout=left))
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
 def holdout_index(cfg: dict[str, Any], ids: Mapping[int, str]) -> int | None:
     """The index of ``federation.holdout`` among the discovered territories (``None``: no holdout).
 
@@ -396,6 +425,8 @@ def run_federated(grid: Grid, cfg: dict[str, Any], run_dir: Path,
     seed_everything(int(cfg["seed"]))
     timeout = float(cfg["federation"]["timeout_s"])
     min_train = min_train_territories(cfg)
+    if cfg["federation"].get("max_in_flight"):
+        grid = WaveGrid(grid, int(cfg["federation"]["max_in_flight"]))  # type: ignore[assignment]
     infos = discover_territories(grid, cfg, timeout)
     ids = {i: str(info["territory-id"]) for i, info in infos.items()}
     print(f"[fedldt] {len(infos)} territories: " + ", ".join(f"{ids[i]} ({infos[i]['num-nodes']} nodes)" for i in infos), flush=True)

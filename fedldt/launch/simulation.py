@@ -232,13 +232,17 @@ def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, 
 
 def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: dict[str, str],
                  federation_config: dict[str, Any] | None, log_path: Path, poll_s: float = 2.0,
-                 timeout_s: float = 7200.0, app_dir: Path | None = None) -> int:
+                 timeout_s: float = 7200.0, app_dir: Path | None = None, idle_poll_s: float = 30.0) -> int:
     """Submit this checkout (or ``app_dir``) as a Flower app on ``connection``, stream its log,
     check its status.
 
     Args:
         app_dir: the app folder ``flwr run`` builds the FAB from (its ``pyproject.toml`` names
             the components); ``None``: this checkout (``clients/``, ``server/``).
+        poll_s: seconds between status checks (``flwr ls``) once the log stream has ended
+            without the run finishing.
+        idle_poll_s: seconds between status checks while the log stream runs (it ends when the
+            run finishes, which triggers a check at once).
 
     Returns:
         The Flower run id.
@@ -272,10 +276,22 @@ def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: di
             status = str(runs[0].get("status", "")) if runs else ""
             if status.startswith("finished"):
                 break
-            time.sleep(poll_s)
+            # The SuperLink ends the log stream when the run finishes, so wait on the streamer and
+            # ask for the status then, or every idle_poll_s as a safety net: each `flwr ls` is a new
+            # Python process (about 1.4 s of CPU), which polling every 2 s made a third of a core.
+            if streamer.poll() is None:
+                try:
+                    streamer.wait(timeout=max(0.0, min(idle_poll_s, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    pass
+            else:  # no stream (it failed or ended early): poll
+                time.sleep(poll_s)
         else:
             raise RunFailed(f"Flower run {run_id} did not finish within {timeout_s:.0f}s (status '{status}')")
-        time.sleep(1.0)  # let the log streamer flush the last lines
+        try:
+            streamer.wait(timeout=3.0)  # the stream ends with the run: its last lines are then read
+        except subprocess.TimeoutExpired:
+            pass
     finally:
         stop_process(streamer, grace=3.0)
         t.join(timeout=3.0)
