@@ -175,7 +175,7 @@ class FederationConfig(_Block):
     timeout_s: Annotated[float, Field(gt=0.0, le=7 * 24 * 3600.0)]
     min_train_territories: Optional[_int(1, 10_000)]
     #: at most this many messages out at once (the ServerApp sends a round in waves); null = all
-    max_in_flight: Optional[_int(1, 1_000_000)] = None
+    max_in_flight: Optional[_int(1, 1_000_000)]
     #: a territory that takes no part in training, evaluated zero-shot (its name, e.g. "t2")
     holdout: Optional[Annotated[str, Field(min_length=1, max_length=128)]]
     #: with holdout: also fine-tune on the last that-long part of its training part ("3D")

@@ -141,7 +141,9 @@ class WaveGrid:
     """The grid with :meth:`send_and_receive` in waves of at most ``max_in_flight`` messages
     (``federation.max_in_flight``), each wave sent after the previous one's replies, the replies
     of all waves returned together; ``timeout`` bounds all waves together. Everything else is the
-    wrapped grid's.
+    wrapped grid's. Past ``timeout`` no further wave is sent (its territories count as not
+    answering). For the simulation engine; a deployment's grid polls for replies every few
+    seconds, so each wave there adds up to that delay.
 
     Why: Flower 1.42's simulation engine (``vce_api.add_messages_to_queue``) asks the in-memory
     LinkState for each SuperNode's messages every 0.1 s, and each ask scans every stored message,
@@ -158,7 +160,9 @@ class WaveGrid:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         replies: list[Message] = []
         for start in range(0, len(msgs), self.max_in_flight):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break  # out of time: the waves not sent are missing replies, as unanswered messages are
             replies.extend(self.grid.send_and_receive(msgs[start:start + self.max_in_flight], timeout=left))
         return replies
 

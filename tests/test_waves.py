@@ -46,3 +46,23 @@ def test_max_in_flight_must_be_a_positive_integer():
     for bad in ("0", "-3", "2.5"):
         with pytest.raises(ConfigError, match="max_in_flight"):
             resolve_config(compose_config(["pilot=los_loop_3", f"federation.max_in_flight={bad}"]), require_data=False)
+
+
+def test_no_wave_is_sent_after_the_timeout():
+    from server.rounds import WaveGrid
+
+    class SlowGrid:  # a grid whose every exchange takes 0.2 s (the replies are the messages)
+        def __init__(self):
+            self.sent = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            import time
+            time.sleep(0.2)
+            self.sent.append(list(messages))
+            return list(messages)
+
+    inner = SlowGrid()
+    replies = WaveGrid(inner, 2).send_and_receive(list(range(10)), timeout=0.3)
+    assert len(inner.sent) == 2 and replies == [0, 1, 2, 3]  # the third wave would start past the deadline
+    assert WaveGrid(SlowGrid(), 4).send_and_receive(list(range(10))) == list(range(10))  # no timeout: all waves
+    assert WaveGrid(SlowGrid(), 4).send_and_receive([], timeout=1.0) == []

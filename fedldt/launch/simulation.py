@@ -231,7 +231,7 @@ def flwr_json(args: Sequence[str], env: dict[str, str], cwd: Path) -> dict[str, 
 
 
 def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: dict[str, str],
-                 federation_config: dict[str, Any] | None, log_path: Path, poll_s: float = 2.0,
+                 federation_config: dict[str, Any] | None, log_path: Path, poll_s: float = 10.0,
                  timeout_s: float = 7200.0, app_dir: Path | None = None, idle_poll_s: float = 30.0) -> int:
     """Submit this checkout (or ``app_dir``) as a Flower app on ``connection``, stream its log,
     check its status.
@@ -253,7 +253,9 @@ def run_flwr_app(connection: str, env: dict[str, str], cwd: Path, run_config: di
     # The run config goes as a TOML file: `-c "k='v'"` cannot carry a value holding a quote (Flower
     # splits it with a regex that knows no escapes), e.g. the override federation.holdout='t1'.
     # json.dumps of a str is a valid TOML basic string (the same escapes, ASCII only).
-    rc = Path(tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=cwd)[1])
+    fd, name = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=cwd)
+    os.close(fd)
+    rc = Path(name)
     rc.write_text("".join(f"{k} = {json.dumps(str(v))}\n" for k, v in run_config.items()))
     args = ["run", str(checkout_root() if app_dir is None else Path(app_dir).resolve()), connection, "-c", str(rc)]
     if federation_config:
