@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
+from fedldt.models.ops import linear_of_terms
+
 
 def random_walk_weights(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
     """Weights of the forward and reverse random-walk transitions for each edge.
@@ -134,9 +136,7 @@ class DiffusionConv(nn.Module):
                 h = a @ h  # [N, rest*C]; sparse CSR (fastest on CPU), COO or dense
                 terms.append(h)
         if self.fused:
-            weight = torch.cat([lin.weight for lin in self.lins], dim=1)  # [out, in * terms]
-            stacked = torch.stack([t.view(x.shape) for t in terms], dim=-2)  # [N, *, terms, in]
-            return nn.functional.linear(stacked.flatten(-2), weight, self.lins[0].bias)
+            return linear_of_terms(terms, x.shape, [lin.weight for lin in self.lins], self.lins[0].bias)
         out = self.lins[0](flat.view(x.shape))
         for lin, h in zip(self.lins[1:], terms[1:]):
             out = out + lin(h.view(x.shape))

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fedldt.models.dcrnn import plus_last_observed
 from fedldt.models.diffusion import DiffusionConv, to_csr, transition_matrices
+from fedldt.models.ops import temporal_conv
 
 
 class MultiSupportGraphConv(DiffusionConv):
@@ -233,16 +234,13 @@ class GWNetForecaster(nn.Module):
         if t < self.receptive_field:
             h = F.pad(h, (0, 0, self.receptive_field - t, 0))  # left zero-padding to the receptive field
         h = F.linear(h, self.start.weight.flatten(1), self.start.bias)  # [N, B, T, R]
-        ks, d = self.cfg.kernel_size, self.cfg.dilation_channels
+        d = self.cfg.dilation_channels
         skip: Tensor | None = None
         for i, dil in enumerate(self.dilations):
             res = h
-            steps = h.shape[2] - (ks - 1) * dil  # T' of the dilated causal convolution
-            taps = [h[:, :, k * dil : k * dil + steps] for k in range(ks)]  # Conv2d's tap k reads x[t + k*dil]
-            tcn = torch.cat([self.filter_convs[i].weight, self.gate_convs[i].weight])  # [2D, R, 1, ks]
-            fg = F.linear(torch.cat(taps, dim=-1) if ks > 1 else taps[0],
-                          tcn[:, :, 0, :].transpose(1, 2).flatten(1),  # [2D, ks*R], tap-major as the input
-                          torch.cat([self.filter_convs[i].bias, self.gate_convs[i].bias]))  # [N, B, T', 2D]
+            tcn = torch.cat([self.filter_convs[i].weight, self.gate_convs[i].weight])[:, :, 0, :]  # [2D, R, ks]
+            fg = temporal_conv(h, tcn, torch.cat([self.filter_convs[i].bias, self.gate_convs[i].bias]), dil)
+            steps = fg.shape[2]  # T' of the dilated causal convolution; fg [N, B, T', 2D] (filter and gate)
             g = torch.tanh(fg[..., :d]) * torch.sigmoid(fg[..., d:])  # gated TCN [N, B, T', D]
             s = F.linear(g, self.skip_convs[i].weight.flatten(1), self.skip_convs[i].bias)  # [N, B, T', S]
             skip = s if skip is None else s + skip[:, :, -steps:]

@@ -45,6 +45,7 @@ from torch_geometric.utils import get_laplacian, to_undirected
 
 from fedldt.models.dcrnn import plus_last_observed
 from fedldt.models.diffusion import to_csr
+from fedldt.models.ops import linear_of_terms, temporal_conv
 
 
 def undirected_graph(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> tuple[Tensor, Tensor]:
@@ -144,10 +145,7 @@ class TemporalGLU(nn.Module):
         self.align = Align(c_in, c_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        steps = x.shape[2] - self.Kt + 1
-        taps = [x[:, :, k : k + steps] for k in range(self.Kt)]  # the convolution's tap k reads x[t + k]
-        weight = self.conv.weight[..., 0].transpose(1, 2).flatten(1)  # [2 c_out, Kt * c_in], tap-major
-        pq = F.linear(torch.cat(taps, dim=-1) if self.Kt > 1 else taps[0], weight, self.conv.bias)
+        pq = temporal_conv(x, self.conv.weight[..., 0], self.conv.bias)  # kernel (Kt, 1): [2 c_out, c_in, Kt]
         p, q = pq.chunk(2, dim=-1)  # 2 x [N, B, T-Kt+1, c_out]
         return (p + self.align(x[:, :, self.Kt - 1 :])) * torch.sigmoid(q)
 
@@ -192,8 +190,7 @@ class STConvBlock(nn.Module):
         """
         n = x.shape[0]
         terms = chebyshev_terms(x.reshape(n, -1), lap, len(self.cheb.lins))  # K x [N, B*T*Ct]
-        weight = torch.cat([lin.weight for lin in self.cheb.lins], dim=1)  # [Cs, K*Ct]: one product for all terms
-        h = F.linear(torch.stack([t.view(x.shape) for t in terms], dim=-2).flatten(-2), weight, self.cheb.bias)
+        h = linear_of_terms(terms, x.shape, [lin.weight for lin in self.cheb.lins], self.cheb.bias)  # one product
         return torch.relu(h + self.align(x))  # [N, B, T, Cs]
 
     def forward(self, x: Tensor, lap: Tensor) -> Tensor:
