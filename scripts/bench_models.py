@@ -1,19 +1,22 @@
 """Training throughput and peak memory of fedldt's models next to reference implementations.
 
     python scripts/bench_models.py [--steps 20] [--warmup 3] [--batch-sizes 32 64] [--threads 2]
-                                   [--models dcrnn stgcn gwnet] [--implementations fedldt tsl pgt]
+                                   [--models dcrnn stgcn gwnet] [--implementations fedldt tsl tsl-sparse pgt]
                                    [--lr 0.01] [--seed 0] [--val-windows N] [--no-memory] [--mem-jobs 2]
                                    [--out-dir docs/results/benchmarks] [--tiny] [HYDRA_OVERRIDE ...]
 
 What it measures, per model (``dcrnn``, ``gwnet``, ``stgcn`` with the hyper-parameters of
 ``conf/model/<name>.yaml``), batch size and implementation (``fedldt``; ``tsl``,
-torch-spatiotemporal; ``pgt``, PyTorch Geometric Temporal):
+torch-spatiotemporal fed ``edge_index``/``edge_weight`` (its message passing); ``tsl-sparse``, the
+same tsl model fed a torch_sparse ``SparseTensor`` adjacency built from them each step with tsl's
+own ``convert_torch_connectivity(..., "sparse")`` (its sparse-matrix products, tsl's fast path);
+``pgt``, PyTorch Geometric Temporal):
 
 * ``windows_per_s``: training throughput, windows per second of wall-clock time, one step =
   forward, masked MAE loss on the scaled targets, backward, gradient clipping to
   ``train.grad_clip`` and an Adam step (as :func:`fedldt.engine.train_epochs` trains). The
   implementations of a model train in one process on the same batches, their steps interleaved
-  (fedldt step, tsl step, pgt step, fedldt step, ...) so that machine noise hits them alike;
+  (fedldt step, tsl step, tsl-sparse step, pgt step, fedldt step, ...) so that machine noise hits them alike;
   ``--warmup`` steps are trained but not timed; ``steps`` are the timed ones.
   ``fedldt_over_ref`` (reference rows) is fedldt's windows/s divided by the reference's.
 * ``val_mae``: validation masked MAE in data units (mph for Los-loop) of each implementation
@@ -79,9 +82,9 @@ from fedldt.metrics import MetricSums, mae, masked_error_sums
 from fedldt.models import MODELS, build_model
 from fedldt.models.stgcn import undirected_graph
 
-IMPLEMENTATIONS = ("fedldt", "tsl", "pgt")
+IMPLEMENTATIONS = ("fedldt", "tsl", "tsl-sparse", "pgt")
 #: the module each reference's adapters import (imported before a memory process's baseline is taken)
-LIBRARY_MODULES = {"tsl": "tsl.nn.models", "pgt": "torch_geometric_temporal.nn"}
+LIBRARY_MODULES = {"tsl": "tsl.nn.models", "tsl-sparse": "tsl.nn.models", "pgt": "torch_geometric_temporal.nn"}
 MEM_STEPS = 3  # training steps of a memory subprocess (Adam's state exists from the first step on)
 TINY = {"steps": 2, "warmup": 1, "batch_sizes": [8], "nodes": 32, "val_windows": 64}
 MEM_METHOD = ("peak RSS of a fresh subprocess per (model, implementation, batch) that loads the data, builds "
@@ -130,6 +133,32 @@ def tsl_gwnet(cfg: dict[str, Any], num_nodes: int) -> tuple[nn.Module, str]:
 
 def tsl_stgcn(cfg: dict[str, Any], num_nodes: int) -> tuple[nn.Module, str]:
     raise Unavailable("tsl has no STGCN model (its STCNModel interleaves diffusion convolutions: another architecture)")
+
+
+class TslSparse(nn.Module):
+    """A tsl model fed the graph as a torch_sparse ``SparseTensor`` (the transposed adjacency,
+    row = target, built each step from ``edge_index``/``edge_weight`` by tsl's
+    ``convert_torch_connectivity``, as fedldt builds its operators each step): tsl's sparse-matrix
+    products instead of its message passing over ``edge_index``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> Tensor:
+        from tsl.ops.connectivity import convert_torch_connectivity
+
+        adj_t = convert_torch_connectivity((edge_index, edge_weight), "sparse", num_nodes=x.shape[2])
+        return self.model(x, adj_t)
+
+
+def tsl_sparse(builder: Callable[[dict[str, Any], int], tuple[nn.Module, str]]
+               ) -> Callable[[dict[str, Any], int], tuple[nn.Module, str]]:
+    """The ``tsl-sparse`` adapter of a ``tsl`` one: the same model in :class:`TslSparse`."""
+    def build_sparse(cfg: dict[str, Any], num_nodes: int) -> tuple[nn.Module, str]:
+        model, notes = builder(cfg, num_nodes)
+        return TslSparse(model), notes + "; adjacency as a torch_sparse SparseTensor"
+    return build_sparse
 
 
 class PGTDCRNN(nn.Module):
@@ -211,6 +240,8 @@ def pgt_gwnet(cfg: dict[str, Any], num_nodes: int) -> tuple[nn.Module, str]:
 
 ADAPTERS: dict[tuple[str, str], Callable[[dict[str, Any], int], tuple[nn.Module, str]]] = {
     ("tsl", "dcrnn"): tsl_dcrnn, ("tsl", "gwnet"): tsl_gwnet, ("tsl", "stgcn"): tsl_stgcn,
+    ("tsl-sparse", "dcrnn"): tsl_sparse(tsl_dcrnn), ("tsl-sparse", "gwnet"): tsl_sparse(tsl_gwnet),
+    ("tsl-sparse", "stgcn"): tsl_stgcn,
     ("pgt", "dcrnn"): pgt_dcrnn, ("pgt", "gwnet"): pgt_gwnet, ("pgt", "stgcn"): pgt_stgcn,
 }
 

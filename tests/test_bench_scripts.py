@@ -14,8 +14,8 @@ from fedldt.config import checkout_root
 SCRIPT = checkout_root() / "scripts" / "bench_models.py"
 MODELS = ("dcrnn", "stgcn", "gwnet")
 #: reference (implementation, model) pairs the libraries lack: always "not available"
-ABSENT = {("tsl", "stgcn"), ("pgt", "gwnet")}
-LIBRARY = {"tsl": "tsl", "pgt": "torch_geometric_temporal"}
+ABSENT = {("tsl", "stgcn"), ("tsl-sparse", "stgcn"), ("pgt", "gwnet")}
+LIBRARY = {"tsl": "tsl", "tsl-sparse": "tsl", "pgt": "torch_geometric_temporal"}
 
 
 def _no_nan(token: str):
@@ -33,14 +33,14 @@ def test_bench_models_tiny(tmp_path, data_root):
     assert result["command"].startswith("python scripts/bench_models.py --tiny")
     assert "VmHWM" in result["memory_method"]
     rows = {(r["model"], r["implementation"], r["batch"]): r for r in result["rows"]}
-    assert len(rows) == len(result["rows"]) == len(MODELS) * 3  # one batch size in --tiny
+    assert len(rows) == len(result["rows"]) == len(MODELS) * 4  # one batch size in --tiny
     for model in MODELS:
         row = rows[(model, "fedldt", 8)]
         assert row["status"] == "ok" and row["windows_per_s"] > 0 and row["steps"] == 2 and row["warmup"] == 1
         assert math.isfinite(row["val_mae"]) and row["val_mae"] > 0
         assert row["output_shape"] == [8, 12, result["data"]["num_nodes"], 1]
         assert row["peak_mem_mb"] > 0 and row["peak_mem_over_baseline_mb"] > 0, row.get("mem_error")
-        for impl in ("tsl", "pgt"):  # every reference row is there, measured or saying why not
+        for impl in ("tsl", "tsl-sparse", "pgt"):  # every reference row is there, measured or saying why not
             ref = rows[(model, impl, 8)]
             if (impl, model) in ABSENT:
                 assert ref["status"].startswith("not available: ")

@@ -167,3 +167,24 @@ def test_stgcn_temporal_glu_equals_its_convolution_module(c_in, c_out, kt):
     out = glu(x)
     assert out.shape == (7, 2, 9 - kt + 1, c_out)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_scales_it():
+    from fedldt.models.ops import dropout
+
+    x = torch.rand(400_000, dtype=torch.float64) + 0.5  # no zeros, so a dropped element is exactly 0
+    torch.manual_seed(7)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)  # inverted dropout: kept elements scaled by 1 / (1 - p)
+    # kept fraction: binomial(400 000, 0.7), standard deviation 0.00072: within 5 of them of 0.7
+    assert abs(float(kept.double().mean()) - 0.7) < 5 * (0.21 / 400_000) ** 0.5
+    assert abs(float(y.mean() / x.mean()) - 1.0) < 0.01  # the expectation is kept
+    torch.manual_seed(7)
+    torch.testing.assert_close(dropout(x, 0.3, training=True), y)  # the seed fixes the mask
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0, training=True) is x
+    xg = x[:10].clone().requires_grad_()
+    torch.manual_seed(1)
+    out = dropout(xg, 0.5, training=True)
+    (grad,) = torch.autograd.grad(out.sum(), xg)
+    torch.testing.assert_close(grad, torch.where(out != 0, 2.0, 0.0).double())  # the gradient is the mask

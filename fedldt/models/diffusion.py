@@ -118,8 +118,8 @@ class DiffusionConv(nn.Module):
                 lin.weight.copy_(block)
             self.lins[0].bias.copy_(bias)
 
-    #: ``True``: one matrix product of the concatenated terms ``[X, A_1 X, ..., A_S^K X]`` with
-    #: the term weights side by side (the same map, fewer and larger products: faster on CPU);
+    #: ``True``: the term maps as plain products accumulated into one output
+    #: (:func:`fedldt.models.ops.linear_of_terms`: the same map, no module call per term);
     #: ``False``: each term through its own ``lins[i]`` module, as Opacus needs to see the
     #: activations of each ``nn.Linear`` (:func:`fedldt.engine.train_epochs_dpsgd` sets it).
     fused: bool = True

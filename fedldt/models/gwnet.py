@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from fedldt.models.dcrnn import plus_last_observed
 from fedldt.models.diffusion import DiffusionConv, to_csr, transition_matrices
-from fedldt.models.ops import temporal_conv
+from fedldt.models.ops import dropout, temporal_conv
 
 
 class MultiSupportGraphConv(DiffusionConv):
@@ -74,7 +74,7 @@ class MultiSupportGraphConv(DiffusionConv):
     def node_major(self, x: Tensor, supports: list[Tensor]) -> Tensor:
         """The same layer on node-major, channel-last activations (no layout change):
         x ``[node, batch, time, c_in]`` -> ``[node, batch, time, c_out]``."""
-        return self.dropout(super().forward(x, *supports))
+        return dropout(super().forward(x, *supports), self.dropout.p, self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         self.load_joint_weights(state_dict, prefix)  # the fedldt 0.1.0 layout (as BatchNorm converts old versions)
@@ -235,20 +235,21 @@ class GWNetForecaster(nn.Module):
             h = F.pad(h, (0, 0, self.receptive_field - t, 0))  # left zero-padding to the receptive field
         h = F.linear(h, self.start.weight.flatten(1), self.start.bias)  # [N, B, T, R]
         d = self.cfg.dilation_channels
-        skip: Tensor | None = None
+        skip: Tensor | None = None  # the skip sum at the last step, the only one the output reads
         for i, dil in enumerate(self.dilations):
             res = h
             tcn = torch.cat([self.filter_convs[i].weight, self.gate_convs[i].weight])[:, :, 0, :]  # [2D, R, ks]
             fg = temporal_conv(h, tcn, torch.cat([self.filter_convs[i].bias, self.gate_convs[i].bias]), dil)
             steps = fg.shape[2]  # T' of the dilated causal convolution; fg [N, B, T', 2D] (filter and gate)
-            g = torch.tanh(fg[..., :d]) * torch.sigmoid(fg[..., d:])  # gated TCN [N, B, T', D]
-            s = F.linear(g, self.skip_convs[i].weight.flatten(1), self.skip_convs[i].bias)  # [N, B, T', S]
-            skip = s if skip is None else s + skip[:, :, -steps:]
+            filt, gate = fg.split(d, dim=-1)  # each [N, B, T', D]; the backward is one concatenation
+            g = torch.tanh(filt) * torch.sigmoid(gate)  # gated TCN [N, B, T', D]
+            s = F.linear(g[:, :, -1], self.skip_convs[i].weight.flatten(1), self.skip_convs[i].bias)  # [N, B, S]
+            skip = s if skip is None else s + skip
             h = self.gconvs[i].node_major(g, supports) + res[:, :, -steps:]  # [N, B, T', R]
             # BatchNorm2d over every (node, window, step) of a channel: the statistics of the paper's layout
             h = self.norms[i](h.reshape(-1, h.shape[-1], 1, 1)).view(h.shape)
         assert skip is not None
-        out = torch.relu(skip[:, :, -1])  # [N, B, S] (last step)
+        out = torch.relu(skip)  # [N, B, S] (last step)
         out = torch.relu(F.linear(out, self.end1.weight.flatten(1), self.end1.bias))  # [N, B, E]
         out = F.linear(out, self.end2.weight.flatten(1), self.end2.bias)  # [N, B, H*C]
         out = out.view(n, b, self.cfg.horizon, self.cfg.out_channels).permute(1, 2, 0, 3)  # [B, H, N, C]

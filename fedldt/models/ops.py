@@ -1,7 +1,8 @@
 """Layer maps the models share, on node-major, channel-last activations ``[node, batch, time, C]``:
-a convolution over time as one matrix product, and a sum of linear maps of several terms as one
-product. The weights stay in the models' ``nn.Conv2d`` / ``nn.Linear`` modules (state dicts are
-unchanged); ``tests/test_fast_paths.py`` compares each use with the module it replaces."""
+a convolution over time as one matrix product, a sum of linear maps of several terms accumulated
+product by product, and dropout with a cheaper mask. The weights stay in the models' ``nn.Conv2d`` /
+``nn.Linear`` modules (state dicts are unchanged); ``tests/test_fast_paths.py`` compares each use
+with the module it replaces."""
 
 from __future__ import annotations
 
@@ -25,10 +26,28 @@ def temporal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int 
 
 
 def linear_of_terms(terms: list[Tensor], shape: torch.Size, weights: list[Tensor], bias: Tensor | None) -> Tensor:
-    """``b + Σ_i terms[i] W_i^T`` as one product: the terms side by side times the weights side by side.
+    """``b + Σ_i terms[i] W_i^T``, each term's product accumulated into the output by ``torch.addmm``
+    (no concatenated copy of the terms; on Graph WaveNet's layers about 1.2x the speed of one
+    product of the terms side by side, which writes and reads a ``[rows, terms * c_in]`` copy).
 
     Shapes: each term holds ``shape`` (any view of it, e.g. ``[node, rest]``), ``shape[-1] = c_in``;
     each weight ``[c_out, c_in]``; bias ``[c_out]`` -> ``shape[:-1] + [c_out]``.
     """
-    stacked = torch.stack([t.view(shape) for t in terms], dim=-2)  # [..., terms, c_in]
-    return F.linear(stacked.flatten(-2), torch.cat(weights, dim=1), bias)
+    # views by flatten and view_as only, no size taken as a number: an ONNX trace keeps the batch dynamic
+    out = F.linear(terms[0].view(shape), weights[0], bias)  # [..., c_out]
+    acc = out.flatten(0, -2)  # [rows, c_out]
+    for term, weight in zip(terms[1:], weights[1:]):
+        acc = torch.addmm(acc, term.view(shape).flatten(0, -2), weight.t())
+    return acc.view_as(out)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout, as ``F.dropout(x, p, training)``: each element kept with probability
+    ``1 - p`` and scaled by ``1 / (1 - p)`` (Srivastava et al., JMLR 2014), the mask made from one
+    ``torch.rand_like`` draw (``>= p``). The same distribution as ``F.dropout``, whose CPU mask
+    (``bernoulli_``) takes about 3x as long; another random stream, seeded by ``torch.manual_seed``
+    all the same. Shapes: any -> the same; ``p`` in ``[0, 1)``."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))  # [x.shape] 0 or 1/(1-p)
+    return x * keep

@@ -190,7 +190,7 @@ class STConvBlock(nn.Module):
         """
         n = x.shape[0]
         terms = chebyshev_terms(x.reshape(n, -1), lap, len(self.cheb.lins))  # K x [N, B*T*Ct]
-        h = linear_of_terms(terms, x.shape, [lin.weight for lin in self.cheb.lins], self.cheb.bias)  # one product
+        h = linear_of_terms(terms, x.shape, [lin.weight for lin in self.cheb.lins], self.cheb.bias)  # [N, B, T, Cs]
         return torch.relu(h + self.align(x))  # [N, B, T, Cs]
 
     def forward(self, x: Tensor, lap: Tensor) -> Tensor:
