@@ -188,3 +188,33 @@ def test_dropout_keeps_each_element_with_probability_one_minus_p_and_scales_it()
     out = dropout(xg, 0.5, training=True)
     (grad,) = torch.autograd.grad(out.sum(), xg)
     torch.testing.assert_close(grad, torch.where(out != 0, 2.0, 0.0).double())  # the gradient is the mask
+
+
+def test_gwnet_dropout_acts_in_training_mode_only():
+    n = 9
+    torch.manual_seed(4)
+    model = build_model({"name": "gwnet", "in_channels": 2, "out_channels": 1, "horizon": 3, "adaptive": True,
+                         "residual_channels": 8, "dilation_channels": 8, "skip_channels": 8, "end_channels": 8,
+                         "blocks": 1, "layers": 2, "dropout": 0.3, "emb_dim": 4}, num_nodes=n).eval()
+    ei, ew = graph(n, 5)
+    x = torch.randn(4, 12, n, 2)
+    p_f, p_b = (a.to_dense() for a in transition_matrices(ei, ew, n))
+    torch.testing.assert_close(model(x, ei, ew), conv_layout_gwnet(model, x, p_f, p_b), rtol=1e-5, atol=1e-5)
+    conv = model.gconvs[0]
+    supports = [p_f, p_b, adaptive_adjacency(model.node_emb1, model.node_emb2)]
+    g = torch.rand(n, 50, 40, 8) + 0.5  # [N, B, T, D]: 144 000 outputs
+    assert int((conv.node_major(g, supports) == 0).sum()) == 0  # evaluation: nothing dropped
+    model.train()
+    zero = float((conv.node_major(g, supports) == 0).double().mean())
+    assert abs(zero - 0.3) < 5 * (0.21 / g.numel()) ** 0.5  # training: each output dropped with p = 0.3
+
+
+def test_dropout_falls_back_to_torch_where_its_mask_would_be_coarse():
+    from fedldt.models.ops import dropout
+
+    x = torch.ones(1000, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    y = dropout(x, 0.25, training=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(y, F.dropout(x, 0.25, training=True))  # bfloat16: F.dropout itself, same stream
+    assert float((dropout(torch.ones(10), 1.0, training=True)).abs().sum()) == 0.0  # p = 1: everything dropped
