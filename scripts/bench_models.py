@@ -3,7 +3,7 @@
     python scripts/bench_models.py [--steps 20] [--warmup 3] [--batch-sizes 32 64] [--threads 2]
                                    [--models dcrnn stgcn gwnet] [--implementations fedldt tsl tsl-sparse pgt]
                                    [--lr 0.01] [--seed 0] [--val-windows N] [--no-memory] [--mem-jobs 2]
-                                   [--out-dir docs/results/benchmarks] [--tiny] [HYDRA_OVERRIDE ...]
+                                   [--out-dir docs/results/benchmarks] [--tiny] [--profile] [HYDRA_OVERRIDE ...]
 
 What it measures, per model (``dcrnn``, ``gwnet``, ``stgcn`` with the hyper-parameters of
 ``conf/model/<name>.yaml``), batch size and implementation (``fedldt``; ``tsl``,
@@ -49,6 +49,10 @@ each row's ``notes`` say where the architectures still differ.
 
 Outputs in ``--out-dir``: ``models.json`` (machine, command, rows) and ``models.md`` (the table);
 the table is printed too.
+
+``--profile``: no timing table; instead ``torch.profiler`` over 3 training steps of each
+implementation (after ``--warmup``), per model, at the first batch size: CPU time per step, the
+share of matrix products and the operators with the most self time, to ``profile.md``.
 """
 
 from __future__ import annotations
@@ -463,6 +467,61 @@ def bench_model(args: argparse.Namespace, model_cfg: dict[str, Any], grad_clip: 
     return list(rows.values())
 
 
+# ---------------------------------------------------------------------------------------------- profile
+#: operators that are matrix products (dense, sparse CSR/COO, torch_sparse's, batched, convolutions)
+#: with their backward: the work every implementation of an architecture must do, against everything
+#: else (elementwise maps, copies, normalisation, autograd bookkeeping)
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_sparse_mm", "aten::_sparse_addmm",
+               "aten::_sparse_csr_mm", "aten::addmm_", "aten::spmm", "torch_sparse::spmm_sum",
+               "torch::autograd::CppNode<SPMMSum>", "aten::mkldnn_convolution", "aten::convolution_backward")
+PROFILE_STEPS = 3
+
+
+def profile_models(args: argparse.Namespace, cfgs: dict[str, dict[str, Any]], grad_clip: float | None,
+                   task: TerritoryTask, command: str) -> str:
+    """``--profile``: ``torch.profiler`` tables of :data:`PROFILE_STEPS` training steps (after
+    ``--warmup`` steps) of each implementation, per model, at the first batch size: CPU time per
+    step, the share of matrix products (:data:`PRODUCT_OPS`, self time) and the operators with the
+    most self time. Returns the markdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = args.batch_sizes[0]
+    lines = ["# Where a training step's time goes: torch.profiler, fedldt and the references", "",
+             f"Command: `{command}`", "",
+             f"{PROFILE_STEPS} profiled training steps (after {args.warmup} warm-up steps) per implementation, batch "
+             f"{batch}, {args.threads} torch threads, Los-loop as in models.md. Self CPU time: time in an operator "
+             "itself, not its children; matrix products (their share is the work every implementation must do): " + ", ".join(f"`{o}`" for o in PRODUCT_OPS) + ".", ""]
+    for name in args.models:
+        lines += [f"## {name}", ""]
+        for impl in args.implementations:
+            try:
+                model, _ = build(impl, cfgs[name], task.dataset.num_nodes, args.seed)
+            except Exception as exc:  # noqa: BLE001  # a reference library that is missing or fails to import
+                lines += [f"### {impl}: {unusable(exc)}", ""]
+                continue
+            opt = torch.optim.Adam(model.train().parameters(), lr=args.lr)
+            batches = train_batches(task, batch, args.warmup + PROFILE_STEPS, args.seed)
+            for b in batches[: args.warmup]:
+                train_step(model, opt, task, b, grad_clip)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for b in batches[args.warmup:]:
+                    train_step(model, opt, task, b, grad_clip)
+                wall = (time.perf_counter() - t0) / PROFILE_STEPS
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events) / 1000 / PROFILE_STEPS  # ms per step
+            products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCT_OPS) / 1000 / PROFILE_STEPS
+            lines += [f"### {impl}: {1000 * wall:.0f} ms per step under the profiler; self CPU {total:.0f} ms per step, "
+                      f"matrix products {products:.0f} ms ({100 * products / total:.0f} %), the rest "
+                      f"{total - products:.0f} ms", "",
+                      "| operator | self CPU ms per step | share | calls per step |", "|---|---:|---:|---:|"]
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+                ms = e.self_cpu_time_total / 1000 / PROFILE_STEPS
+                lines.append(f"| `{e.key}` | {ms:.1f} | {100 * ms / total:.1f} % | {e.count / PROFILE_STEPS:g} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- report
 def finite(value: Any) -> Any:
     """``value`` with every non-finite float replaced by ``None`` (valid JSON)."""
@@ -551,6 +610,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None,
                    help="default docs/results/benchmarks of the checkout (--tiny: outputs/benchmarks_tiny)")
     p.add_argument("--tiny", action="store_true", help="a few steps on a small subgraph (the test)")
+    p.add_argument("--profile", action="store_true",
+                   help=f"instead of timing: torch.profiler tables of {PROFILE_STEPS} steps per implementation at the "
+                        "first batch size, to profile.md in --out-dir")
     p.add_argument("--mem-child", nargs=3, metavar=("MODEL", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_root=/abs/shared/data")
     args = p.parse_args(argv)
@@ -593,6 +655,13 @@ def main(argv: list[str] | None = None) -> int:
         "val_windows_scored": min(args.val_windows or task.num_windows("val"), task.num_windows("val")),
         "persistence_val_mae": val_mae(task, None, args.val_windows), "overrides": args.overrides}
     result["models"] = {m: {k: v for k, v in cfgs[m].items() if k != "_target_"} for m in args.models}
+    if args.profile:
+        text = profile_models(args, cfgs, train_cfg.get("grad_clip"), task, command)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "profile.md").write_text(text)
+        print(text)
+        print(f"written: {out_dir / 'profile.md'}", file=sys.stderr)
+        return 0
     for name in args.models:
         for batch in args.batch_sizes:
             print(f"[bench] {name} batch {batch} ...", file=sys.stderr, flush=True)

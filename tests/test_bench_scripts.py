@@ -89,3 +89,20 @@ def test_tsl_sparse_reference_computes_what_tsl_computes_on_edge_index(model):
         assert out.shape == (2, 3, n, 1)
         assert not torch.allclose(ref(x, ei.flip(0), ew), out, atol=1e-4)  # the direction matters on this graph
     assert "SparseTensor" in notes
+
+
+def test_bench_models_profile_tiny(tmp_path, data_root):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--profile", "--threads", "1", "--models", "gwnet",
+                           "--implementations", "fedldt", "--out-dir", str(tmp_path), f"paths.data_root={data_root}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "profile.md").read_text()
+    assert not (tmp_path / "models.json").exists()  # --profile replaces the timing table
+    assert "Command: `python scripts/bench_models.py --tiny --profile" in text and "## gwnet" in text
+    head = next(line for line in text.splitlines() if line.startswith("### fedldt: "))
+    share = float(head.split("matrix products ")[1].split("(")[1].split(" %")[0])
+    assert 0 < share < 100  # some of the step is matrix products, not all of it
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 12 and any("aten::mm" in r or "aten::addmm" in r for r in rows)
+    ms = [float(r.split("|")[2]) for r in rows]
+    assert ms == sorted(ms, reverse=True) and ms[0] > 0  # most self time first
