@@ -8,8 +8,8 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test clean
 
-# Virtual environment with fedldt (editable) and its dependencies; constraints.txt pins the
-# CPU build of torch and the Flower 1.42 series.
+# Virtual environment with fedldt (editable) and its dependencies; constraints.txt pins torch
+# 2.13.0 (the CPU build from pip's find-links here; on public PyPI see the README) and Flower 1.42.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
